@@ -1,0 +1,1 @@
+"""consist_jax: Spatially Conditioned Diffusion (SCD) in JAX/Flax."""

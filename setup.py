@@ -1,0 +1,45 @@
+"""consist_jax: Spatially Conditioned Diffusion (SCD) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Lower bounds are the versions the test suite was run against (2026-11).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "grain>=0.2.18",
+    "array-record>=0.8.6",
+    "ml-collections>=1.1.0",
+    "safetensors>=0.8.0",
+    "numpy>=2.0",
+    "pillow>=10.0",
+    "imageio>=2.38",
+    "imageio-ffmpeg>=0.8",
+    "tqdm>=4.66",
+    "tensorboardx>=2.6.5",
+    "absl-py>=2.1",
+]
+
+EXTRAS = {
+    # Oracles for parity tests; torch's CPU build is the one the machines here carry.
+    "test": [
+        "pytest>=9.0",
+        "torch==2.13.0",
+        "diffusers>=0.42.1",
+        "transformers>=5.24.0",
+        "scipy>=1.17",
+        "scikit-image>=0.26",
+    ],
+    # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion.
+    "data": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.20"],
+}
+
+setup(
+    name="consist_jax",
+    version="0.1.0",
+    description="Spatially Conditioned Diffusion (consistent human image and video generation) in JAX/Flax",
+    packages=find_packages(include=["consist_jax", "consist_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
