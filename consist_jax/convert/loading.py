@@ -1,0 +1,271 @@
+"""Checkpoint folders (config.json + safetensors) -> Flax parameter pytrees.
+
+One name-mapping mechanism serves every model (UNet, VAE, CLIP, motion module).
+Our Flax modules are named after the PyTorch modules they mirror, with list
+children named ``"resnets.0"`` and so on, so a parameter path joined with dots
+*is* the PyTorch key, up to the leaf:
+
+    ("down_blocks.0", "resnets.1", "conv1", "kernel")  <->  "down_blocks.0.resnets.1.conv1.weight"
+
+Leaf rules: ``kernel`` <-> ``weight`` (transposed: linear (O, I) -> (I, O), conv
+(O, I, kh, kw) -> (kh, kw, I, O)), ``scale`` / ``embedding`` <-> ``weight``,
+anything else keeps its name. Checkpoints whose names differ (for example the
+original AnimateDiff files) are mapped first by ``rename_rules``: ordered
+``(regex, replacement)`` pairs applied to every key in the file.
+
+Every tensor is accounted for: a key the model expects but the file lacks, a key
+the file has but the model does not use, and a shape mismatch are all errors that
+name the key. Weights are read with ``safetensors.numpy`` only; this module never
+unpickles (a pickle can run code).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+_PICKLE_HELP = (
+    "consist_jax reads safetensors only (unpickling a file can run arbitrary code). "
+    "Convert it once with your own PyTorch: python -c \"import torch, safetensors.torch as st; "
+    "sd = torch.load('IN', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+    "st.save_file({k: v.contiguous() for k, v in sd.items()}, 'OUT.safetensors')\""
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+def read_config(folder: str, name: str = "config.json") -> dict:
+    """Reads ``folder/config.json`` with an error that names the missing path."""
+    path = os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder!r} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path!r} not found: a checkpoint folder needs a {name} next to its safetensors weights"
+        )
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+
+
+def find_weight_files(folder: str, weights_name: str) -> list[str]:
+    """Safetensors files of ``folder`` holding ``weights_name`` (single, fp16 variant or sharded).
+
+    Looks, in order, for ``{weights_name}.safetensors``, ``{weights_name}.fp16.safetensors``
+    and a ``{weights_name}.safetensors.index.json`` shard index.
+    """
+    candidates = [f"{weights_name}.safetensors", f"{weights_name}.fp16.safetensors"]
+    for name in candidates:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return [path]
+    index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        paths = [os.path.join(folder, s) for s in shards]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"shard {p!r} listed in {index_path!r} is missing")
+        return paths
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    pickled = [p for p in present if p.endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise FileNotFoundError(
+            f"{folder!r} holds only pickled weights {pickled}. {_PICKLE_HELP}"
+        )
+    raise FileNotFoundError(
+        f"no {candidates[0]!r} (or fp16 variant, or sharded index) in {folder!r}; found {present}"
+    )
+
+
+def read_state_dict(paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """Reads safetensors files into one ``{key: array}`` dict (keys must not repeat)."""
+    state: dict[str, np.ndarray] = {}
+    for path in paths:
+        if path.endswith(PICKLE_SUFFIXES):
+            raise ValueError(f"{path!r} is a pickled checkpoint. {_PICKLE_HELP}")
+        try:
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own types; keep the path in the message.
+            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+        for key, value in tensors.items():
+            if key in state:
+                raise CheckpointError(f"key {key!r} appears in more than one shard ({path!r})")
+            state[key] = value
+    return state
+
+
+def torch_key(path: Sequence[str]) -> str:
+    """Our parameter path -> the PyTorch state-dict key it mirrors."""
+    *modules, leaf = path
+    leaf = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    return ".".join([*modules, leaf])
+
+
+def torch_to_flax_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
+    """Transposes a PyTorch weight into the layout of our parameter at ``path``."""
+    if path[-1] != "kernel":
+        return tensor
+    if tensor.ndim == 2:  # Linear (O, I) -> Dense (I, O)
+        return tensor.T
+    if tensor.ndim == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
+        return tensor.transpose(2, 3, 1, 0)
+    if tensor.ndim == 3:  # Conv1d (O, I, k) -> (k, I, O)
+        return tensor.transpose(2, 1, 0)
+    raise CheckpointError(f"cannot map a {tensor.ndim}-d kernel at {'.'.join(path)}")
+
+
+def apply_rename_rules(
+    state: Mapping[str, np.ndarray], rules: Iterable[tuple[str, str]]
+) -> dict[str, np.ndarray]:
+    """Renames checkpoint keys by ordered ``(regex, replacement)`` rules."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    renamed: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        new = key
+        for pattern, replacement in compiled:
+            new = pattern.sub(replacement, new)
+        if new in renamed:
+            raise CheckpointError(f"rename rules map two keys onto {new!r} (one of them {key!r})")
+        renamed[new] = value
+    return renamed
+
+
+def _preview(keys: Sequence[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def state_dict_to_params(
+    state: Mapping[str, np.ndarray],
+    reference_params: Any,
+    *,
+    source: str = "checkpoint",
+    may_be_missing: Sequence[str] = (),
+    ignore_unexpected: Sequence[str] = (),
+    dtype: Any = np.float32,
+) -> dict:
+    """Maps a PyTorch state dict onto the structure of ``reference_params``.
+
+    Args:
+      state: ``{torch_key: array}`` (after any rename rules).
+      reference_params: our params pytree (arrays or ``jax.ShapeDtypeStruct``s, e.g.
+        from ``jax.eval_shape(module.init, ...)``), giving the expected paths and
+        shapes. Where a path matches ``may_be_missing`` and the file lacks it, the
+        value from ``reference_params`` is kept (so pass real initial values there).
+      source: names the file(s) in error messages.
+      may_be_missing: regexes over torch keys of weights new to this project
+        (pose encoder, motion module) that initialise when absent.
+      ignore_unexpected: regexes over torch keys that may be present and unused
+        (for example buffers such as ``position_ids``).
+      dtype: parameter dtype; fp16 / bf16 checkpoints are cast.
+
+    Returns:
+      A nested params dict with numpy arrays.
+
+    Raises:
+      CheckpointError naming every missing, unexpected or misshapen key.
+    """
+    flat_ref = traverse_util.flatten_dict(reference_params)
+    missing_ok = [re.compile(p) for p in may_be_missing]
+    unexpected_ok = [re.compile(p) for p in ignore_unexpected]
+    flat_out, used, missing, misshapen = {}, set(), [], []
+    for path, ref in flat_ref.items():
+        key = torch_key(path)
+        if key not in state:
+            if any(p.search(key) for p in missing_ok):
+                if not hasattr(ref, "__array__"):
+                    raise CheckpointError(
+                        f"{key} is absent from {source} and no initial value was given for it"
+                    )
+                flat_out[path] = np.asarray(ref).astype(dtype)
+                continue
+            missing.append(key)
+            continue
+        used.add(key)
+        value = torch_to_flax_layout(path, np.asarray(state[key]))
+        if tuple(value.shape) != tuple(ref.shape):
+            misshapen.append(
+                f"{key}: file has {tuple(state[key].shape)}, model expects "
+                f"{tuple(ref.shape)} (our layout)"
+            )
+            continue
+        flat_out[path] = value.astype(dtype)
+    unexpected = [
+        k for k in state if k not in used and not any(p.search(k) for p in unexpected_ok)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
+    if misshapen:
+        problems.append(f"{len(misshapen)} misshapen key(s): {_preview(misshapen)}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+    return traverse_util.unflatten_dict(flat_out)
+
+
+def params_to_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """The inverse mapping: our params -> a PyTorch-layout state dict (for export and tests)."""
+    out = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value)
+        if path[-1] == "kernel":
+            if value.ndim == 2:
+                value = value.T
+            elif value.ndim == 4:
+                value = value.transpose(3, 2, 0, 1)
+            elif value.ndim == 3:
+                value = value.transpose(2, 1, 0)
+        out[torch_key(path)] = np.ascontiguousarray(value)
+    return out
+
+
+def load_params_from_folder(
+    folder: str,
+    weights_name: str,
+    reference_params: Any,
+    *,
+    rename_rules: Iterable[tuple[str, str]] = (),
+    may_be_missing: Sequence[str] = (),
+    ignore_unexpected: Sequence[str] = (),
+    dtype: Any = np.float32,
+) -> dict:
+    """Reads ``folder``'s safetensors weights and maps them onto ``reference_params``."""
+    paths = find_weight_files(folder, weights_name)
+    state = apply_rename_rules(read_state_dict(paths), rename_rules)
+    return state_dict_to_params(
+        state,
+        reference_params,
+        source=", ".join(paths),
+        may_be_missing=may_be_missing,
+        ignore_unexpected=ignore_unexpected,
+        dtype=dtype,
+    )
+
+
+def to_jax_params(params: dict) -> dict:
+    """Numpy params (from ``state_dict_to_params``) -> jax arrays, converted in place.
+
+    Each numpy leaf is replaced (and so freed) as soon as its device copy exists, so the
+    host peak is about one copy of the model plus one tensor, not two copies.
+    """
+    import jax.numpy as jnp  # here, so the mapping above stays usable without jax.
+
+    for key, value in params.items():
+        params[key] = to_jax_params(value) if isinstance(value, dict) else jnp.asarray(value)
+    return params

@@ -1,0 +1,123 @@
+"""The UNet's spatial transformer (diffusers' Transformer2DModel, SD-1.x flavour).
+
+Only ``attn1`` (self-attention) lets the images of a batch interact, through the
+SCD rule in attention.py; cross-attention, LayerNorm and the feed-forward act on
+each image alone.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from consist_jax.models.attention import ReferenceLayout, SelfAttention, dot_product_attention
+from consist_jax.models.layers import GroupNorm, conv1x1
+
+Dtype = Any
+
+
+def layer_norm(name: str, dtype: Dtype, eps: float = 1e-5) -> nn.LayerNorm:
+    """torch.nn.LayerNorm semantics (two-pass variance)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, use_fast_variance=False, name=name)
+
+
+class CrossAttention(nn.Module):
+    """diffusers' ``Attention`` over a context: x (N, L, C), context (N, M, D) -> (N, L, C)."""
+
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        n, length, channels = x.shape
+        inner = self.heads * self.head_dim
+
+        def project(name, source):
+            y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(source)
+            return y.reshape(n, source.shape[1], self.heads, self.head_dim)
+
+        out = dot_product_attention(
+            project("to_q", x), project("to_k", context), project("to_v", context), upcast=self.upcast
+        )
+        return nn.Dense(channels, dtype=self.dtype, name="to_out.0")(out.reshape(n, length, inner))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: x (..., C) -> (..., C), inner width ``mult * C``."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        inner = self.mult * channels
+        hidden, gate = jnp.split(
+            nn.Dense(2 * inner, dtype=self.dtype, name="net.0.proj")(x), 2, axis=-1
+        )
+        x = hidden * nn.gelu(gate, approximate=False)
+        return nn.Dense(channels, dtype=self.dtype, name="net.2")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention (SCD rule), cross-attention, GEGLU MLP; pre-LayerNorm residuals."""
+
+    heads: int
+    head_dim: int
+    rule: str = "causal"
+    impl: str = "xla"
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, layout: ReferenceLayout, reference_mask=None):
+        attn1 = SelfAttention(
+            self.heads, self.head_dim, self.rule, self.impl, self.upcast, self.dtype, name="attn1"
+        )
+        x = x + attn1(layer_norm("norm1", self.dtype)(x), layout, reference_mask)
+        attn2 = CrossAttention(self.heads, self.head_dim, self.upcast, self.dtype, name="attn2")
+        x = x + attn2(layer_norm("norm2", self.dtype)(x), context)
+        return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3", self.dtype)(x))
+
+
+class Transformer2D(nn.Module):
+    """x (N, h, w, C), context (N, M, D) -> (N, h, w, C)."""
+
+    heads: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    rule: str = "causal"
+    impl: str = "xla"
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, layout: ReferenceLayout, reference_mask: Optional[jax.Array] = None):
+        n, h, w, channels = x.shape
+        residual = x
+        x = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            x = nn.Dense(channels, dtype=self.dtype, name="proj_in")(x.reshape(n, h * w, channels))
+        else:
+            x = conv1x1(channels, "proj_in", self.dtype)(x).reshape(n, h * w, channels)
+        for i in range(self.num_layers):
+            block = BasicTransformerBlock(
+                self.heads,
+                channels // self.heads,
+                self.rule,
+                self.impl,
+                self.upcast,
+                self.dtype,
+                name=f"transformer_blocks.{i}",
+            )
+            x = block(x, context, layout, reference_mask)
+        if self.use_linear_projection:
+            x = nn.Dense(channels, dtype=self.dtype, name="proj_out")(x).reshape(n, h, w, channels)
+        else:
+            x = conv1x1(channels, "proj_out", self.dtype)(x.reshape(n, h, w, channels))
+        return x + residual
