@@ -29,7 +29,7 @@ UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
 # diffusers config keys that do not change the computation of an SD-1.x UNet.
-_IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "dropout"}
+_IGNORED_KEYS = {"sample_size", "dropout"}
 # diffusers options we do not implement, with the value that means "off".
 _MUST_BE_DEFAULT = {
     "act_fn": "silu",
@@ -123,7 +123,7 @@ class UNetConfig:
     @classmethod
     def from_diffusers(cls, config: dict, **overrides) -> "UNetConfig":
         """Builds the config from a diffusers ``config.json`` dict; ``overrides`` set SCD options."""
-        config = dict(config)
+        config = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers metadata
         n = len(config.get("block_out_channels", cls.block_out_channels))
         unknown = set(config) - _IGNORED_KEYS - set(_MUST_BE_DEFAULT) - {
             f.name for f in dataclasses.fields(cls)
