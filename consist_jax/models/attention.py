@@ -199,7 +199,9 @@ class ReferenceLayout:
     """How the images of a UNet batch relate; static, so ``jit`` specialises on it.
 
     mode:
-      * ``"none"``: N independent images (diffusers' UNet exactly).
+      * ``"none"``: N = B * F images without a reference; self-attention sees each
+        image alone (F = 1: diffusers' UNet exactly; F > 1: a video's frames, which
+        meet only in the temporal layers).
       * ``"joint"``: N = B * (1 + F), grouped per example as [reference, target_1..F].
       * ``"extract"``: N = B references; every self-attention layer stores its
         reference keys/values in the ``"reference_cache"`` collection (stage 1).
@@ -218,7 +220,7 @@ class ReferenceLayout:
 
     @property
     def images_per_example(self) -> int:
-        return {"joint": 1 + self.num_frames, "cached": self.num_frames}.get(self.mode, 1)
+        return {"joint": 1 + self.num_frames, "extract": 1}.get(self.mode, self.num_frames)
 
 
 class SelfAttention(nn.Module):

@@ -276,6 +276,8 @@ class UNet(nn.Module):
     Calls:
       * diffusers-equivalent: ``apply(v, sample (N, h, w, C), timesteps (N,) or (),
         context (N, L, D)) -> (N, h, w, C_out)``; optional ``target_pose`` (N, H, W, 3).
+        A video ``sample`` (B, F, h, w, C) without reference runs its frames as images
+        that meet only in the temporal layers (when the UNet has them).
       * SCD joint: ``apply(v, target_latents (B, F, h, w, C) or (B, h, w, C), timesteps (B,),
         context (B, L, D), reference=(B, h, w, C), reference_timesteps=(B,) (default 0),
         reference_pose=(B, H, W, 3), target_pose=(B, F, H, W, 3), reference_mask=(B,))``
@@ -304,21 +306,17 @@ class UNet(nn.Module):
         reference_mask: Optional[jax.Array] = None,
         use_reference_cache: bool = False,
     ) -> jax.Array:
-        if reference is None and not use_reference_cache:
-            self._check_latents(sample, "sample", 4)
-            b = sample.shape[0]
-            t = self._per_example(timesteps, b, "timesteps")
-            return self.forward_images(sample, t, encoder_hidden_states, target_pose, ReferenceLayout())
         image_input = sample.ndim == 4
         targets = sample[:, None] if image_input else sample
-        self._check_latents(targets, "target latents", 5)
+        self._check_latents(targets, "sample" if reference is None else "target latents", 5)
         b, f = targets.shape[:2]
         t = jnp.repeat(self._per_example(timesteps, b, "timesteps"), f)
         target_pose = self._frames_of(target_pose, b, f, image_input, "target_pose")
         if reference_mask is not None and reference_mask.shape != (b,):
             raise ValueError(f"reference_mask must be ({b},) booleans, got {reference_mask.shape}")
-        if use_reference_cache:
-            layout = ReferenceLayout("cached", f)
+        if reference is None:
+            # Targets only: plain images / video frames, or against the reference cache.
+            layout = ReferenceLayout("cached" if use_reference_cache else "none", f)
             out = self.forward_images(
                 targets.reshape(b * f, *targets.shape[2:]),
                 t,
@@ -327,6 +325,8 @@ class UNet(nn.Module):
                 layout,
                 reference_mask,
             )
+        elif use_reference_cache:
+            raise ValueError("pass either a reference or use_reference_cache=True, not both")
         else:
             out = self._joint(targets, t, encoder_hidden_states, reference, reference_timesteps,
                               reference_pose, target_pose, reference_mask)
@@ -447,7 +447,7 @@ class UNet(nn.Module):
     def _check_latents(self, latents, name, ndim):
         c = self.config
         if latents.ndim != ndim or latents.shape[-1] != c.in_channels:
-            layout = "(B, h, w, C)" if ndim == 4 else "(B, F, h, w, C)"
+            layout = "(B, h, w, C)" if ndim == 4 else "(B, h, w, C) or (B, F, h, w, C)"
             raise ValueError(f"{name} must be {layout} with C={c.in_channels}, got {latents.shape}")
         h, w = latents.shape[-3:-1]
         if h % c.downsample_factor or w % c.downsample_factor:
