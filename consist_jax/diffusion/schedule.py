@@ -1,0 +1,311 @@
+"""Noise schedules, the forward process, training targets and SNR weights.
+
+Everything here matches diffusers' DDPM/DDIM conventions:
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,      abar_t = prod_{s<=t} (1 - beta_s)
+    v   = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0
+with integer training timesteps t in [0, num_train_timesteps).
+
+Conventions: latents are float arrays with the batch first, any further shape
+((B, h, w, C) images, (B, F, h, w, C) videos); timesteps are integer arrays of shape
+(B,) (or scalars) and broadcast over the non-batch axes. All functions are pure JAX
+and may be used inside `jit`, `scan` and `fori_loop`; only the schedule
+construction (`NoiseSchedule.create`) runs on the host, in numpy float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+# diffusers' scheduler defaults, used for keys a scheduler_config.json leaves out.
+_DIFFUSERS_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "rescale_betas_zero_snr": False,
+}
+
+
+# ----------------------------------------------------------------------------------
+# Host-side construction (numpy float64, cast to float32 once at the end)
+# ----------------------------------------------------------------------------------
+
+
+def make_betas(beta_schedule: str, beta_start: float, beta_end: float,
+               num_train_timesteps: int) -> np.ndarray:
+    """Betas of a named schedule, (num_train_timesteps,) float64.
+
+    linear: evenly spaced betas; scaled_linear: evenly spaced sqrt(betas) (SD-1.5 uses
+    0.00085 .. 0.012); squaredcos_cap_v2: the cosine alpha-bar of Nichol & Dhariwal
+    with betas capped at 0.999 (beta_start / beta_end are ignored).
+    """
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return _cosine_betas(n)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Betas discretising abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), s in [0, 1]."""
+    s = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
+    alpha_bar = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Rescale betas so that the last timestep has SNR exactly 0 (Lin et al. 2023, Alg. 1).
+
+    Shifts and scales sqrt(abar) so that sqrt(abar_0) is unchanged and sqrt(abar_T) = 0.
+    Args: betas (N,). Returns: (N,) betas (float64), the last one equal to 1.
+    """
+    sqrt_alpha_bar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
+    alpha_bar = sqrt_alpha_bar**2
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
+@struct.dataclass
+class NoiseSchedule:
+    """A discrete DDPM noise schedule; a pytree of float32 arrays.
+
+    betas:          (N,) beta_t.
+    alphas_cumprod: (N,) abar_t = prod_{s<=t} (1 - beta_s). With zero-terminal-SNR
+                    rescaling abar_{N-1} is exactly 0 (as in diffusers' DDPM/DDIM; the
+                    DPM-Solver and Euler samplers clamp it to 2**-24 themselves).
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: (N,) sqrt(abar_t), sqrt(1 - abar_t),
+                    evaluated in float64: 1 - abar computed from a float32 abar near 1
+                    loses up to 4e-4 relative at t ~ 0 (it is what diffusers does).
+    beta_schedule:  the schedule's name (static metadata; "trained" for explicit betas).
+                    Samplers need it for one diffusers rule (Karras timesteps are not
+                    rounded for squaredcos_cap_v2).
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    beta_schedule: str = struct.field(pytree_node=False, default="trained")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @classmethod
+    def create(cls, beta_schedule: str = "scaled_linear", beta_start: float = 0.00085,
+               beta_end: float = 0.012, num_train_timesteps: int = 1000,
+               rescale_betas_zero_snr: bool = False, trained_betas=None) -> "NoiseSchedule":
+        """Build a schedule (defaults: SD-1.5's scaled_linear 0.00085 .. 0.012, 1000 steps).
+
+        The tables are computed in float64 and cast to float32 once, so they are at
+        least as accurate as diffusers' (which accumulates its cumprod in float32).
+        `trained_betas` (N,), when given, replaces the named schedule.
+        """
+        if trained_betas is not None:
+            betas = np.asarray(trained_betas, np.float64)
+            beta_schedule = "trained"
+        else:
+            betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        # With zero-SNR rescaling the last beta is exactly 1, so abar_{N-1} is exactly 0.
+        schedule = cls.from_alphas_cumprod(np.cumprod(1.0 - betas), beta_schedule)
+        return schedule.replace(betas=jnp.asarray(betas, jnp.float32))
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, beta_schedule: str = "trained") -> "NoiseSchedule":
+        """Build from an explicit abar table (N,), e.g. another implementation's float32 one."""
+        alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alphas = alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+        f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        return cls(betas=f32(1.0 - alphas), alphas_cumprod=f32(alphas_cumprod),
+                   sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
+                   sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
+                   beta_schedule=beta_schedule)
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Build from a diffusers scheduler_config.json dict (missing keys: diffusers' defaults)."""
+        cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
+        return cls.create(beta_schedule=cfg["beta_schedule"], beta_start=cfg["beta_start"],
+                          beta_end=cfg["beta_end"], num_train_timesteps=cfg["num_train_timesteps"],
+                          rescale_betas_zero_snr=cfg["rescale_betas_zero_snr"],
+                          trained_betas=cfg["trained_betas"])
+
+
+# ----------------------------------------------------------------------------------
+# Per-timestep coefficients
+# ----------------------------------------------------------------------------------
+
+
+def broadcast_to_batch(values: jax.Array, ndim: int) -> jax.Array:
+    """Reshape per-sample values (B,) (or a scalar) to (B, 1, ..., 1) with `ndim` axes."""
+    values = jnp.asarray(values)
+    if values.ndim == 0:
+        return values
+    return values.reshape(values.shape + (1,) * (ndim - values.ndim))
+
+
+def signal_and_noise_scales(schedule: NoiseSchedule, t: jax.Array):
+    """(sqrt(abar_t), sqrt(1 - abar_t)) for integer timesteps t; each of t's shape."""
+    t = jnp.asarray(t, jnp.int32)
+    return schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+
+
+def _scales_like(schedule: NoiseSchedule, t: jax.Array, like: jax.Array):
+    """Signal and noise scales at t, broadcastable against `like` (B, ...), float32."""
+    signal, noise = signal_and_noise_scales(schedule, t)
+    return broadcast_to_batch(signal, like.ndim), broadcast_to_batch(noise, like.ndim)
+
+
+def _float32(x):
+    return jnp.asarray(x, jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+
+
+# ----------------------------------------------------------------------------------
+# Forward process and training targets
+# ----------------------------------------------------------------------------------
+
+
+def add_noise(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise.
+
+    Args: x0, noise (B, ...); t (B,) int or scalar. Returns x_t (B, ...) in x0's dtype.
+    """
+    signal, sigma = _scales_like(schedule, t, x0)
+    return (signal * _float32(x0) + sigma * _float32(noise)).astype(x0.dtype)
+
+
+def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+    """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (diffusers' `get_velocity`). Shapes as add_noise."""
+    signal, sigma = _scales_like(schedule, t, x0)
+    return (signal * _float32(noise) - sigma * _float32(x0)).astype(x0.dtype)
+
+
+def training_target(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                    prediction_type: str) -> jax.Array:
+    """What the model should output at x_t = add_noise(x0, noise, t): noise, v or x0. (B, ...)."""
+    _check_prediction_type(prediction_type)
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return velocity(schedule, x0, noise, t)
+    return x0
+
+
+def predict_x0_and_epsilon(schedule: NoiseSchedule, model_output: jax.Array, x_t: jax.Array,
+                           t: jax.Array, prediction_type: str):
+    """Convert a model output at (x_t, t) to the predicted clean sample and noise.
+
+    Args: model_output, x_t (B, ...); t (B,) int or scalar.
+    Returns: (x0, eps), each (B, ...) float32. With epsilon prediction at abar_t = 0 the
+    x0 is infinite (as in diffusers): zero-terminal-SNR schedules need v or x0 prediction.
+    """
+    _check_prediction_type(prediction_type)
+    signal, sigma = _scales_like(schedule, t, x_t)
+    return x0_and_epsilon_from_scales(_float32(model_output), _float32(x_t), signal, sigma,
+                                      prediction_type)
+
+
+def predict_x0(schedule, model_output, x_t, t, prediction_type) -> jax.Array:
+    """The x0 half of `predict_x0_and_epsilon`. (B, ...) float32."""
+    return predict_x0_and_epsilon(schedule, model_output, x_t, t, prediction_type)[0]
+
+
+def predict_epsilon(schedule, model_output, x_t, t, prediction_type) -> jax.Array:
+    """The eps half of `predict_x0_and_epsilon`. (B, ...) float32."""
+    return predict_x0_and_epsilon(schedule, model_output, x_t, t, prediction_type)[1]
+
+
+def x0_and_epsilon_from_scales(model_output, x_t, signal, sigma, prediction_type: str):
+    """The prediction-type conversions given sqrt(abar) (`signal`) and sqrt(1-abar) (`sigma`).
+
+    Operation order follows diffusers' DDIM step so samplers reproduce it to rounding.
+    """
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / signal, model_output
+    if prediction_type == "v_prediction":
+        return signal * x_t - sigma * model_output, signal * model_output + sigma * x_t
+    if prediction_type == "sample":
+        return model_output, (x_t - signal * model_output) / sigma
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
+
+
+# ----------------------------------------------------------------------------------
+# SNR and min-SNR loss weights
+# ----------------------------------------------------------------------------------
+
+
+def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
+    """Signal-to-noise ratio abar_t / (1 - abar_t), of t's shape (diffusers' `compute_snr`)."""
+    signal, sigma = signal_and_noise_scales(schedule, t)
+    return (signal / sigma) ** 2
+
+
+def min_snr_loss_weights(schedule: NoiseSchedule, t: jax.Array, gamma: float,
+                         prediction_type: str) -> jax.Array:
+    """Min-SNR-gamma per-sample loss weights (Hang et al. 2023), of t's shape.
+
+    The paper weights the x0-space loss by min(SNR, gamma); expressed for the model's own
+    target that is, as in diffusers' train scripts:
+        epsilon:       min(SNR, gamma) / SNR        (= 1 where SNR = 0, its limit)
+        v_prediction:  min(SNR, gamma) / (SNR + 1)
+        sample:        min(SNR, gamma)
+    Multiply the per-sample mean squared error by these weights.
+    """
+    _check_prediction_type(prediction_type)
+    ratio = snr(schedule, t)
+    if prediction_type == "epsilon":
+        # min(snr, g) / snr written so snr = 0 (zero terminal SNR) gives 1, not 0 / 0.
+        return jnp.minimum(1.0, gamma / ratio)
+    clipped = jnp.minimum(ratio, gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    return clipped
+
+
+# ----------------------------------------------------------------------------------
+# Training noise and timesteps
+# ----------------------------------------------------------------------------------
+
+
+def sample_training_noise(rng: jax.Array, shape, offset: float = 0.0,
+                          dtype=jnp.float32) -> jax.Array:
+    """Gaussian training noise with an optional offset-noise term.
+
+    noise = N(0, 1) of `shape` + offset * N(0, 1) of shape (B, 1, ..., 1, C): one value per
+    sample and channel, broadcast over space (and frames), as the peers do in NCHW with
+    (B, C, 1, 1[, 1]). Channels are last, e.g. shape (B, h, w, C) or (B, F, h, w, C).
+    """
+    shape = tuple(shape)
+    noise_rng, offset_rng = jax.random.split(rng)
+    noise = jax.random.normal(noise_rng, shape, jnp.float32)
+    if offset:
+        per_channel = (shape[0],) + (1,) * (len(shape) - 2) + (shape[-1],)
+        noise = noise + offset * jax.random.normal(offset_rng, per_channel, jnp.float32)
+    return noise.astype(dtype)
+
+
+def sample_training_timesteps(rng: jax.Array, batch_size: int, num_train_timesteps: int) -> jax.Array:
+    """Uniform integer timesteps in [0, num_train_timesteps), (batch_size,) int32."""
+    return jax.random.randint(rng, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)

@@ -1,0 +1,228 @@
+"""DDIM, DPM-Solver++ 2M and Euler against diffusers' schedulers, step by step.
+
+Both sides get the same random model output at every step and each runs its own
+trajectory; every step's latents (and Euler's scaled model input) must agree within
+1e-5 relative (max abs diff / max abs of the reference) over whole 25- and 50-step loops.
+"""
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from parity import relative_error
+
+from consist_jax.diffusion import samplers as smp
+from consist_jax.diffusion.schedule import NoiseSchedule
+
+diffusers.utils.logging.set_verbosity_error()  # Euler warns when step precedes scale_model_input
+# diffusers itself converts torch tensors with np.array(copy=False) (not our code).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+TOLERANCE = 1e-5
+SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+CONFIGS = {
+    # SD-1.5's scheduler config (leading spacing, offset 1, epsilon, final alpha = abar_0).
+    "sd15": dict(SD15, timestep_spacing="leading", prediction_type="epsilon", set_alpha_to_one=False),
+    # The peers' video setting: zero terminal SNR, v-prediction, trailing spacing.
+    "zero_snr_v": dict(SD15, timestep_spacing="trailing", prediction_type="v_prediction",
+                       rescale_betas_zero_snr=True),
+}
+VARIANTS = {  # name -> (our sampler, diffusers class, extra config)
+    "ddim": ("ddim", DDIMScheduler, dict(clip_sample=False)),
+    "dpmpp_2m": ("dpmpp_2m", DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": ("dpmpp_2m", DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
+    "euler": ("euler", EulerDiscreteScheduler, {}),
+    "euler_karras": ("euler", EulerDiscreteScheduler, dict(use_karras_sigmas=True)),
+}
+IMAGE = (2, 8, 8, 4)
+# Threefry's normal takes ~5 s to compile on these CPUs; rbg keys take < 1 s. The library
+# takes whatever key it is given.
+KEY_IMPL = "rbg"
+
+# Shared compiled functions: one compile per (sampler class, static options, T).
+_step = jax.jit(lambda sampler, state, i, out, x, key: sampler.step(state, i, out, x, key))
+_scale_input = jax.jit(lambda sampler, x, i: sampler.scale_model_input(x, i))
+
+
+def _make_pair(variant, config_name, steps, sampler_options=None, **overrides):
+    """(our sampler, diffusers scheduler after set_timesteps), both from one config dict.
+
+    sampler_options: our keywords that are step arguments in diffusers (DDIM's eta).
+    """
+    name, cls, extra = VARIANTS[variant]
+    config = {**CONFIGS[config_name], **extra, **overrides}
+    if cls is not DDIMScheduler:
+        config.pop("set_alpha_to_one", None)
+    ref = cls(**config)
+    ref.set_timesteps(steps)
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(0)
+    diffusers_config = dict(ref.config)
+    ours = smp.make_sampler(name, NoiseSchedule.from_diffusers_config(diffusers_config), steps,
+                            **smp.sampler_options_from_diffusers_config(name, diffusers_config),
+                            **(sampler_options or {}))
+    return ours, ref
+
+
+def _assert_same_timesteps(ours, ref):
+    if np.issubdtype(np.asarray(ours.timesteps).dtype, np.integer):
+        np.testing.assert_array_equal(np.asarray(ours.timesteps), ref.timesteps.numpy())
+    else:
+        np.testing.assert_array_equal(np.asarray(ours.timesteps, np.float32), ref.timesteps.numpy())
+
+
+def _run_both(ours, ref, rng, shape=IMAGE, eta=0.0):
+    """Step both samplers with the same random model outputs; the worst per-step error."""
+    noise = rng.standard_normal(shape).astype(np.float32)
+    x = ours.initial_latents(jnp.asarray(noise))
+    x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
+    errors = [relative_error(x, x_ref.numpy())]
+    state = ours.init_state(x)
+    base_key = jax.random.key(int(rng.integers(2**31)), impl=KEY_IMPL)
+    for i, t in enumerate(ref.timesteps):
+        errors.append(relative_error(_scale_input(ours, x, i), ref.scale_model_input(x_ref, t).numpy()))
+        output = rng.standard_normal(shape).astype(np.float32)
+        key = jax.random.fold_in(base_key, i) if eta else None
+        x, state = _step(ours, state, i, jnp.asarray(output), x, key)
+        extra = {}
+        if eta:  # feed diffusers the very noise our step drew
+            extra = dict(eta=eta, variance_noise=torch.from_numpy(np.array(jax.random.normal(key, shape))))
+        x_ref = ref.step(torch.from_numpy(output), t, x_ref, **extra).prev_sample
+        errors.append(relative_error(x, x_ref.numpy()))
+    assert int(state.steps_taken) == len(ref.timesteps)
+    return max(errors)
+
+
+@pytest.mark.parametrize("steps", [25, 50])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_step_matches_diffusers(rng, variant, config_name, steps):
+    ours, ref = _make_pair(variant, config_name, steps)
+    if variant == "euler_karras":
+        _assert_karras_timesteps_close(ours, ref)
+    else:
+        _assert_same_timesteps(ours, ref)
+    worst = _run_both(ours, ref, rng)
+    print(f"{variant} {config_name} {steps}: max relative error {worst:.2e}")
+    assert worst < TOLERANCE
+
+
+EXTRA_CASES = {  # id -> (variant, config, steps, config overrides, shape, eta)
+    "ddim_eta": ("ddim", "sd15", 25, {}, IMAGE, 0.7),
+    "ddim_trailing_30_final_alpha_one": ("ddim", "zero_snr_v", 30, dict(set_alpha_to_one=True), IMAGE, 0.0),
+    "ddim_linspace_sample": ("ddim", "sd15", 25, dict(timestep_spacing="linspace", prediction_type="sample"),
+                             IMAGE, 0.0),
+    "ddim_clip_sample": ("ddim", "sd15", 25, dict(clip_sample=True, clip_sample_range=1.5), IMAGE, 0.0),
+    "dpmpp_2m_10_sigma_min": ("dpmpp_2m", "sd15", 10, dict(final_sigmas_type="sigma_min"), IMAGE, 0.0),
+    "dpmpp_2m_10_sigma_min_no_lower_final": ("dpmpp_2m", "sd15", 10,
+                                             dict(final_sigmas_type="sigma_min", lower_order_final=False),
+                                             IMAGE, 0.0),
+    "dpmpp_1_trailing": ("dpmpp_2m", "zero_snr_v", 25, dict(solver_order=1), IMAGE, 0.0),
+    "dpmpp_2m_linspace_20_video": ("dpmpp_2m", "zero_snr_v", 20, dict(timestep_spacing="linspace"),
+                                   (1, 3, 4, 4, 4), 0.0),
+    "dpmpp_2m_leading_v": ("dpmpp_2m", "sd15", 25, dict(prediction_type="v_prediction"), IMAGE, 0.0),
+    "euler_linspace_30": ("euler", "sd15", 30, dict(timestep_spacing="linspace"), IMAGE, 0.0),
+    "euler_trailing_eps": ("euler", "sd15", 25, dict(timestep_spacing="trailing"), IMAGE, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", list(EXTRA_CASES))
+def test_options_match_diffusers(rng, case):
+    variant, config_name, steps, overrides, shape, eta = EXTRA_CASES[case]
+    ours, ref = _make_pair(variant, config_name, steps, dict(eta=eta) if eta else None, **overrides)
+    _assert_same_timesteps(ours, ref)
+    worst = _run_both(ours, ref, rng, shape=shape, eta=eta)
+    print(f"{case}: max relative error {worst:.2e}")
+    assert worst < TOLERANCE
+
+
+def _assert_karras_timesteps_close(ours, ref):
+    """Euler's Karras timesteps are fractional, read off the log-sigma table: the float64
+    vs float32-cumprod tables (~3e-7 apart) move them by < 1e-3 of a training step."""
+    np.testing.assert_allclose(np.asarray(ours.timesteps), ref.timesteps.numpy(), rtol=0, atol=1e-3)
+
+
+def test_euler_karras_timesteps_equal_on_diffusers_table():
+    """Given diffusers' own alphas_cumprod, the Karras timesteps agree to float32 rounding."""
+    config = {k: v for k, v in CONFIGS["sd15"].items() if k != "set_alpha_to_one"}
+    ref = EulerDiscreteScheduler(**config, use_karras_sigmas=True)
+    ref.set_timesteps(25)
+    schedule = NoiseSchedule.from_alphas_cumprod(ref.alphas_cumprod.numpy())
+    ours = smp.make_sampler("euler", schedule, 25, timestep_spacing="leading", steps_offset=1,
+                            use_karras_sigmas=True)
+    np.testing.assert_allclose(np.asarray(ours.timesteps), ref.timesteps.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ours.sigmas), ref.sigmas.numpy(), rtol=1e-6)
+
+
+SPACING_CASES = [(spacing, steps) for spacing in smp.TIMESTEP_SPACINGS for steps in (1, 7, 20, 25, 30, 50)]
+
+
+@pytest.mark.parametrize("spacing,steps", SPACING_CASES)
+def test_set_timesteps_matches_diffusers(spacing, steps):
+    for name, cls in (("ddim", DDIMScheduler), ("dpmpp_2m", DPMSolverMultistepScheduler),
+                      ("euler", EulerDiscreteScheduler)):
+        ref = cls(timestep_spacing=spacing, steps_offset=1)
+        ref.set_timesteps(steps)
+        ours = smp.set_timesteps(name, 1000, steps, spacing, steps_offset=1)
+        np.testing.assert_array_equal(ours, ref.timesteps.numpy(), err_msg=f"{name} {spacing} {steps}")
+
+
+def _toy_model(bank, timesteps):
+    """A model_fn whose output depends on its input and on fresh random values per step."""
+    def model_fn(model_input, t):
+        step = jnp.argmax(timesteps == t)
+        return 0.5 * jnp.tanh(model_input) + bank[step]
+    return model_fn
+
+
+@jax.jit
+def _loop(sampler, noise, bank):
+    return smp.sample_loop(sampler, _toy_model(bank, sampler.timesteps), noise)
+
+
+@pytest.mark.parametrize("variant", ["ddim", "dpmpp_2m", "euler"])
+def test_sample_loop_in_one_program_matches_diffusers_loop(rng, variant):
+    ours, ref = _make_pair(variant, "zero_snr_v", 25)
+    noise = rng.standard_normal(IMAGE).astype(np.float32)
+    bank = rng.standard_normal((25,) + IMAGE).astype(np.float32)
+    result = _loop(ours, jnp.asarray(noise), jnp.asarray(bank))
+    x = torch.from_numpy(noise) * ref.init_noise_sigma
+    for i, t in enumerate(ref.timesteps):
+        output = 0.5 * torch.tanh(ref.scale_model_input(x, t)) + torch.from_numpy(bank[i])
+        x = ref.step(output, t, x).prev_sample
+    assert relative_error(result, x.numpy()) < TOLERANCE
+
+
+def test_stochastic_ddim_loop_uses_the_key():
+    schedule = NoiseSchedule.create()
+    sampler = smp.make_sampler("ddim", schedule, 5, eta=1.0)
+    model_fn = lambda x, t: 0.1 * x  # noqa: E731
+    noise = jnp.ones((1, 4, 4, 4))
+    loop = jax.jit(lambda key: smp.sample_loop(sampler, model_fn, noise, key))
+    first = loop(jax.random.key(0, impl=KEY_IMPL))
+    again = loop(jax.random.key(0, impl=KEY_IMPL))
+    other = loop(jax.random.key(1, impl=KEY_IMPL))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert not np.allclose(np.asarray(first), np.asarray(other))
+    with pytest.raises(ValueError, match="rng"):
+        sampler.step(sampler.init_state(noise), 0, noise, noise)
+
+
+def test_default_spacing_and_errors():
+    schedule = NoiseSchedule.create()
+    assert int(smp.make_sampler("ddim", schedule, 10).timesteps[0]) == 900  # leading
+    assert int(smp.make_sampler("dpmpp_2m", schedule, 10).timesteps[0]) == 999  # linspace
+    assert smp.make_sampler("euler", schedule, 10).timesteps.dtype == jnp.float32
+    with pytest.raises(ValueError):
+        smp.make_sampler("heun", schedule, 10)
+    with pytest.raises(NotImplementedError):
+        smp.make_sampler("dpmpp_2m", schedule, 10, solver_order=3)
+    with pytest.raises(ValueError):
+        smp.make_sampler("ddim", schedule, 10, timestep_spacing="uniform")
+    with pytest.raises(NotImplementedError):
+        smp.sampler_options_from_diffusers_config("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"})
+    with pytest.raises(NotImplementedError):
+        smp.sampler_options_from_diffusers_config("ddim", {"thresholding": True})
+    assert smp.sampler_options_from_diffusers_config("ddim", {}) == {"clip_sample": True}
