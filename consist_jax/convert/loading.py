@@ -203,7 +203,8 @@ def state_dict_to_params(
                 f"{tuple(ref.shape)} (our layout)"
             )
             continue
-        flat_out[path] = value.astype(dtype)
+        # copy=False: a layout view of the file's array, not a second copy of the model.
+        flat_out[path] = value.astype(dtype, copy=False)
     unexpected = [
         k for k in state if k not in used and not any(p.search(k) for p in unexpected_ok)
     ]

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.convert.loading import load_params_from_folder, read_config
+from consist_jax.convert.loading import load_params_from_folder, read_config, to_jax_params
 from consist_jax.models.pose_encoder import PoseEncoder
 from consist_jax.models.unet import UNet, UNetConfig
 
@@ -69,4 +69,4 @@ def load_unet(folder: str, dtype: Any = jnp.float32, *, rng: jax.Array | None = 
         may_be_missing=NEW_WEIGHTS,
         dtype=np.dtype(jnp.dtype(dtype)),
     )
-    return UNet(config), jax.tree_util.tree_map(jnp.asarray, params)
+    return UNet(config), to_jax_params(params)
