@@ -1,7 +1,22 @@
-"""consist_jax: Spatially Conditioned Diffusion (SCD) in JAX/Flax."""
-from consist_jax.convert.unet import init_unet_params, load_unet
-from consist_jax.models.clip_vision import load_image_encoder
-from consist_jax.models.unet import UNet, UNetConfig
-from consist_jax.models.vae import load_vae
+"""consist_jax: Spatially Conditioned Diffusion (SCD) in JAX/Flax.
 
-__all__ = ["UNet", "UNetConfig", "init_unet_params", "load_image_encoder", "load_unet", "load_vae"]
+The top-level names load lazily, so ``import consist_jax.data`` (grain workers, the
+synthetic-data generator) does not pay for importing JAX and Flax.
+"""
+import importlib
+
+_EXPORTS = {
+    "UNet": "consist_jax.models.unet",
+    "UNetConfig": "consist_jax.models.unet",
+    "init_unet_params": "consist_jax.convert.unet",
+    "load_unet": "consist_jax.convert.unet",
+    "load_vae": "consist_jax.models.vae",
+    "load_image_encoder": "consist_jax.models.clip_vision",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'consist_jax' has no attribute {name!r}")

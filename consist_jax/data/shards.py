@@ -1,0 +1,66 @@
+"""Where a split's ArrayRecord shards live and how they are written.
+
+Shard files follow the TFDS naming, so a synthetic set and a TFDS-built set look
+alike on disk and the pipeline finds both the same way:
+
+    DIR/{name}-{split}.array_record-{shard:05d}-of-{num_shards:05d}
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import math
+import os
+import re
+from typing import Iterable
+
+from array_record.python import array_record_module
+
+# group_size:1 makes every record its own chunk: random access reads one record.
+WRITER_OPTIONS = "group_size:1"
+_SHARD_PATTERN = re.compile(r"^(?P<name>.+)-(?P<split>[^-]+)\.array_record-(\d{5})-of-(\d{5})$")
+
+
+def shard_paths(out_dir: str, name: str, split: str, num_shards: int) -> list[str]:
+    return [os.path.join(out_dir, f"{name}-{split}.array_record-{i:05d}-of-{num_shards:05d}")
+            for i in range(num_shards)]
+
+
+def write_records(path: str, encoded_records: Iterable[bytes]) -> int:
+    """Writes records to one ArrayRecord file; returns how many."""
+    writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+    count = 0
+    try:
+        for record in encoded_records:
+            writer.write(record)
+            count += 1
+    finally:
+        writer.close()
+    return count
+
+
+def write_split_shards(out_dir: str, name: str, split: str, encoded_records: Iterable[bytes],
+                       num_records: int, records_per_shard: int) -> list[str]:
+    """Writes `num_records` records in order over ceil(num_records / records_per_shard) shards."""
+    num_shards = max(1, math.ceil(num_records / records_per_shard))
+    paths = shard_paths(out_dir, name, split, num_shards)
+    iterator = iter(encoded_records)
+    written = 0
+    for path in paths:
+        take = min(records_per_shard, num_records - written)
+        written += write_records(path, itertools.islice(iterator, take))
+    if written != num_records:
+        raise ValueError(f"expected {num_records} records for split {split!r}, got {written}")
+    return paths
+
+
+def find_split_files(data_dir: str, split: str) -> list[str]:
+    """Sorted shard files of `split` in data_dir (synthetic or TFDS-built)."""
+    candidates = glob.glob(os.path.join(glob.escape(data_dir), f"*-{split}.array_record-*"))
+    files = sorted(p for p in candidates
+                   if (m := _SHARD_PATTERN.match(os.path.basename(p))) and m["split"] == split)
+    if not files:
+        raise FileNotFoundError(f"no '{split}' ArrayRecord shards in {data_dir} "
+                                f"(expected NAME-{split}.array_record-SSSSS-of-NNNNN)")
+    return files
+

@@ -1,0 +1,462 @@
+"""Procedural "people" videos: the synthetic dataset the demo trains and tests on.
+
+Each identity is an articulated figure with its own fixed appearance (skin, hair,
+shirt/sleeve/trouser/shoe colours, a torso pattern anchored to the body, a
+background) moving through smooth random motion: joint angles over time plus a
+global translation across the frame large enough that the reference frame is a
+poor copy-prediction of a later frame. Every frame comes with its OpenPose-18
+keypoints, the pose image drawn by the project's one renderer
+(consist_jax.poses.render) and the figure's mask.
+
+CLI:
+    python -m consist_jax.data.synthetic --out DIR --identities 200 --frames 48 \
+        --size 64 --seed 0
+
+Writes DIR/synthetic_people-{train,test}.array_record-SSSSS-of-NNNNN (one record
+per video, format in consist_jax.data.records) and DIR/dataset_info.json.
+Deterministic by seed: every video is drawn from its own
+np.random.default_rng([seed, identity, video]) stream, independent of worker count.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from consist_jax.data import records
+from consist_jax.data.shards import write_split_shards
+from consist_jax.poses import layouts
+from consist_jax.poses.render import draw_skeletons
+
+DATASET_NAME = "synthetic_people"
+LAYOUT = layouts.OPENPOSE_18_NAME
+# Frames of (chunk, H, W) float32 scratch arrays are drawn at most this many pixels at a time.
+_PIXELS_PER_CHUNK = 1 << 21
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """What to generate. Sizes in pixels, fps only recorded as metadata."""
+
+    identities: int = 200
+    frames: int = 48
+    size: int = 64
+    seed: int = 0
+    videos_per_identity: int = 1
+    test_fraction: float = 0.1
+    fps: float = 12.0
+    image_encoding: str = "raw"  # "png" keeps large resolutions small on disk
+    records_per_shard: int = 64
+    workers: int = 0  # processes for drawing; 0 draws in this process
+
+
+@dataclasses.dataclass(frozen=True)
+class Appearance:
+    """One identity's look: RGB colours in [0, 255], lengths as fractions of the frame height."""
+
+    skin: np.ndarray
+    hair: np.ndarray
+    hair_style: str            # "short" | "long" | "bun" | "bald"
+    shirt: np.ndarray
+    sleeve: np.ndarray
+    trousers: np.ndarray
+    shoes: np.ndarray
+    pattern: str               # "solid" | "hstripes" | "vstripes" | "checks" | "dots"
+    pattern_colour: np.ndarray
+    pattern_period: float
+    background: str            # "solid" | "gradient" | "checker" | "stripes"
+    background_colours: np.ndarray  # (2, 3)
+    background_period: float
+    proportions: dict          # name -> length (fraction of frame height)
+
+
+@dataclasses.dataclass(frozen=True)
+class Motion:
+    """Per-frame drivers of the figure, each (T,) in radians unless noted."""
+
+    pelvis: np.ndarray         # (T, 2) pixel position of the hips' midpoint
+    scale: np.ndarray          # (T,) multiplies every body length
+    lean: np.ndarray
+    head_tilt: np.ndarray
+    arm_raise: np.ndarray      # (T, 2) [right, left]
+    elbow_bend: np.ndarray     # (T, 2)
+    leg_raise: np.ndarray      # (T, 2)
+    knee_bend: np.ndarray      # (T, 2)
+
+
+_SKIN_TONES = np.array([[255, 224, 196], [241, 194, 160], [224, 172, 130], [198, 134, 66],
+                        [161, 102, 58], [120, 75, 45], [90, 56, 37]], np.float32)
+_HAIR_COLOURS = np.array([[20, 15, 10], [70, 45, 25], [140, 90, 40], [220, 190, 120],
+                          [170, 60, 30], [200, 200, 200], [60, 60, 160]], np.float32)
+_HAIR_STYLES = ("short", "long", "bun", "bald")
+_PATTERNS = ("solid", "hstripes", "vstripes", "checks", "dots")
+_BACKGROUNDS = ("solid", "gradient", "checker", "stripes")
+
+
+# ----------------------------------------------------------------------------- appearance
+
+def sample_appearance(rng: np.random.Generator) -> Appearance:
+    """Draws one identity's appearance."""
+    def colour():
+        return rng.uniform(0, 255, 3).astype(np.float32)
+
+    background_colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    proportions = {
+        "torso": rng.uniform(0.22, 0.27), "shoulder_half": rng.uniform(0.07, 0.10),
+        "hip_half": rng.uniform(0.045, 0.065), "upper_arm": rng.uniform(0.12, 0.15),
+        "forearm": rng.uniform(0.11, 0.14), "thigh": rng.uniform(0.15, 0.18),
+        "shin": rng.uniform(0.14, 0.17), "neck": rng.uniform(0.035, 0.05),
+        "head_radius": rng.uniform(0.055, 0.07), "limb_radius": rng.uniform(0.022, 0.03),
+        "leg_radius": rng.uniform(0.028, 0.036),
+    }
+    return Appearance(
+        skin=_SKIN_TONES[rng.integers(len(_SKIN_TONES))] + rng.normal(0, 6, 3).astype(np.float32),
+        hair=_HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))],
+        hair_style=_HAIR_STYLES[rng.integers(len(_HAIR_STYLES))],
+        shirt=colour(), sleeve=colour(), trousers=colour(), shoes=colour(),
+        pattern=_PATTERNS[rng.integers(len(_PATTERNS))], pattern_colour=colour(),
+        pattern_period=float(rng.uniform(0.03, 0.06)),
+        background=_BACKGROUNDS[rng.integers(len(_BACKGROUNDS))],
+        background_colours=background_colours,
+        background_period=float(rng.uniform(0.08, 0.25)),
+        proportions=proportions,
+    )
+
+
+# ----------------------------------------------------------------------------- motion
+
+def smooth_signal(rng: np.random.Generator, num_frames: int, shape: Sequence[int] = (),
+                  components: int = 3) -> np.ndarray:
+    """(T, *shape) sums of random sinusoids, roughly in [-1, 1].
+
+    Periods of 10-40 frames: a 16-frame clip sees a good part of a movement,
+    and frames a clip apart are in clearly different poses.
+    """
+    t = np.arange(num_frames, dtype=np.float32).reshape((num_frames,) + (1,) * (len(shape) + 1))
+    periods = rng.uniform(10.0, 40.0, tuple(shape) + (components,))
+    phases = rng.uniform(0, 2 * np.pi, tuple(shape) + (components,))
+    weights = rng.dirichlet(np.ones(components), size=tuple(shape) or None)
+    waves = np.sin(2 * np.pi * t / periods + phases)
+    return (waves * weights).sum(-1).astype(np.float32) * 1.3
+
+
+def sample_motion(rng: np.random.Generator, num_frames: int, size: int) -> Motion:
+    """Draws smooth random motion for a size x size frame."""
+    def between(low, high, shape=()):
+        s = smooth_signal(rng, num_frames, shape)
+        return low + (high - low) * 0.5 * (np.clip(s, -1, 1) + 1)
+
+    # Global travel: the figure wanders over most of the frame width.
+    x = size * (0.5 + 0.27 * np.clip(smooth_signal(rng, num_frames), -1, 1))
+    y = size * (0.56 + 0.04 * np.clip(smooth_signal(rng, num_frames), -1, 1))
+    return Motion(
+        pelvis=np.stack([x, y], -1).astype(np.float32),
+        scale=between(0.88, 1.08),
+        lean=between(-0.3, 0.3),
+        head_tilt=between(-0.35, 0.35),
+        arm_raise=between(-0.3, 2.9, (2,)),
+        elbow_bend=between(-0.4, 2.3, (2,)),
+        leg_raise=between(-0.15, 0.75, (2,)),
+        knee_bend=between(0.0, 1.4, (2,)),
+    )
+
+
+# ----------------------------------------------------------------------------- skeleton
+
+def _rotate(vectors: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """(T, 2) vectors rotated by (T,) angles (counter-clockwise in a y-up frame)."""
+    c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
+    x, y = vectors[:, :1], vectors[:, 1:]
+    return np.concatenate([c * x - s * y, s * x + c * y], axis=1)
+
+
+def skeleton_joints(motion: Motion, appearance: Appearance, size: int) -> dict:
+    """Forward kinematics: name -> (T, 2) pixel positions (x, y), image y pointing down.
+
+    The figure faces the camera, so its right side is on the image's left. Every
+    sideways quantity is multiplied by `side` (-1 right, +1 left): a mirrored
+    figure with swapped sides is again a valid figure, which flip augmentation needs.
+    """
+    length = {k: v * size * motion.scale[:, None] for k, v in appearance.proportions.items()}
+    up = np.stack([np.sin(motion.lean), -np.cos(motion.lean)], -1)  # along the spine
+    across = np.stack([np.cos(motion.lean), np.sin(motion.lean)], -1)  # towards image +x
+    joints = {"pelvis": motion.pelvis}
+    joints["neck"] = motion.pelvis + length["torso"] * up
+    head_up = _rotate(up, motion.head_tilt)
+    head_across = _rotate(across, motion.head_tilt)
+    joints["head"] = joints["neck"] + (length["neck"] + length["head_radius"]) * head_up
+    radius = length["head_radius"]
+    joints["nose"] = joints["head"] - 0.15 * radius * head_up
+    for index, (side, prefix) in enumerate(((-1.0, "r_"), (1.0, "l_"))):
+        joints[prefix + "eye"] = joints["head"] + radius * (0.3 * head_up + side * 0.38 * head_across)
+        joints[prefix + "ear"] = joints["head"] + radius * (0.05 * head_up + side * 0.95 * head_across)
+        shoulder = joints["neck"] + side * length["shoulder_half"] * across
+        arm = np.cos(motion.arm_raise[:, index:index + 1]) * -up \
+            + side * np.sin(motion.arm_raise[:, index:index + 1]) * across
+        elbow = shoulder + length["upper_arm"] * arm
+        forearm = _rotate(arm, -side * motion.elbow_bend[:, index])
+        hip = motion.pelvis + side * length["hip_half"] * across
+        leg = np.cos(motion.leg_raise[:, index:index + 1]) * -up \
+            + side * np.sin(motion.leg_raise[:, index:index + 1]) * across
+        knee = hip + length["thigh"] * leg
+        shin = _rotate(leg, side * motion.knee_bend[:, index])
+        joints.update({
+            prefix + "shoulder": shoulder, prefix + "elbow": elbow,
+            prefix + "wrist": elbow + length["forearm"] * forearm,
+            prefix + "hip": hip, prefix + "knee": knee,
+            prefix + "ankle": knee + length["shin"] * shin,
+        })
+    return joints
+
+
+def openpose18_keypoints(joints: dict, size: int) -> np.ndarray:
+    """Joint positions -> (T, 18, 3) float32 (x, y, confidence).
+
+    Confidence is 1 for points inside the frame and 0 outside (what a detector
+    reports for body parts it cannot see).
+    """
+    xy = np.stack([joints[name] for name in layouts.OPENPOSE_18.keypoint_names], axis=1)
+    inside = np.all((xy >= 0) & (xy <= size - 1), axis=-1)
+    return np.concatenate([xy, inside[..., None]], -1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _segment_distance(px: np.ndarray, py: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pixel rows py (H, 1), columns px (1, W), segments a->b (T, 2) -> (T, H, W) distances."""
+    ax, ay = a[:, 0, None, None], a[:, 1, None, None]
+    abx, aby = (b[:, 0] - a[:, 0])[:, None, None], (b[:, 1] - a[:, 1])[:, None, None]
+    dx, dy = px - ax, py - ay
+    t = np.clip((dx * abx + dy * aby) / np.maximum(abx * abx + aby * aby, 1e-6), 0.0, 1.0)
+    return np.hypot(dx - t * abx, dy - t * aby)
+
+
+def _coverage(distance: np.ndarray, radius) -> np.ndarray:
+    """Anti-aliased inside-ness of a shape of given radius (one pixel soft edge)."""
+    return np.clip(np.asarray(radius)[..., None, None] - distance + 0.5, 0.0, 1.0)
+
+
+def _paint(canvas: np.ndarray, figure: np.ndarray, alpha: np.ndarray, colour) -> None:
+    """Over-composites `colour` ((3,) or (T, H, W, 3)) with alpha (T, H, W) onto canvas
+    (T, H, W, 3), and records the coverage in figure (T, H, W), both in place.
+
+    Only covered pixels are touched: one body part covers a few percent of the frame.
+    """
+    where = np.nonzero(alpha)
+    a = alpha[where][:, None]
+    colour = colour[where] if np.ndim(colour) == 4 else colour
+    canvas[where] += a * (colour - canvas[where])
+    figure[where] = np.maximum(figure[where], a[:, 0])
+
+
+def _background(appearance: Appearance, px: np.ndarray, py: np.ndarray, size: int) -> np.ndarray:
+    """Float32 background broadcastable to (H, W, 3), the same in every frame (static camera)."""
+    c0, c1 = appearance.background_colours
+    period = appearance.background_period * size
+    if appearance.background == "gradient":
+        weight = (py / max(size - 1, 1))[..., None]
+    elif appearance.background == "checker":
+        weight = ((np.floor(px / period) + np.floor(py / period)) % 2)[..., None]
+    elif appearance.background == "stripes":
+        weight = (np.floor((px + py) / period) % 2)[..., None]
+    else:
+        weight = np.zeros(px.shape + (1,), np.float32)
+    return (c0 * (1 - weight) + c1 * weight).astype(np.float32)
+
+
+def _torso(joints: dict, appearance: Appearance, px, py, size: int):
+    """Torso coverage and its patterned colour, both anchored to the body.
+
+    Returns alpha (T, H, W) and colour (T, H, W, 3).
+    """
+    neck, pelvis = joints["neck"], joints["pelvis"]
+    spine = neck - pelvis
+    spine_length = np.maximum(np.hypot(spine[:, 0], spine[:, 1]), 1e-6)
+    up = spine / spine_length[:, None]
+    across = np.stack([-up[:, 1], up[:, 0]], -1)
+    dx, dy = px - pelvis[:, 0, None, None], py - pelvis[:, 1, None, None]
+    v = dx * up[:, 0, None, None] + dy * up[:, 1, None, None]       # along the spine
+    u = dx * across[:, 0, None, None] + dy * across[:, 1, None, None]  # sideways
+    shoulder_half = np.hypot(*(joints["l_shoulder"] - joints["neck"]).T)
+    hip_half = np.hypot(*(joints["l_hip"] - pelvis).T)
+    fraction = np.clip(v / spine_length[:, None, None], 0.0, 1.0)
+    half_width = (hip_half[:, None, None] * 1.25 * (1 - fraction)
+                  + shoulder_half[:, None, None] * 1.1 * fraction)
+    inside_v = np.minimum(v + 0.02 * size, spine_length[:, None, None] - v) + 0.5
+    alpha = np.clip(np.minimum(half_width - np.abs(u) + 0.5, inside_v), 0.0, 1.0)
+    period = appearance.pattern_period * size
+    if appearance.pattern == "hstripes":
+        pattern = np.floor(v / period) % 2
+    elif appearance.pattern == "vstripes":
+        pattern = np.floor(u / period) % 2
+    elif appearance.pattern == "checks":
+        pattern = (np.floor(u / period) + np.floor(v / period)) % 2
+    elif appearance.pattern == "dots":
+        cu, cv = (u / period) % 2 - 1, (v / period) % 2 - 1
+        pattern = (cu * cu + cv * cv < 0.3).astype(np.float32)
+    else:
+        pattern = np.zeros_like(u)
+    colour = appearance.shirt * (1 - pattern[..., None]) + appearance.pattern_colour * pattern[..., None]
+    return alpha, colour
+
+
+def draw_figure(joints: dict, appearance: Appearance, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draws the figure over its background.
+
+    joints: name -> (T, 2) from `skeleton_joints`. Returns frames (T, size, size, 3)
+    uint8 and masks (T, size, size) uint8 (1 on the figure). Painted back to front:
+    long hair, legs, shoes, torso, arms, neck, head, hair.
+    """
+    num_frames = joints["neck"].shape[0]
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    masks = np.empty((num_frames, size, size), np.uint8)
+    chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
+    for start in range(0, num_frames, chunk):
+        part = {k: v[start:start + chunk] for k, v in joints.items()}
+        frames[start:start + chunk], masks[start:start + chunk] = _draw_chunk(part, appearance, size)
+    return frames, masks
+
+
+def _draw_chunk(joints: dict, appearance: Appearance, size: int):
+    # Pixel coordinates as a column (H, 1) and a row (1, W): arrays broadcast to
+    # (T, H, W) only where a result needs it, which halves the drawing work.
+    py = np.arange(size, dtype=np.float32)[:, None]
+    px = np.arange(size, dtype=np.float32)[None, :]
+    num_frames = joints["neck"].shape[0]
+    # Pixels per unit of body proportion, per frame (the torso's drawn length / its proportion).
+    pixels_per_unit = np.hypot(*(joints["neck"] - joints["pelvis"]).T) / appearance.proportions["torso"]
+
+    def radius(name):
+        return appearance.proportions[name] * pixels_per_unit
+    canvas = np.broadcast_to(_background(appearance, px, py, size),
+                             (num_frames, size, size, 3)).copy()
+    figure = np.zeros((num_frames, size, size), np.float32)
+
+    def paint(alpha, colour):
+        _paint(canvas, figure, alpha, colour)
+
+    def capsule(a, b, r):
+        return _coverage(_segment_distance(px, py, joints[a], joints[b]), r)
+
+    head_r = radius("head_radius")
+    if appearance.hair_style == "long":
+        below_head = joints["head"] + (joints["neck"] - joints["head"]) * 2.2
+        hair_alpha = _coverage(_segment_distance(px, py, joints["head"], below_head), head_r * 1.15)
+        paint(hair_alpha, appearance.hair)
+    for side in ("r_", "l_"):
+        paint(capsule(side + "hip", side + "knee", radius("leg_radius")), appearance.trousers)
+        paint(capsule(side + "knee", side + "ankle", radius("leg_radius") * 0.85), appearance.trousers)
+        paint(capsule(side + "ankle", side + "ankle", radius("leg_radius") * 1.1), appearance.shoes)
+    paint(*_torso(joints, appearance, px, py, size))
+    for side in ("r_", "l_"):
+        paint(capsule(side + "shoulder", side + "elbow", radius("limb_radius")), appearance.sleeve)
+        paint(capsule(side + "elbow", side + "wrist", radius("limb_radius") * 0.8), appearance.skin)
+        paint(capsule(side + "wrist", side + "wrist", radius("limb_radius") * 1.05), appearance.skin)
+    paint(capsule("neck", "head", radius("limb_radius") * 0.9), appearance.skin)
+    paint(capsule("head", "head", head_r), appearance.skin)
+    if appearance.hair_style in ("short", "long"):
+        # A cap: the head disc's upper part, i.e. the disc shifted up, clipped to the head.
+        top = joints["head"] + (joints["head"] - joints["nose"]) * 6.0
+        cap = np.minimum(capsule("head", "head", head_r * 1.08),
+                         _coverage(_segment_distance(px, py, top, top), head_r * 1.05))
+        paint(cap, appearance.hair)
+    elif appearance.hair_style == "bun":
+        bun = joints["head"] + (joints["head"] - joints["nose"]) * 8.0
+        paint(_coverage(_segment_distance(px, py, bun, bun), head_r * 0.55), appearance.hair)
+    frames = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return frames, (figure >= 0.5).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- videos
+
+def video_rng(seed: int, identity: int, video: int) -> np.random.Generator:
+    """The random stream of one video; appearance draws depend on (seed, identity) only."""
+    return np.random.default_rng([seed, identity, video])
+
+
+def make_video(config: SyntheticConfig, identity: int, video: int) -> records.VideoExample:
+    """Draws one video of one identity (appearance shared by all its videos)."""
+    appearance = sample_appearance(np.random.default_rng([config.seed, identity]))
+    motion = sample_motion(video_rng(config.seed, identity, video), config.frames, config.size)
+    joints = skeleton_joints(motion, appearance, config.size)
+    keypoints = openpose18_keypoints(joints, config.size)
+    frames, masks = draw_figure(joints, appearance, config.size)
+    pose_images = draw_skeletons(keypoints, LAYOUT, config.size, config.size)
+    return records.VideoExample(
+        frames=frames, keypoints=keypoints, pose_images=pose_images, masks=masks,
+        video_id=f"id{identity:05d}_v{video:02d}", identity_id=f"id{identity:05d}",
+        layout=LAYOUT, fps=config.fps)
+
+
+def identity_splits(num_identities: int, test_fraction: float, seed: int) -> dict:
+    """{"train": sorted identities, "test": sorted identities}, disjoint, by seeded permutation."""
+    order = np.random.default_rng([seed, 0x5EED]).permutation(num_identities)
+    num_test = int(round(num_identities * test_fraction))
+    if test_fraction > 0 and num_identities > 1:
+        num_test = min(max(num_test, 1), num_identities - 1)
+    return {"train": sorted(order[num_test:].tolist()), "test": sorted(order[:num_test].tolist())}
+
+
+def _encoded_video(args) -> bytes:
+    config, identity, video = args
+    return records.encode_video(make_video(config, identity, video),
+                                image_encoding=config.image_encoding)
+
+
+def generate(out_dir: str, config: SyntheticConfig) -> dict:
+    """Writes the dataset to out_dir and returns its dataset_info dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    splits = identity_splits(config.identities, config.test_fraction, config.seed)
+    info = {
+        "name": DATASET_NAME, "layout": LAYOUT, "record_format_version": records.FORMAT_VERSION,
+        "height": config.size, "width": config.size, "frames_per_video": config.frames,
+        "fps": config.fps, "config": dataclasses.asdict(config), "splits": {},
+    }
+    pool = multiprocessing.get_context("spawn").Pool(config.workers) if config.workers else None
+    try:
+        for split, identities in splits.items():
+            jobs = [(config, i, v) for i in identities for v in range(config.videos_per_identity)]
+            encoded = pool.imap(_encoded_video, jobs, chunksize=4) if pool else map(_encoded_video, jobs)
+            files = write_split_shards(out_dir, DATASET_NAME, split, encoded, len(jobs),
+                                       config.records_per_shard)
+            info["splits"][split] = {"num_records": len(jobs), "identities": identities,
+                                     "files": [os.path.basename(f) for f in files]}
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--identities", type=int, default=200)
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--videos-per-identity", type=int, default=1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--image-encoding", choices=("raw", "png"), default="raw")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args(argv)
+    config = SyntheticConfig(
+        identities=args.identities, frames=args.frames, size=args.size, seed=args.seed,
+        videos_per_identity=args.videos_per_identity, test_fraction=args.test_fraction,
+        image_encoding=args.image_encoding, workers=args.workers)
+    start = time.perf_counter()
+    info = generate(args.out, config)
+    counts = {s: v["num_records"] for s, v in info["splits"].items()}
+    print(f"wrote {counts} videos to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
