@@ -14,15 +14,24 @@ A per-example ``reference_mask`` (B,) of booleans hides the reference from the
 targets where it is False: that is classifier-free guidance's "reference dropped"
 branch (the target then attends to itself only).
 
-Implementations (``attention_impl``), all computing the same numbers:
+Implementations (``attention_impl``, one table: ``_BACKENDS``), all computing the
+same numbers:
   * ``"xla"`` (default): decomposed. The reference block and each frame's
     ``[R ; T_f]`` block are separate attentions, so the masked (reference-query,
     target-key) block is never computed: N_r^2 + F N_t (N_r + N_t) scores instead
     of (N_r + F N_t)^2.
   * ``"xla_joint"``: the plain reference. One joint sequence ``[R ; T_1 ; ... ; T_F]``
     with a block mask built from segment ids.
-Accelerator kernels plug into ``dot_product_attention`` (the decomposed form) or
-into ``_joint_attention`` (a block-sparse kernel over the segment mask).
+  * ``"cudnn"``: the decomposed form on cuDNN flash attention (GPU).
+  * ``"splash"``: the joint form on the Pallas splash kernel, masked blocks skipped
+    (TPU; Pallas interpret mode elsewhere, for tests).
+  * ``"pallas"``: a Pallas flash kernel for the decomposed form (GPU via Triton;
+    interpret mode elsewhere).
+  * ``"auto"``: by platform: TPU -> splash, GPU -> cudnn (xla where cuDNN cannot
+    take the dtype / head dim), otherwise xla.
+The kernels live in ``attention_kernels.py``, imported on first use. A backend is
+three entry points (``AttentionBackend``): plain self-attention (no reference), the
+target half (the reference cache) and the whole rule.
 
 The reference cache (two-stage sampling) also lives here: ``SelfAttention`` writes
 its reference keys and values to the ``"reference_cache"`` variable collection in
@@ -31,7 +40,7 @@ its reference keys and values to the ``"reference_cache"`` variable collection i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -39,7 +48,6 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-ATTENTION_IMPLS = ("xla", "xla_joint")
 ATTENTION_RULES = ("causal", "full")
 CACHE_COLLECTION = "reference_cache"
 
@@ -178,7 +186,8 @@ def reference_target_attention(
       ref: (q, k, v) of the reference, each (B, N_r, H, D).
       tgt: (q, k, v) of the targets, each (B, F, N_t, H, D).
       rule: "causal" (SCD) or "full" (bidirectional ablation).
-      impl: "xla" (decomposed) or "xla_joint" (one masked joint sequence).
+      impl: one of ``ATTENTION_IMPLS``: "xla" (decomposed), "xla_joint" (one masked
+        joint sequence), "cudnn", "splash", "pallas" or "auto" (see the module doc).
       reference_mask: (B,) bool, False hides the reference from that example's targets.
       upcast: float32 scores for low-precision inputs.
 
@@ -186,9 +195,57 @@ def reference_target_attention(
       (out_ref (B, N_r, H, D), out_tgt (B, F, N_t, H, D)).
     """
     _check_choice("attention rule", rule, ATTENTION_RULES)
+    return attention_backend(impl).rule(ref, tgt, rule, reference_mask, upcast)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class AttentionBackend(NamedTuple):
+    """One implementation of the rule, as the three calls a self-attention layer makes.
+
+    plain(q, k, v, *, upcast): (B, N, H, D) attention without a reference.
+    target(q_t, k_t, v_t, k_r, v_r, reference_mask, *, upcast): ``target_attention``.
+    rule(ref, tgt, rule, reference_mask, upcast): ``reference_target_attention``.
+    """
+
+    plain: Callable
+    target: Callable
+    rule: Callable
+
+
+def _xla_plain(q, k, v, *, upcast=False):
+    return dot_product_attention(q, k, v, upcast=upcast)
+
+
+XLA_BACKEND = AttentionBackend(_xla_plain, target_attention, _decomposed_attention)
+# With the reference cached there is no joint sequence left, so xla_joint's plain and
+# target calls are xla's; only the whole rule differs.
+XLA_JOINT_BACKEND = AttentionBackend(_xla_plain, target_attention, _joint_attention)
+
+
+def _kernels():
+    from consist_jax.models import attention_kernels  # Pallas: import on first use.
+
+    return attention_kernels
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
+    "xla": lambda: XLA_BACKEND,
+    "xla_joint": lambda: XLA_JOINT_BACKEND,
+    "cudnn": lambda: _kernels().CUDNN,
+    "splash": lambda: _kernels().SPLASH,
+    "pallas": lambda: _kernels().PALLAS,
+    "auto": lambda: _kernels().auto_backend(),
+}
+ATTENTION_IMPLS = tuple(_BACKENDS)
+
+
+def attention_backend(impl: str) -> AttentionBackend:
+    """The backend called ``impl`` (one of ``ATTENTION_IMPLS``); ``auto`` resolves by
+    ``jax.default_backend()`` when traced."""
     _check_choice("attention_impl", impl, ATTENTION_IMPLS)
-    forms = {"xla": _decomposed_attention, "xla_joint": _joint_attention}
-    return forms[impl](ref, tgt, rule, reference_mask, upcast)
+    return _BACKENDS[impl]()
 
 
 # --------------------------------------------------------------------------- the layer
@@ -258,7 +315,7 @@ class SelfAttention(nn.Module):
             if layout.mode == "extract":
                 self.put_variable(CACHE_COLLECTION, "key", k)
                 self.put_variable(CACHE_COLLECTION, "value", v)
-            out = dot_product_attention(q, k, v, upcast=self.upcast)
+            out = attention_backend(self.impl).plain(q, k, v, upcast=self.upcast)
         elif layout.mode == "joint":
             out = self._joint(q, k, v, layout, reference_mask)
         else:
@@ -300,5 +357,6 @@ class SelfAttention(nn.Module):
                 f"images for {f} frame(s) each; tile the cache to the target batch first"
             )
         grouped = [a.reshape(b, f, *a.shape[1:]) for a in (q, k, v)]
-        out = target_attention(*grouped, k_ref, v_ref, reference_mask, upcast=self.upcast)
+        target = attention_backend(self.impl).target
+        out = target(*grouped, k_ref, v_ref, reference_mask, upcast=self.upcast)
         return out.reshape(q.shape)
