@@ -1,10 +1,19 @@
-"""Shared test setup: small thread counts (CI has 2 cores) and fresh random seeds."""
+"""Shared test setup: small thread counts (CI has 2 cores), a persistent compilation
+cache shared with the test's subprocesses, and fresh random seeds."""
 import os
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Compiled programs are cached on disk, so subprocesses (train.py runs, multi-device
+# scripts) that build the same program skip XLA's compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The partitionable threefry takes ~10x longer to compile a random draw on CPU;
+# the library does not depend on the choice.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

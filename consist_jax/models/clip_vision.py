@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consist_jax.convert.loading import load_params_from_folder, read_config, to_jax_params
+from consist_jax.models.image_preprocessing import CLIP_MEAN, CLIP_STD
 from consist_jax.models.attention import dot_product_attention
 
 Dtype = Any
@@ -336,3 +337,25 @@ def encode_images(
         output_projected_tokens=output_projected_tokens,
         output_hidden_states=output_hidden_states,
     )
+
+
+def embed_images(
+    module: CLIPVisionModelWithProjection,
+    params: dict,
+    images: jax.Array,
+    mean: tuple[float, ...] = CLIP_MEAN,
+    std: tuple[float, ...] = CLIP_STD,
+) -> CLIPVisionOutput:
+    """images (B, H, W, 3) in [-1, 1] -> CLIPVisionOutput, preprocessed in JAX (usable in jit).
+
+    For frames already square-cropped by the data pipeline: an antialiased bicubic
+    resize to the encoder's size (jax.image.resize; PIL's resampling differs by its
+    filter, see ``preprocess_images`` for the host path that matches transformers),
+    then CLIP's normalisation.
+    """
+    size = module.config.image_size
+    b = images.shape[0]
+    unit = (images.astype(jnp.float32) + 1.0) / 2.0
+    resized = jax.image.resize(unit, (b, size, size, images.shape[-1]), "bicubic", antialias=True)
+    pixels = (resized - jnp.asarray(mean)) / jnp.asarray(std)
+    return module.apply({"params": params}, pixels)

@@ -1,0 +1,95 @@
+"""Defaults shared by every run config; each config file overrides what differs."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.resume = True  # continue from the workdir's latest checkpoint when there is one
+
+    c.data = ml_collections.ConfigDict()
+    c.data.synthetic = None  # a dict of SyntheticConfig fields + generate=True to build on first use
+    c.data.pipeline = ml_collections.ConfigDict(
+        dict(
+            data_dir="",
+            clip_length=1,  # F target frames; 1 for the image stage
+            frame_stride=1,
+            reference_policy="any",
+            resolution=512,
+            crop_scale=(0.8, 1.0),
+            center_crop=False,
+            flip_probability=0.5,
+            with_region_mask=False,
+            worker_count=0,
+            on_bad_example="error",
+        )
+    )
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained_unet = ""
+    c.model.unet = ml_collections.ConfigDict(
+        dict(
+            attention_rule="causal",
+            attention_impl="xla",
+            reference_pose_injection=True,
+            pose_block_out_channels=(16, 32, 64, 128),
+            remat=False,
+            dtype="float32",
+        )
+    )
+    c.model.codec = ml_collections.ConfigDict(dict(kind="vae", vae_path="", factor=8, chunk_size=8))
+    c.model.context = ml_collections.ConfigDict(dict(kind="embedding", image_encoder_path=""))
+
+    c.diffusion = ml_collections.ConfigDict(
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            num_train_timesteps=1000,
+            rescale_zero_terminal_snr=False,
+            prediction_type="epsilon",
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=64,
+            num_steps=30_000,
+            reference_timestep=0,
+            drop_reference_prob=0.1,
+            drop_context_prob=0.1,
+            min_snr_gamma=0.0,
+            noise_offset=0.0,
+            tryon=False,
+        )
+    )
+
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=1e-5,
+            warmup_steps=500,
+            schedule="constant",  # or "cosine" (to decay_steps)
+            decay_steps=30_000,
+            final_lr_fraction=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,
+            clip_norm=1.0,
+            grad_accum_steps=1,
+            ema_decay=0.0,  # > 0 keeps an EMA of the params
+            trainable=(".*",),  # regexes over param paths ("down_blocks.0/resnets.1/conv1/kernel")
+        )
+    )
+
+    c.mesh = ml_collections.ConfigDict(
+        dict(axes=("data", "fsdp"), shape=(-1, 1), param_sharding="fsdp", fsdp_min_size=2**14)
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+    c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_tflops_per_device=0.0))
+
+    c.sample = ml_collections.ConfigDict(
+        dict(sampler="ddim", steps=25, guidance=3.5, guidance_rescale=0.0, timestep_spacing="",
+             window=24, overlap=4, use_ema=True)
+    )
+    return c

@@ -1,0 +1,126 @@
+"""Files in and out of sampling: reference images, pose inputs, MP4/GIF outputs.
+
+Poses come as a folder of pose images, a video of pose images, or a keypoints file
+(anything ``consist_jax.poses.load_poses`` reads), which is rendered with the one
+renderer at the model's resolution. Images are centre-cropped to the model's aspect
+ratio and resized (PIL bicubic; pose images nearest, so skeleton colours stay exact).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+from consist_jax.poses.align import align_poses
+from consist_jax.poses.io import load_poses
+from consist_jax.poses.keypoints import PoseSequence
+from consist_jax.poses.render import render
+from consist_jax.poses.sequence import crop_poses, resize_poses
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
+KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
+
+
+def _center_box(height: int, width: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The largest centred (x0, y0, x1, y1) box of the target's aspect ratio."""
+    th, tw = target
+    scale = min(height / th, width / tw)
+    ch, cw = int(round(th * scale)), int(round(tw * scale))
+    y0, x0 = (height - ch) // 2, (width - cw) // 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 resolution + (3,): centre crop to the aspect ratio, resize."""
+    from PIL import Image
+
+    x0, y0, x1, y1 = _center_box(image.shape[0], image.shape[1], resolution)
+    crop = Image.fromarray(image[y0:y1, x0:x1])
+    resample = Image.NEAREST if nearest else Image.BICUBIC
+    return np.asarray(crop.resize((resolution[1], resolution[0]), resample))
+
+
+def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
+    """An RGB image file -> uint8 (H, W, 3) at ``resolution``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference image {path!r} does not exist")
+    try:
+        image = np.asarray(Image.open(path).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path!r} as an image: {e}") from e
+    return fit_image(image, resolution)
+
+
+def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,
+                   width: Optional[int] = None) -> PoseSequence:
+    """A keypoints file -> PoseSequence on the model's canvas (centre crop + resize)."""
+    poses = load_poses(path, height=height, width=width)
+    box = _center_box(poses.height, poses.width, resolution)
+    return resize_poses(crop_poses(poses, box), *resolution)
+
+
+def read_pose_images(path: str, resolution: tuple[int, int]) -> np.ndarray:
+    """A folder of pose images or a pose video -> uint8 (F, H, W, 3)."""
+    import imageio.v3 as iio
+
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+        if not files:
+            raise ValueError(f"pose folder {path!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        frames = [iio.imread(os.path.join(path, f)) for f in files]
+    else:
+        frames = list(iio.imiter(path))
+    frames = [f[..., :3] if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in frames]
+    if not frames:
+        raise ValueError(f"{path!r} holds no frames")
+    return np.stack([fit_image(np.asarray(f, np.uint8), resolution, nearest=True) for f in frames])
+
+
+def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: Optional[str] = None,
+               align: str = "off", height: Optional[int] = None, width: Optional[int] = None):
+    """Pose input at ``path`` -> (uint8 pose images (F, H, W, 3), PoseSequence or None).
+
+    Keypoint files can be aligned to the reference person (``align``: off | global |
+    per_limb), which needs the reference's keypoints; image/video poses cannot.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"poses {path!r} do not exist")
+    is_keypoints = os.path.isfile(path) and path.lower().endswith(KEYPOINT_SUFFIXES)
+    is_keypoint_folder = os.path.isdir(path) and any(f.endswith(".json") for f in os.listdir(path))
+    if not (is_keypoints or is_keypoint_folder):
+        if align != "off":
+            raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
+        return read_pose_images(path, resolution), None
+    poses = read_keypoints(path, resolution, height, width)
+    if align != "off":
+        if reference_keypoints is None:
+            raise ValueError("aligning poses needs the reference's keypoints (--reference_keypoints)")
+        reference = read_keypoints(reference_keypoints, resolution, height, width)
+        poses = align_poses(poses, reference, mode=align)
+    return render(poses), poses
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
+    """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix."""
+    import imageio.v3 as iio
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.lower().endswith(".gif"):
+        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
+    elif path.lower().endswith(".mp4"):
+        import imageio.v2 as iio2  # the imageio-ffmpeg writer
+
+        # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
+        iio2.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
+    else:
+        raise ValueError(f"{path!r}: write .mp4 or .gif")
+
+
+def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """reference | pose | result per frame: uint8 (F, H, 3W, 3)."""
+    refs = np.broadcast_to(reference[None], frames.shape)
+    return np.concatenate([refs, poses, frames], axis=2)

@@ -1,0 +1,156 @@
+"""Programmatic sampling: load a trained SCD model once, then generate from a reference and poses.
+
+    pipe = SCDPipeline.from_checkpoint("runs/demo")            # a train.py workdir
+    frames = pipe(reference_image, target_poses, reference_pose=ref_pose, steps=25,
+                  guidance=3.0, seed=0)                          # uint8 (F, H, W, 3)
+
+Inputs are uint8 images (H, W, 3) / pose images (F, H, W, 3) at the model's
+resolution (``pipe.resolution``), or ``PoseSequence``s that are rendered with the one
+pose renderer. Generation is two-stage (reference extracted once, the cache serving
+every step, guidance branch and frame) and windowed in time for long videos. One
+compile per input shape and settings; the same seed gives the same frames.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from consist_jax.convert.build import build_model
+from consist_jax.diffusion.samplers import make_sampler
+from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.models.scd import SCDModel
+from consist_jax.poses.keypoints import PoseSequence
+from consist_jax.poses.render import render
+from consist_jax.sampling.two_stage import GuidanceConfig, extract_reference
+from consist_jax.sampling.video import denoise_video
+
+
+def _to_signed(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def _to_unit(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, np.float32) / 255.0
+
+
+def _as_pose_images(poses: Any, name: str) -> np.ndarray:
+    """PoseSequence -> rendered uint8 (F, H, W, 3); uint8 pose images pass through."""
+    if isinstance(poses, PoseSequence):
+        return render(poses)
+    poses = np.asarray(poses)
+    if poses.dtype != np.uint8 or poses.ndim not in (3, 4) or poses.shape[-1] != 3:
+        raise ValueError(f"{name}: expected uint8 pose images (F, H, W, 3) or a PoseSequence, "
+                         f"got {poses.dtype} {poses.shape}")
+    return poses
+
+
+def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
+    """(params, run config dict, step) from a train.py workdir's checkpoint (latest by default)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ folder (is it a train.py workdir?)")
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} in {directory!r}; have {steps}")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
+    return jax.tree_util.tree_map(jnp.asarray, params), json.loads(meta["config"]), step
+
+
+class SCDPipeline:
+    """A loaded SCD model plus its noise schedule; call it to generate frames."""
+
+    def __init__(self, model: SCDModel, params: Any, frozen: Any, schedule: NoiseSchedule,
+                 prediction_type: str, resolution: tuple[int, int], reference_timestep: int = 0):
+        self.model, self.params, self.frozen = model, params, frozen
+        self.schedule, self.prediction_type = schedule, prediction_type
+        self.resolution = resolution
+        self.reference_timestep = reference_timestep
+
+    @classmethod
+    def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True) -> "SCDPipeline":
+        params, config, _ = restore_params(workdir, step, use_ema)
+        config = ml_collections.ConfigDict(config)
+        model, _, frozen = build_model(config.model, jax.random.key(0), init_params=False)
+        from consist_jax.training.trainer import noise_schedule
+
+        resolution = config.data.pipeline.resolution
+        resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
+        return cls(model, params, frozen, noise_schedule(config), config.diffusion.prediction_type,
+                   resolution, config.train.reference_timestep)
+
+    def check_inputs(self, reference_image: np.ndarray, target_poses: np.ndarray,
+                     reference_pose: Optional[np.ndarray]) -> None:
+        """Clear errors before any compile."""
+        h, w = self.resolution
+        if reference_image.dtype != np.uint8 or reference_image.shape != (h, w, 3):
+            raise ValueError(f"reference image must be uint8 ({h}, {w}, 3), got "
+                             f"{reference_image.dtype} {reference_image.shape}")
+        if target_poses.ndim != 4 or len(target_poses) == 0:
+            raise ValueError(f"target poses must be (F >= 1, {h}, {w}, 3), got {target_poses.shape}")
+        if target_poses.shape[1:] != (h, w, 3):
+            raise ValueError(f"pose images are {target_poses.shape[1:3]}, the model's resolution is {(h, w)}")
+        pose_cfg = self.model.unet.config
+        if pose_cfg.pose_block_out_channels is not None and pose_cfg.reference_pose_injection:
+            if reference_pose is None:
+                raise ValueError("this model injects the reference pose: pass reference_pose")
+            if reference_pose.shape != (h, w, 3):
+                raise ValueError(f"reference pose must be ({h}, {w}, 3), got {reference_pose.shape}")
+
+    def __call__(self, reference_image, target_poses, *, reference_pose=None, steps: int = 25,
+                 guidance: float = 3.0, guidance_rescale: float = 0.0, seed: int = 0,
+                 sampler: str = "ddim", window: int = 24, overlap: int = 4,
+                 timestep_spacing: Optional[str] = None) -> np.ndarray:
+        """reference_image uint8 (H, W, 3); target_poses uint8 (F, H, W, 3) or PoseSequence;
+        reference_pose uint8 (H, W, 3) or a 1-frame PoseSequence -> uint8 frames (F, H, W, 3)."""
+        reference_image = np.asarray(reference_image)
+        target_poses = _as_pose_images(target_poses, "target poses")
+        if reference_pose is not None:
+            reference_pose = _as_pose_images(reference_pose, "reference pose")
+            reference_pose = reference_pose[0] if reference_pose.ndim == 4 else reference_pose
+        self.check_inputs(reference_image, target_poses, reference_pose)
+        generate = self._compiled(len(target_poses), steps, sampler, timestep_spacing,
+                                  float(guidance_rescale), window, overlap)
+        frames = generate(
+            self.params, self.frozen, jnp.float32(guidance),
+            _to_signed(reference_image)[None],
+            None if reference_pose is None else _to_unit(reference_pose)[None],
+            _to_unit(target_poses)[None],
+            jax.random.key(seed),
+        )
+        return np.asarray(jnp.round((frames[0] + 1.0) * 127.5)).astype(np.uint8)
+
+    @functools.lru_cache(maxsize=8)
+    def _compiled(self, num_frames, steps, sampler_name, timestep_spacing, guidance_rescale, window, overlap):
+        """One jitted generator per static setting; the guidance scale is a traced input."""
+        model, h, w = self.model, *self.resolution
+        f = self.model.codec.factor
+        sampler = make_sampler(sampler_name, self.schedule, steps, prediction_type=self.prediction_type,
+                               timestep_spacing=timestep_spacing)
+        latent_shape = (1, num_frames, h // f, w // f, model.codec.latent_channels)
+
+        @jax.jit
+        def generate(params, frozen, guidance_scale, reference_image, reference_pose, target_poses, rng):
+            guidance = GuidanceConfig(guidance_scale, guidance_rescale)
+            reference = extract_reference(model, params, frozen, reference_image, reference_pose,
+                                          self.reference_timestep)
+            noise = jax.random.normal(rng, latent_shape, jnp.float32)
+            latents = denoise_video(model, params, reference, sampler, noise, target_poses, guidance,
+                                    window=window, overlap=overlap)
+            return model.decode(frozen, latents)
+
+        return generate

@@ -1,0 +1,220 @@
+"""The SCD training loss and the pure train step.
+
+Loss (SCD.md, "Timesteps and loss"): noise the target latents only; the reference
+latent stays clean and runs at its own timestep; the UNet predicts the noise (or v,
+or x0) of the targets, and the mean squared error is taken over target tokens only,
+optionally min-SNR weighted. For classifier-free guidance the reference branch
+and the context are dropped per example. Try-on mode noises and scores only the
+region mask: ``x_t = M x_t + (1 - M) x_0`` and ``||M (target - pred)||^2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+from consist_jax.diffusion import schedule as sched
+from consist_jax.models.scd import SCDModel
+from consist_jax.training.state import TrainState, learning_rate_schedule, trainable_labels, update_ema
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How the SCD loss is formed (static; from ``config.train``)."""
+
+    prediction_type: str = "epsilon"
+    reference_timestep: int = 0
+    drop_reference_prob: float = 0.1  # classifier-free guidance: reference branch dropped
+    drop_context_prob: float = 0.1  # ... and the image-encoder context (same draw: nested)
+    min_snr_gamma: float = 0.0  # 0 = plain MSE
+    noise_offset: float = 0.0
+    tryon: bool = False  # noise and loss only inside batch["region_mask"]
+
+    @classmethod
+    def from_config(cls, train) -> "LossConfig":
+        return cls(**{f.name: train[f.name] for f in dataclasses.fields(cls) if f.name in train})
+
+
+def region_mask_at(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
+    """(B, F, H, W, 1) pixel mask -> (B, F, h, w, 1) latent mask: a latent cell is in the
+    region when any of its pixels is (so no masked pixel is left un-noised)."""
+    b, f, h, w, _ = mask.shape
+    lh, lw = latent_hw
+    cells = mask.reshape(b, f, lh, h // lh, lw, w // lw, 1)
+    return cells.max(axis=(3, 5)).astype(jnp.float32)
+
+
+def conditioning_masks(u: jax.Array, loss: LossConfig):
+    """Per-example CFG drops from one uniform draw u (B,): (keep_reference, keep_context).
+
+    With equal probabilities the two are dropped together, as the peers train; with
+    different ones the rarer drop is a subset of the other.
+    """
+    return u >= loss.drop_reference_prob, u >= loss.drop_context_prob
+
+
+def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, loss: LossConfig,
+                      num_train_timesteps: int):
+    """Noise (B, *example_shape), timesteps (B,) and a CFG uniform (B,), one key per example.
+
+    Each example's draws depend only on (rng, its id), not on where it sits in the
+    batch: a batch split over hosts, devices or accumulation micro-batches trains the
+    same as the whole batch on one device.
+    """
+
+    def draw(example_id):
+        key = jax.random.fold_in(rng, example_id)
+        noise_key, t_key, u_key = jax.random.split(key, 3)
+        noise = sched.sample_training_noise(noise_key, (1, *example_shape), loss.noise_offset)[0]
+        t = jax.random.randint(t_key, (), 0, num_train_timesteps, dtype=jnp.int32)
+        return noise, t, jax.random.uniform(u_key, ())
+
+    return jax.vmap(draw)(example_ids)
+
+
+def scd_loss(
+    params: Any,
+    model: SCDModel,
+    schedule: sched.NoiseSchedule,
+    loss: LossConfig,
+    inputs: dict,
+    rng: jax.Array,
+) -> tuple[jax.Array, dict]:
+    """The SCD loss of one batch in latent space.
+
+    inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C),
+      ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3), ``target_pose``
+      (B, F, H, W, 3), in try-on mode ``region_mask`` (B, F, h, w, 1) in latent cells, and
+      optionally ``example_id`` (B,) int32 keying each example's random draws
+      (default: its row).
+    Returns (scalar loss, per-example loss (B,)).
+    """
+    targets = inputs["target_latents"]
+    b = targets.shape[0]
+    example_ids = inputs.get("example_id", jnp.arange(b, dtype=jnp.int32))
+    noise, t, u = per_example_draws(rng, example_ids, targets.shape[1:], loss, schedule.num_train_timesteps)
+    noisy = sched.add_noise(schedule, targets, noise, t)
+    region = inputs.get("region_mask") if loss.tryon else None
+    if region is not None:
+        noisy = region * noisy + (1.0 - region) * targets
+    target = sched.training_target(schedule, targets, noise, t, loss.prediction_type)
+    keep_reference, keep_context = conditioning_masks(u, loss)
+    context = jnp.where(keep_context[:, None, None], inputs["context"], 0.0)
+    prediction = model.unet.apply(
+        {"params": params},
+        noisy,
+        t,
+        context,
+        reference=inputs["reference_latents"],
+        reference_timesteps=jnp.full((b,), loss.reference_timestep, jnp.int32),
+        reference_pose=inputs.get("reference_pose"),
+        target_pose=inputs.get("target_pose"),
+        reference_mask=keep_reference,
+    )
+    squared = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
+    axes = tuple(range(1, squared.ndim))
+    if region is not None:
+        weight = jnp.broadcast_to(region, squared.shape)
+        per_example = (weight * squared).sum(axes) / jnp.maximum(weight.sum(axes), 1.0)
+    else:
+        per_example = squared.mean(axes)
+    if loss.min_snr_gamma:
+        per_example = per_example * sched.min_snr_loss_weights(
+            schedule, t, loss.min_snr_gamma, loss.prediction_type
+        )
+    return per_example.mean(), per_example
+
+
+def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) -> dict:
+    """Pixel batch -> latent-space loss inputs (no gradients flow into frozen models).
+
+    A batch that already carries ``target_latents`` / ``reference_latents`` / ``context``
+    (a cached pre-pass) is used as is.
+    """
+    if "target_latents" in batch:
+        return batch
+    ref_rng, tgt_rng = jax.random.split(rng)
+    inputs = {
+        "reference_latents": model.encode(frozen, batch["reference"], ref_rng),
+        "target_latents": model.encode(frozen, batch["target"], tgt_rng),
+        "context": model.embed_reference(frozen, batch["reference"]),
+        "reference_pose": batch.get("reference_pose"),
+        "target_pose": batch.get("target_pose"),
+    }
+    if "example_id" in batch:
+        inputs["example_id"] = batch["example_id"]
+    if "region_mask" in batch:
+        inputs["region_mask"] = region_mask_at(batch["region_mask"], inputs["target_latents"].shape[2:4])
+    return inputs
+
+
+def _microbatches(tree: Any, k: int) -> Any:
+    """Splits every (B, ...) leaf into (k, B / k, ...) for gradient accumulation."""
+    return jax.tree_util.tree_map(lambda a: a.reshape(k, a.shape[0] // k, *a.shape[1:]), tree)
+
+
+def make_train_step(
+    model: SCDModel,
+    schedule: sched.NoiseSchedule,
+    loss: LossConfig,
+    optimizer: optax.GradientTransformation,
+    optim,
+) -> Callable:
+    """Returns ``train_step(state, batch, rng, frozen) -> (state, metrics)``; pure, jittable.
+
+    ``optim.grad_accum_steps`` = k splits the batch into k micro-batches whose
+    gradients are averaged before one optimiser update. ``optim.ema_decay`` updates
+    the EMA params when the state has them.
+    """
+    k = int(optim.grad_accum_steps)
+    lr_at = learning_rate_schedule(optim)
+
+    def grads_of(params, inputs, rng):
+        """Loss and gradients; frozen leaves get zeros without being differentiated."""
+        flat = traverse_util.flatten_dict(params)
+        labels = traverse_util.flatten_dict(trainable_labels(params, optim.trainable))
+        trainable = {p: v for p, v in flat.items() if labels[p] == "trainable"}
+        frozen_leaves = {p: v for p, v in flat.items() if labels[p] == "frozen"}
+
+        def loss_of(trainable):
+            merged = traverse_util.unflatten_dict({**frozen_leaves, **trainable})
+            return scd_loss(merged, model, schedule, loss, inputs, rng)
+
+        (value, _), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        zeros = {p: jnp.zeros_like(v) for p, v in frozen_leaves.items()}
+        return value, traverse_util.unflatten_dict({**zeros, **grads})
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any):
+        prep_rng, loss_rng = jax.random.split(rng)
+        inputs = {k_: v for k_, v in prepare_inputs(model, frozen, batch, prep_rng).items() if v is not None}
+        if k == 1:
+            value, grads = grads_of(state.params, inputs, loss_rng)
+        else:
+            def accumulate(carry, xs):
+                micro, micro_rng = xs
+                value, grads = grads_of(state.params, micro, micro_rng)
+                return jax.tree_util.tree_map(jnp.add, carry, (value, grads)), None
+
+            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            if "example_id" not in inputs:  # keep each example's draws as in one batch
+                inputs = dict(inputs, example_id=jnp.arange(inputs["target_latents"].shape[0], dtype=jnp.int32))
+            (value, grads), _ = jax.lax.scan(
+                accumulate, zeros, (_microbatches(inputs, k), jnp.broadcast_to(loss_rng, (k,)))
+            )
+            value, grads = jax.tree_util.tree_map(lambda a: a / k, (value, grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=update_ema(state.ema_params, params, optim.ema_decay),
+        )
+        metrics = {"loss": value, "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step)}
+        return new_state, metrics
+
+    return train_step

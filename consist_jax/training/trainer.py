@@ -1,0 +1,222 @@
+"""The training loop: config -> a sharded, checkpointed, resumable SCD training run.
+
+    train(config, workdir)
+
+Everything that can be wrong with a config (unknown keys are caught by
+ml_collections; missing pretrained paths, a mesh that does not divide the devices,
+a batch that does not divide the mesh) raises before any compile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from consist_jax.convert.build import build_model, check_paths
+from consist_jax.data import pipeline as data_pipeline
+from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.training import sharding
+from consist_jax.training.checkpoint import Checkpointer
+from consist_jax.training.metrics import MetricWriter, peak_flops_per_device
+from consist_jax.training.state import TrainState, create_train_state, make_optimizer
+from consist_jax.training.step import LossConfig, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def noise_schedule(config: Any) -> NoiseSchedule:
+    d = config.diffusion
+    return NoiseSchedule.create(
+        beta_schedule=d.beta_schedule,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        num_train_timesteps=d.num_train_timesteps,
+        rescale_betas_zero_snr=d.rescale_zero_terminal_snr,
+    )
+
+
+def ensure_dataset(data_config: Any) -> None:
+    """Generates the synthetic dataset on first use (process 0 writes, the others wait)."""
+    synthetic = data_config.get("synthetic")
+    info = os.path.join(data_config.pipeline.data_dir, "dataset_info.json")
+    if synthetic is None or not synthetic.get("generate", False) or os.path.exists(info):
+        if not os.path.exists(info):
+            raise FileNotFoundError(f"data.pipeline.data_dir={data_config.pipeline.data_dir!r} has no dataset_info.json")
+        return
+    if jax.process_index() == 0:
+        from consist_jax.data.synthetic import SyntheticConfig, generate
+
+        fields = {k: v for k, v in synthetic.items() if k != "generate"}
+        generate(data_config.pipeline.data_dir, SyntheticConfig(**fields))
+    multihost_utils.sync_global_devices("synthetic dataset written")
+
+
+def preflight(config: Any) -> sharding.Mesh:
+    """Checks paths, mesh and batch divisibility; returns the mesh. No compile happens here."""
+    check_paths(config.model)
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    sharding.check_batch_divides(config.train.global_batch_size, mesh, jax.process_count())
+    accum = int(config.optim.grad_accum_steps)
+    if accum < 1 or config.train.global_batch_size % accum:
+        raise ValueError(
+            f"optim.grad_accum_steps={accum} must divide the global batch size {config.train.global_batch_size}"
+        )
+    return mesh
+
+
+class _Preemption:
+    """SIGTERM (cloud preemption) sets a flag; the loop saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(batch: dict, batch_sharding) -> dict:
+    """This process's part of the batch -> global jax.Arrays laid out over the mesh.
+
+    ``example_id`` is each example's position in the global batch as the data
+    pipeline deals it (process p holds positions p, p + P, p + 2P, ...), so the
+    training noise of an example does not depend on the number of processes.
+    """
+    arrays = {k: v for k, v in batch.items() if k in TRAIN_KEYS}
+    local = len(batch["reference"])
+    arrays["example_id"] = (jax.process_index() + jax.process_count() * np.arange(local)).astype(np.int32)
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+        for k, v in arrays.items()
+    }
+
+
+TRAIN_KEYS = ("reference", "reference_pose", "target", "target_pose", "region_mask")
+
+
+def train(config: Any, workdir: str) -> dict:
+    """Trains as ``config`` says, checkpointing under ``workdir``; resumes from its latest
+    checkpoint when ``config.resume`` is set. Returns the last logged metrics."""
+    mesh = preflight(config)
+    ensure_dataset(config.data)
+    rng = jax.random.key(config.seed)
+    model_rng, train_rng = jax.random.split(rng)
+    model, params, frozen = build_model(config.model, model_rng)
+    schedule = noise_schedule(config)
+    optimizer = make_optimizer(config.optim, params)
+    loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
+    step_fn = make_train_step(model, schedule, loss_cfg, optimizer, config.optim)
+
+    abstract_state = jax.eval_shape(
+        lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0), params
+    )
+    state_sharding = sharding.param_shardings(
+        abstract_state, mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size
+    )
+    frozen_sharding = sharding.param_shardings(frozen, mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding, repl, frozen_sharding),
+        out_shardings=(state_sharding, repl),
+        donate_argnums=(0,),
+    )
+    frozen = jax.device_put(frozen, frozen_sharding)
+
+    checkpointer = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                config.checkpoint.async_save)
+    data_cfg = dict(config.data.pipeline, batch_size=config.train.global_batch_size // jax.process_count())
+    data = data_pipeline.make_pipeline(data_cfg, "train", seed=config.seed)
+    start = checkpointer.latest_step() if config.resume else None
+    if start is not None:
+        target = jax.tree_util.tree_map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding
+        )
+        state, data_state, _ = checkpointer.restore(start, target)
+        data.set_state(data_state)
+        print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
+    else:
+        start = 0
+        state = jax.jit(lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0),
+                        out_shardings=state_sharding)(params)
+    del params
+
+    batch = _global_batch(next(data), batch_sharding)
+    compiled = jitted.lower(state, batch, jax.random.fold_in(train_rng, start), frozen).compile()
+    flops = _flops(compiled)
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    preemption = _Preemption()
+    meta = {"config": config.to_json_best_effort()}
+    last, logged_step, timer = {}, start, time.perf_counter()
+    try:
+        for step in range(start, config.train.num_steps):
+            if step > start:
+                batch = _global_batch(next(data), batch_sharding)
+            state, metrics = compiled(state, batch, jax.random.fold_in(train_rng, step), frozen)
+            done = step + 1
+            final = done == config.train.num_steps
+            save_now = checkpointer.should_save(done) or final or preemption.requested
+            if done % config.log.every_steps == 0 or final or save_now:
+                # A host sync: also guarantees no non-finite state is ever saved.
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(host["loss"]):
+                    raise NonFiniteLossError(
+                        f"loss is {host['loss']} at step {done}; stopping. The last good checkpoint "
+                        f"(step {checkpointer.latest_step()}) in {checkpointer.directory} is kept."
+                    )
+                now = time.perf_counter()
+                last = _rates(host, (now - timer) / (done - logged_step), config, flops)
+                logged_step, timer = done, now
+                writer.write(done, last)
+                print(_progress_line(done, config.train.num_steps, last), flush=True)
+            if save_now:
+                checkpointer.save(done, state, data.get_state(), dict(meta, data_stats=data.stats()))
+            if preemption.requested:
+                checkpointer.wait()  # the process is about to be killed: finish writing now
+                print(f"SIGTERM: saved a checkpoint at step {checkpointer.latest_step()}; exiting", flush=True)
+                break
+    finally:
+        checkpointer.close()
+        writer.close()
+        preemption.restore()
+    return last
+
+
+def _flops(compiled) -> Optional[float]:
+    """FLOPs of one compiled step (one device's share) from XLA's cost analysis."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older JAX returned one dict per device
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0)) if analysis else None
+
+
+def _rates(host: dict, step_seconds: float, config: Any, flops: Optional[float]) -> dict:
+    out = dict(host)
+    out["step_time_s"] = step_seconds
+    out["samples_per_s"] = config.train.global_batch_size / max(step_seconds, 1e-9)
+    peak = peak_flops_per_device(config.log.get("peak_tflops_per_device"))
+    if flops and peak:
+        # cost_analysis counts the whole (SPMD-partitioned) program of one device.
+        out["mfu"] = flops / step_seconds / peak
+    return out
+
+
+def _progress_line(step: int, total: int, m: dict) -> str:
+    parts = [f"step {step}/{total}", f"loss {m['loss']:.4f}", f"grad_norm {m['grad_norm']:.3f}",
+             f"lr {m['lr']:.2e}", f"{m['step_time_s']:.2f} s/step", f"{m['samples_per_s']:.1f} samples/s"]
+    if "mfu" in m:
+        parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    return " | ".join(parts)

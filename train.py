@@ -1,0 +1,63 @@
+"""Train an SCD model.
+
+    python train.py --config=configs/demo.py --workdir=runs/demo [--config.optim.lr=3e-5]
+
+Multi-host: start one process per host with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID environment variables; on TPU pods and SLURM, JAX finds them itself
+with --distributed). Each process loads its own shard of the data.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ imports resolve
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints and TensorBoard logs go.")
+flags.DEFINE_bool("resume", None, "Continue from the workdir's latest checkpoint (default: config.resume).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with auto-detected settings.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed() -> None:
+    """jax.distributed from flags or environment; CPU processes talk over gloo."""
+    import jax
+
+    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (address or FLAGS.distributed):
+        return
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu" or FLAGS.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if address:
+        kwargs = dict(
+            coordinator_address=address,
+            num_processes=FLAGS.num_processes or int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=FLAGS.process_id if FLAGS.process_id is not None else int(os.environ["JAX_PROCESS_ID"]),
+        )
+    jax.distributed.initialize(**kwargs)
+
+
+def main(argv):
+    del argv
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    config = FLAGS.config
+    if FLAGS.resume is not None:
+        with config.unlocked():
+            config.resume = FLAGS.resume
+    initialize_distributed()
+    from consist_jax.training.trainer import train
+
+    train(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
