@@ -105,7 +105,21 @@ def main(argv):
     with open(os.path.join(FLAGS.out, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(comparison_table(results))
+    if FLAGS.baselines:
+        print(baseline_verdict(results))
     print(f"wrote {os.path.join(FLAGS.out, 'metrics.json')}")
+
+
+def baseline_verdict(results):
+    """Does SCD beat both baselines on figure-region PSNR and whole-frame SSIM?"""
+    scd = results["scd"]["metrics"]
+    lines = []
+    for baseline in ("copy_reference", "no_reference"):
+        other = results[baseline]["metrics"]
+        wins = [scd[k] > other[k] for k in ("PSNR_masked", "SSIM")]
+        lines.append(f"SCD vs {baseline}: figure PSNR {'better' if wins[0] else 'NOT better'}, "
+                     f"frame SSIM {'better' if wins[1] else 'NOT better'}")
+    return "\n".join(lines)
 
 
 def comparison_table(results):

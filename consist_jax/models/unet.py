@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from consist_jax.models.attention import ATTENTION_IMPLS, ATTENTION_RULES, ReferenceLayout
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
+from consist_jax.models.motion import MotionConfig, TemporalTransformer, on_target_frames
 from consist_jax.models.pose_encoder import PoseEncoder
 from consist_jax.models.transformer import Transformer2D
 
@@ -90,6 +91,7 @@ class UNetConfig:
     reference_pose_injection: bool = True  # feed the reference pose too (SCD ablates it)
     pose_block_out_channels: Optional[tuple[int, ...]] = (16, 32, 64, 128)  # None: no pose encoder
     remat: bool = False  # rematerialise each resnet / transformer in the backward pass
+    motion: Optional[MotionConfig] = None  # video model: AnimateDiff motion modules (None: image model)
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def __post_init__(self):
@@ -115,6 +117,8 @@ class UNetConfig:
             raise ValueError(f"attention_rule={self.attention_rule!r}; expected one of {ATTENTION_RULES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.motion is not None:
+            self.motion.check_blocks(self.block_out_channels)
 
     @property
     def downsample_factor(self) -> int:
@@ -188,8 +192,10 @@ class _Blocks:
             self.resnet_cls = nn.remat(ResnetBlock2D)
             # layout (arg 3, counting self) is static: it selects the attention path.
             self.transformer_cls = nn.remat(Transformer2D, static_argnums=(3,))
+            self.motion_cls = nn.remat(TemporalTransformer)
         else:
             self.resnet_cls, self.transformer_cls = ResnetBlock2D, Transformer2D
+            self.motion_cls = TemporalTransformer
 
     def resnet(self, channels: int, name: str):
         c = self.config
@@ -209,9 +215,29 @@ class _Blocks:
             name=name,
         )
 
+    def motion(self, x, layout: ReferenceLayout, block: int, name: str, num_layers: Optional[int] = None):
+        """The motion module after a resnet/attention pair (identity in an image UNet).
+
+        x (N, h, w, C) flat images; only the target frames meet across time.
+        block: down-block depth (heads and layers); num_layers overrides the layers.
+        """
+        m = self.config.motion
+        if m is None:
+            return x
+        module = self.motion_cls(
+            heads=m.heads(block),
+            num_layers=m.layers(block) if num_layers is None else num_layers,
+            groups=m.norm_num_groups,
+            max_seq_length=m.max_seq_length,
+            frames_axis=m.frames_axis,
+            dtype=self.config.dtype,
+            name=name,
+        )
+        return on_target_frames(module, x, layout)
+
 
 class DownBlock(nn.Module):
-    """CrossAttnDownBlock2D / DownBlock2D: returns the output and the skip activations."""
+    """CrossAttnDownBlock2D / DownBlock2D (+ motion modules): returns the output and the skips."""
 
     config: UNetConfig
     index: int
@@ -226,6 +252,7 @@ class DownBlock(nn.Module):
             x = blocks.resnet(channels, f"resnets.{j}")(x, temb)
             if with_attention:
                 x = blocks.transformer(self.index, f"attentions.{j}")(x, context, layout, reference_mask)
+            x = blocks.motion(x, layout, self.index, f"motion_modules.{j}")
             skips.append(x)
         if self.index < len(c.block_out_channels) - 1:
             x = Downsample2D(channels, dtype=c.dtype, name="downsamplers.0")(x)
@@ -234,7 +261,7 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """UNetMidBlock2DCrossAttn: resnet, transformer, resnet."""
+    """UNetMidBlock2DCrossAttn: resnet, transformer, [motion module,] resnet."""
 
     config: UNetConfig
 
@@ -245,11 +272,13 @@ class MidBlock(nn.Module):
         channels = c.block_out_channels[-1]
         x = blocks.resnet(channels, "resnets.0")(x, temb)
         x = blocks.transformer(last, "attentions.0")(x, context, layout, reference_mask)
+        if c.motion is not None and c.motion.use_mid_block:
+            x = blocks.motion(x, layout, last, "motion_modules.0", c.motion.mid_block_transformer_layers)
         return blocks.resnet(channels, "resnets.1")(x, temb)
 
 
 class UpBlock(nn.Module):
-    """CrossAttnUpBlock2D / UpBlock2D: consumes skips (last first), then upsamples."""
+    """CrossAttnUpBlock2D / UpBlock2D (+ motion modules): consumes skips (last first), then upsamples."""
 
     config: UNetConfig
     index: int  # position in up_blocks (0 = deepest)
@@ -265,6 +294,7 @@ class UpBlock(nn.Module):
             x = blocks.resnet(channels, f"resnets.{j}")(x, temb)
             if with_attention:
                 x = blocks.transformer(depth, f"attentions.{j}")(x, context, layout, reference_mask)
+            x = blocks.motion(x, layout, depth, f"motion_modules.{j}")
         if self.index < len(c.block_out_channels) - 1:
             x = Upsample2D(channels, dtype=c.dtype, name="upsamplers.0")(x)
         return x
@@ -272,6 +302,10 @@ class UpBlock(nn.Module):
 
 class UNet(nn.Module):
     """SCD's denoising UNet. Parameters mirror diffusers' names (plus ``pose_encoder``).
+
+    With ``config.motion`` it is the video model: AnimateDiff motion modules after each
+    resnet/attention pair (diffusers' ``UNetMotionModel`` names), acting on the target
+    frames only (see motion.py); the reference branch is the image model's.
 
     Calls:
       * diffusers-equivalent: ``apply(v, sample (N, h, w, C), timesteps (N,) or (),
