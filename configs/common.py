@@ -1,6 +1,8 @@
 """Defaults shared by every run config; each config file overrides what differs."""
 import ml_collections
 
+from consist_jax.data.pipeline import default_config as pipeline_defaults
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -9,13 +11,15 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = None  # a dict of SyntheticConfig fields + generate=True to build on first use
-    c.data.pipeline = ml_collections.ConfigDict(
+    # Every key of the grain pipeline (so each can be overridden from the command line).
+    c.data.pipeline = pipeline_defaults()
+    c.data.pipeline.update(
         dict(
             data_dir="",
             clip_length=1,  # F target frames; 1 for the image stage
             frame_stride=1,
             reference_policy="any",
-            resolution=512,
+            resolution=(512, 512),
             crop_scale=(0.8, 1.0),
             center_crop=False,
             flip_probability=0.5,

@@ -16,7 +16,7 @@ def get_config():
     c.data.synthetic = dict(generate=True, identities=200, frames=48, size=64, seed=0, workers=0)
     c.data.pipeline.update(
         data_dir=os.path.join("data_cache", "synthetic_64"),
-        resolution=64,
+        resolution=(64, 64),
         crop_scale=(1.0, 1.0),
         flip_probability=0.5,
     )

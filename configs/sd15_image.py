@@ -15,7 +15,7 @@ from configs.common import base_config
 
 def get_config():
     c = base_config()
-    c.data.pipeline.update(resolution=512, clip_length=1, reference_policy="any", worker_count=8)
+    c.data.pipeline.update(resolution=(512, 512), clip_length=1, reference_policy="any", worker_count=8)
     c.model.unet.update(dtype="bfloat16", remat=True, attention_impl="auto")
     c.model.codec.update(kind="vae", chunk_size=8)
     c.model.context.update(kind="embedding")

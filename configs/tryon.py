@@ -12,6 +12,6 @@ from configs.sd15_image import get_config as image_config
 
 def get_config():
     c = image_config()
-    c.data.pipeline.update(resolution=512, clip_length=1, with_region_mask=True, flip_probability=0.0)
+    c.data.pipeline.update(resolution=(512, 512), clip_length=1, with_region_mask=True, flip_probability=0.0)
     c.train.update(tryon=True)
     return c

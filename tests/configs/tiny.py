@@ -11,7 +11,7 @@ from configs.demo import get_config as demo_config
 def get_config():
     c = demo_config()
     c.data.synthetic = dict(generate=True, identities=12, frames=8, size=16, seed=0, workers=0)
-    c.data.pipeline.update(data_dir=os.environ.get("CONSIST_TEST_DATA", "data_cache/tiny_16"), resolution=16)
+    c.data.pipeline.update(data_dir=os.environ.get("CONSIST_TEST_DATA", "data_cache/tiny_16"), resolution=(16, 16))
     c.model.unet.update(
         in_channels=12,
         out_channels=12,
