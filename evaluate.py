@@ -10,7 +10,15 @@ frames are compared with the real ones. Baselines scored the same way:
     unconditional branch, which never sees the reference).
 Writes ``metrics.json`` (PSNR, SSIM, L1 over the whole frame and inside the figure
 mask, LPIPS/FID/FVD when their weights are given, else listed as unavailable), GIFs
-of reference | pose | generated | real, and prints the comparison.
+of reference | pose | generated | real, and prints the comparison. For the GIF'd
+videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
+(reference.png, reference_pose.png, poses/) and the generated frames as PNGs, so
+
+    python sample.py --checkpoint=... --reference=.../reference.png \
+        --reference_pose=.../reference_pose.png --poses=.../poses --out=.../resampled \
+        --steps=25 --guidance=G --window=F --overlap=0 --seed=0
+
+reproduces ``generated/`` bit for bit.
 """
 import json
 import os
@@ -70,10 +78,10 @@ def main(argv):
 
     from consist_jax.eval.summary import EvaluationSummary
     from consist_jax.sampling import io
-    from consist_jax.sampling.pipeline import SCDPipeline, restore_params
+    from consist_jax.sampling.pipeline import SCDPipeline
 
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint)
-    _, config, step = restore_params(FLAGS.checkpoint)
+    config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
     guidance = FLAGS.guidance or config["sample"]["guidance"]
     methods = {"scd": guidance}
@@ -96,6 +104,8 @@ def main(argv):
         if n < FLAGS.gifs:
             panel = np.concatenate([io.side_by_side(reference, poses, outputs["scd"]), real], axis=2)
             io.write_video(os.path.join(FLAGS.out, f"{video_id}.gif"), panel, fps=6)
+            save_example(os.path.join(FLAGS.out, "examples", video_id), reference, ref_pose, poses,
+                         outputs["scd"])
     results = {m: s.result() for m, s in summaries.items()}
     report = {"checkpoint": os.path.abspath(FLAGS.checkpoint), "step": step, "split": FLAGS.split,
               "protocol": {"videos": FLAGS.videos, "frames": FLAGS.frames, "first_target": FLAGS.first_target,
@@ -108,6 +118,19 @@ def main(argv):
     if FLAGS.baselines:
         print(baseline_verdict(results))
     print(f"wrote {os.path.join(FLAGS.out, 'metrics.json')}")
+
+
+def save_example(folder, reference, reference_pose, poses, generated):
+    """The inputs as sample.py reads them, and the generated frames (lossless PNGs)."""
+    from PIL import Image
+
+    from consist_jax.sampling import io
+
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(reference).save(os.path.join(folder, "reference.png"))
+    Image.fromarray(reference_pose).save(os.path.join(folder, "reference_pose.png"))
+    io.write_frames(os.path.join(folder, "poses"), poses)
+    io.write_frames(os.path.join(folder, "generated"), generated)
 
 
 def baseline_verdict(results):

@@ -4,7 +4,8 @@
         --poses=<folder of pose images | pose video | keypoints file> --out=out.mp4 \
         --steps=25 --guidance=3.0 --seed=0 [--align_poses=per_limb] [--side_by_side]
 
-The same seed gives the same video. Everything is checked before any compile.
+The same seed gives the same video (``--out`` without a suffix writes lossless PNG
+frames, e.g. to compare runs bit for bit). Everything is checked before any compile.
 """
 import os
 import sys
@@ -20,7 +21,7 @@ flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint h
 flags.DEFINE_string("reference", None, "Reference image of the person.")
 flags.DEFINE_string("reference_pose", None, "The reference's pose: a keypoints file or a pose image.")
 flags.DEFINE_string("poses", None, "Target poses: a folder of pose images, a pose video, or a keypoints file.")
-flags.DEFINE_string("out", "out.mp4", "Output video (.mp4 or .gif).")
+flags.DEFINE_string("out", "out.mp4", "Output video (.mp4 or .gif) or a folder for PNG frames.")
 flags.DEFINE_integer("steps", 25, "Denoising steps.")
 flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
@@ -34,14 +35,30 @@ flags.DEFINE_float("fps", 12.0, "Output frame rate.")
 flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
 
 
-def reference_pose_image(path, resolution):
+def reference_pose_image(path, resolution, canvas):
+    """The reference's pose: a keypoints file (its first frame) or one pose image."""
     from consist_jax.poses.render import render
     from consist_jax.sampling import io
 
     if path.lower().endswith(io.KEYPOINT_SUFFIXES):
         return render(io.read_keypoints(path, resolution))[0]
-    return io.read_pose_images(path, resolution)[0] if os.path.isdir(path) else \
-        io.fit_image(io.read_pose_images(path, resolution)[0], resolution, nearest=True)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference pose {path!r} does not exist")
+    return io.read_pose_images(path, resolution, canvas)[0]
+
+
+def read_inputs(pipe):
+    """(reference, reference pose or None, target poses): uint8 at the model's resolution."""
+    from consist_jax.sampling import io
+
+    canvas = io.image_size(FLAGS.reference)
+    reference = io.read_image(FLAGS.reference, pipe.resolution)
+    reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
+        FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
+    poses, _ = io.read_poses(FLAGS.poses, pipe.resolution, reference_keypoints=reference_keypoints,
+                             align=FLAGS.align_poses, canvas=canvas)
+    ref_pose = reference_pose_image(FLAGS.reference_pose, pipe.resolution, canvas) if FLAGS.reference_pose else None
+    return reference, ref_pose, poses
 
 
 def main(argv):
@@ -52,14 +69,10 @@ def main(argv):
     from consist_jax.sampling.pipeline import SCDPipeline
 
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
-    reference = io.read_image(FLAGS.reference, pipe.resolution)
-    reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
-        FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
-    poses, _ = io.read_poses(FLAGS.poses, pipe.resolution, reference_keypoints=reference_keypoints,
-                             align=FLAGS.align_poses)
-    ref_pose = reference_pose_image(FLAGS.reference_pose, pipe.resolution) if FLAGS.reference_pose else None
+    reference, ref_pose, poses = read_inputs(pipe)
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                  seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap)
+                  seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,
+                  progress=True)
     out = io.side_by_side(reference, poses, frames) if FLAGS.side_by_side else frames
     io.write_video(FLAGS.out, out, FLAGS.fps)
     print(f"wrote {len(frames)} frames to {FLAGS.out}")

@@ -41,6 +41,20 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="float32",
         )
     )
+    # The video model (configs/sd15_video.py): AnimateDiff motion modules on the target frames.
+    c.model.motion = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            num_attention_heads=8,
+            transformer_layers_per_block=1,
+            mid_block_transformer_layers=1,
+            use_mid_block=True,
+            max_seq_length=32,
+            norm_num_groups=32,
+        )
+    )
+    c.model.motion_adapter = ""  # AnimateDiff motion modules to start from (folder or .safetensors)
+    c.model.init_from = ""  # a train.py workdir whose params start this run (image stage -> video stage)
     c.model.codec = ml_collections.ConfigDict(dict(kind="vae", vae_path="", factor=8, chunk_size=8))
     c.model.context = ml_collections.ConfigDict(dict(kind="embedding", image_encoder_path=""))
 

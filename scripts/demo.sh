@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job: install, train the demo config on synthetic people (CPU), then sample
-# held-out identities and score them against the copy-reference and no-reference baselines.
-# Outputs: runs/demo (checkpoints, TensorBoard), outputs/demo (GIFs, metrics.json).
+# The main job: install, train the demo config on synthetic people (CPU), sample held-out
+# identities and score them against the copy-reference and no-reference baselines, then
+# check that sample.py reproduces one of the evaluated videos bit for bit.
+# Outputs: runs/demo (checkpoints, TensorBoard), outputs/demo (GIFs, metrics.json, examples/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -10,4 +11,16 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
 .venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
-.venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=8
+FRAMES=8
+.venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0
+example=$(ls -d outputs/demo/examples/*/ | head -n 1)
+guidance=$(.venv/bin/python -c "import json; print(json.load(open('outputs/demo/metrics.json'))['protocol']['guidance'])")
+.venv/bin/python sample.py --checkpoint=runs/demo --reference="$example/reference.png" \
+  --reference_pose="$example/reference_pose.png" --poses="$example/poses" --out="$example/resampled" \
+  --steps=25 --guidance="$guidance" --window=$FRAMES --overlap=0 --seed=0
+if diff -r "$example/generated" "$example/resampled" >/dev/null; then
+  echo "sample.py reproduced $example bit for bit"
+else
+  echo "sample.py did NOT reproduce $example" >&2
+  exit 1
+fi

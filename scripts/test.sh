@@ -9,7 +9,7 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider "${@:-tests}"
+.venv/bin/python -m pytest -q "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

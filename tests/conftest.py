@@ -1,8 +1,10 @@
 """Shared test setup: small thread counts (CI has 2 cores), a persistent compilation
 cache shared with the test's subprocesses, and fresh random seeds."""
 import os
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # tests import tests.configs.* and configs.*
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Compiled programs are cached on disk, so subprocesses (train.py runs, multi-device
 # scripts) that build the same program skip XLA's compile.
@@ -25,3 +27,30 @@ def rng(request):
     seed = int(os.environ.get("CONSIST_TEST_SEED", np.random.SeedSequence().entropy % (2**31)))
     print(f"[{request.node.name}] seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The tiny synthetic dataset (16x16, 12 identities), generated once per session."""
+    from consist_jax.data import synthetic
+    from tests.runs import TINY_DATA
+
+    out = str(tmp_path_factory.mktemp("tiny_data"))
+    synthetic.generate(out, TINY_DATA)
+    return out
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(data_dir, tmp_path_factory):
+    """A full 8-step train.py run of the tiny config: the reference for the resume tests
+    and the checkpoint the sampling CLI tests load."""
+    import subprocess
+
+    from tests.runs import REPO, run_env, train_cmd
+
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = subprocess.run(train_cmd(workdir), cwd=REPO, env=run_env(data_dir), capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 8/8" in result.stdout
+    return workdir

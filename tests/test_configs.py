@@ -1,17 +1,12 @@
 """Every run config loads, selects an attention backend, and fails early on missing paths."""
 import importlib
-import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from consist_jax.models.attention import ATTENTION_IMPLS
+from consist_jax.training.trainer import preflight
 
-from consist_jax.models.attention import ATTENTION_IMPLS  # noqa: E402
-from consist_jax.training.trainer import preflight  # noqa: E402
-
-CONFIGS = ["demo", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
+CONFIGS = ["demo", "demo_video", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -35,3 +30,12 @@ def test_video_stage_trains_only_the_motion_module():
     config = importlib.import_module("configs.sd15_video").get_config()
     assert tuple(config.optim.trainable) == ("motion_modules",)
     assert config.data.pipeline.clip_length == 24
+
+
+def test_video_demo_starts_from_the_image_demo():
+    config = importlib.import_module("configs.demo_video").get_config()
+    assert config.model.motion.enabled and config.model.init_from == "runs/demo"
+    assert tuple(config.optim.trainable) == ("motion_modules",)
+    config.model.init_from = "/nonexistent/run"
+    with pytest.raises(FileNotFoundError, match="model.init_from='/nonexistent/run'"):
+        preflight(config)

@@ -1,39 +1,33 @@
-"""Two-stage sampling: the cached loop equals the joint loop; temporal windows."""
+"""Two-stage sampling: the cached loop equals the joint loop; temporal windows, with and
+without motion modules; the progress hook."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import relative_error
+from parity import random_params, relative_error
 
+from consist_jax.convert.build import unet_config_from
+from consist_jax.convert.motion import add_motion_params, motion_param_shapes
 from consist_jax.convert.unet import unet_param_shapes
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import NullContext, PixelCodec, SCDModel
-from consist_jax.models.unet import UNet, UNetConfig
+from consist_jax.models.unet import UNet
 from consist_jax.sampling.two_stage import GuidanceConfig, denoise, denoise_joint, extract_reference
 from consist_jax.sampling.video import denoise_video, window_starts
 
-CONFIG = UNetConfig(
-    in_channels=12,
-    out_channels=12,
-    block_out_channels=(8, 16),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    attention_heads=(2, 2),
-    transformer_layers_per_block=(1, 1),
-    cross_attention_dim=8,
-    norm_num_groups=4,
-    pose_block_out_channels=(4, 8),
-)
+from tests.configs.tiny import get_config as tiny_config
+
+# The tiny test run's UNet (pixel-unshuffled 16x16 frames -> 8x8x12 latents).
+CONFIG = unet_config_from(tiny_config().model.unet)
 
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    shapes = unet_param_shapes(CONFIG)
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [0.2 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
+    params = random_params(unet_param_shapes(CONFIG), seed=0)
     model = SCDModel(UNet(CONFIG), PixelCodec(2), NullContext(CONFIG.cross_attention_dim))
     return model, params
 
@@ -79,16 +73,50 @@ def test_windows_as_long_as_the_video_equal_the_plain_loop(model_and_params, rng
     model, params = model_and_params
     reference, reference_pose, target_pose, noise = _inputs(rng, 1, 4)
 
+    ticks = []
+
     @jax.jit
     def run(reference, reference_pose, target_pose, noise):
         ref = extract_reference(model, params, {}, reference, reference_pose)
         plain = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE)
         one_window = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=1)
-        windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1)
+        windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
+                                 progress=lambda: ticks.append(1))
         return plain, one_window, windowed
 
-    plain, one_window, windowed = run(reference, reference_pose, target_pose, noise)
+    plain, one_window, windowed = jax.block_until_ready(run(reference, reference_pose, target_pose, noise))
     assert relative_error(one_window, plain) <= 1e-6
     assert np.all(np.isfinite(windowed)) and windowed.shape == plain.shape
     # Without a motion module frames are independent, so any windowing gives the same frames.
     assert relative_error(windowed, plain) <= 1e-5
+    # The progress hook saw every window of every step: 3 steps x windows at frames 0, 1, 2.
+    assert len(ticks) == 3 * len(window_starts(4, 2, 1)) == 9
+
+
+# The same UNet with AnimateDiff motion modules (random, so they act from the start).
+VIDEO_CONFIG = dataclasses.replace(CONFIG, motion=MotionConfig(num_attention_heads=2, norm_num_groups=4,
+                                                               max_seq_length=8))
+
+
+def test_motion_module_runs_in_the_temporal_windows(model_and_params, rng):
+    """A video with motion modules differs from the image model's frame-by-frame frames;
+    one window as long as the video equals the unwindowed loop."""
+    image_model, image_params = model_and_params
+    params = add_motion_params(image_params, VIDEO_CONFIG, random_params(motion_param_shapes(VIDEO_CONFIG), seed=1))
+    model = SCDModel(UNet(VIDEO_CONFIG), PixelCodec(2), NullContext(CONFIG.cross_attention_dim))
+    reference, reference_pose, target_pose, noise = _inputs(rng, 1, 4)
+
+    @jax.jit
+    def run(reference, reference_pose, target_pose, noise):
+        ref = extract_reference(model, params, {}, reference, reference_pose)
+        plain = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE)
+        one_window = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=0)
+        windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1)
+        image_ref = extract_reference(image_model, image_params, {}, reference, reference_pose)
+        per_frame = denoise(image_model, image_params, image_ref, SAMPLER, noise, target_pose, GUIDANCE)
+        return plain, one_window, windowed, per_frame
+
+    plain, one_window, windowed, per_frame = run(reference, reference_pose, target_pose, noise)
+    assert relative_error(one_window, plain) <= 1e-6
+    assert relative_error(plain, per_frame) > 1e-2  # the frames met in the motion modules
+    assert np.all(np.isfinite(windowed)) and relative_error(windowed, plain) > 1e-4  # windows change what frames see

@@ -12,35 +12,13 @@ import numpy as np
 import pytest
 
 from consist_jax.convert.build import build_model
-from consist_jax.data import synthetic
 from consist_jax.training import sharding
 from consist_jax.training.state import create_train_state, make_optimizer, trainable_labels
 from consist_jax.training.step import LossConfig, conditioning_masks, make_train_step, scd_loss
 from consist_jax.training.trainer import noise_schedule, preflight
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from tests.configs.tiny import get_config as tiny_config  # noqa: E402
-
-TINY_DATA = synthetic.SyntheticConfig(identities=12, frames=8, size=16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny_data"))
-    synthetic.generate(out, TINY_DATA)
-    return out
-
-
-def run_env(data_dir, **extra):
-    env = dict(os.environ)
-    env.update(CONSIST_TEST_DATA=data_dir, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
-    return env
-
-
-def train_cmd(workdir, *overrides):
-    return [sys.executable, os.path.join(REPO, "train.py"), "--config=tests/configs/tiny.py",
-            f"--workdir={workdir}", *overrides]
+from tests.configs.tiny import get_config as tiny_config
+from tests.runs import REPO, run_env, script_cmd, train_cmd
 
 
 def final_params(workdir, step):
@@ -247,17 +225,6 @@ def test_one_step_is_the_same_on_every_mesh(tmp_path):
 # ------------------------------------------------------------------ checkpoints and resume
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_run(data_dir, tmp_path_factory):
-    """A full 8-step run: the reference for the resume tests."""
-    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    result = subprocess.run(train_cmd(workdir), cwd=REPO, env=run_env(data_dir), capture_output=True,
-                            text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 8/8" in result.stdout
-    return workdir
-
-
 def _wait_for_checkpoint(workdir, step, proc, timeout=900):
     path = os.path.join(workdir, "checkpoints", str(step))
     start = time.time()
@@ -299,8 +266,9 @@ def test_sigterm_saves_before_exiting(data_dir, tmp_path):
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: saved a checkpoint" in out
-    steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-    assert steps and max(steps) >= 3
+    listing = os.listdir(os.path.join(workdir, "checkpoints"))
+    steps = [int(s) for s in listing if s.isdigit()]
+    assert steps and max(steps) >= 3, (listing, out[-2000:], err[-2000:])
 
 
 def test_non_finite_loss_stops_and_names_the_step(data_dir, tmp_path):
@@ -338,3 +306,26 @@ def test_two_processes_match_one(data_dir, tmp_path):
         return [float(l.split("loss ")[1].split(" ")[0]) for l in text.splitlines() if l.startswith("step ")]
 
     np.testing.assert_allclose(losses(outs[0][0]), losses(single.stdout), rtol=1e-5)
+
+
+def test_video_stage_trains_only_motion_modules_from_the_image_run(uninterrupted_run, data_dir, tmp_path):
+    """configs/demo_video.py's path: spatial weights from the image run's checkpoint, frozen;
+    the fresh motion modules (zero output) are all that moves."""
+    from flax import traverse_util
+
+    from consist_jax.convert.motion import is_motion_path
+
+    workdir = str(tmp_path / "video")
+    result = subprocess.run(
+        script_cmd("train.py", "--config=tests/configs/tiny_video.py", f"--workdir={workdir}",
+                   f"--config.model.init_from={uninterrupted_run}"),
+        cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from {uninterrupted_run} step 8" in result.stdout
+    image = traverse_util.flatten_dict(final_params(uninterrupted_run, 8))
+    video = traverse_util.flatten_dict(final_params(workdir, 2))
+    motion = [p for p in video if is_motion_path(p)]
+    assert motion and set(video) - set(motion) == set(image)
+    for path, value in image.items():
+        np.testing.assert_array_equal(video[path], value, err_msg="/".join(path))
+    assert any(np.abs(video[p]).max() > 0 for p in motion if p[-2] == "proj_out")  # trained off zero

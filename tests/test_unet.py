@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from parity import relative_error
+from parity import random_params, relative_error
 from safetensors.numpy import load_file, save_file
 
 from consist_jax import UNet, UNetConfig, load_unet
@@ -198,11 +198,7 @@ SCD_CONFIG = UNetConfig(
 
 def _randomize(params, seed):
     """Random params everywhere (the pose encoder's zero output conv included)."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        tree, [0.2 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
-    )
+    return random_params(params, seed)
 
 
 @pytest.fixture(scope="module")

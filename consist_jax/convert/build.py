@@ -5,6 +5,12 @@
                       UNet only SCD's options apply: attention_rule, attention_impl,
                       reference_pose_injection, pose_block_out_channels, remat, dtype)
     pretrained_unet:  a diffusers UNet folder, or "" for a fresh UNet
+    motion:           the video model's motion modules: ``enabled`` plus MotionConfig fields
+    motion_adapter:   AnimateDiff motion modules to start from (a MotionAdapter folder or a
+                      .safetensors file), or "" for fresh ones (zero output: the video UNet
+                      starts equal to the image UNet)
+    init_from:        a train.py workdir (the image stage) whose checkpoint's params replace
+                      every non-motion param (the trainer applies it, see trainer.py)
     codec:            kind "pixel" (factor) or "vae" (vae_path, chunk_size)
     context:          kind "none" | "embedding" | "hidden_states" (image_encoder_path)
 """
@@ -17,7 +23,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from consist_jax.convert.motion import add_motion_params, load_motion_adapter
 from consist_jax.convert.unet import init_unet_params, load_unet
+from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
 from consist_jax.models.unet import UNet, UNetConfig
 
@@ -59,6 +67,23 @@ def check_paths(config: Any) -> None:
     for name, path in paths.items():
         if path and not os.path.isdir(path):
             raise FileNotFoundError(f"{name}={path!r} does not exist")
+    adapter = config.get("motion_adapter", "")
+    if adapter and not os.path.exists(adapter):
+        raise FileNotFoundError(f"model.motion_adapter={adapter!r} does not exist")
+    init_from = config.get("init_from", "")
+    if init_from and not os.path.isdir(os.path.join(init_from, "checkpoints")):
+        raise FileNotFoundError(f"model.init_from={init_from!r} is not a train.py workdir (no checkpoints/)")
+
+
+def motion_options(config: Any) -> dict:
+    """MotionConfig fields from ``model.motion`` (without ``enabled``)."""
+    motion = dict(config.get("motion") or {})
+    motion.pop("enabled", None)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in motion.items()}
+
+
+def is_video_model(config: Any) -> bool:
+    return bool((config.get("motion") or {}).get("enabled", False) or config.get("motion_adapter", ""))
 
 
 def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tuple[SCDModel, Any, dict]:
@@ -79,6 +104,8 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     else:
         unet_config = unet_config_from(unet_cfg)
         unet, params = UNet(unet_config), init_unet_params(unet_config, rng)
+    if is_video_model(config):
+        unet, params = _add_motion_modules(config, unet, params, jax.random.fold_in(rng, 1))
     frozen: dict = {}
     codec, frozen = _codec(config.codec, frozen)
     context, frozen = _context(config.context, unet.config.cross_attention_dim, frozen)
@@ -89,6 +116,24 @@ def _load_pretrained_unet(folder, rng, dtype, overrides):
     """Parameters stay float32 (the optimiser's master copy); ``dtype`` is the compute dtype."""
     unet, params = load_unet(folder, jnp.float32, rng=rng, **overrides)
     return UNet(dataclasses.replace(unet.config, dtype=dtype)), params
+
+
+def _add_motion_modules(config: Any, unet: UNet, params: Any, rng: jax.Array):
+    """The video UNet: ``unet`` plus motion modules, from ``model.motion_adapter`` or fresh."""
+    options = motion_options(config)
+    motion_params = None
+    if config.get("motion_adapter", ""):
+        # The adapter fixes the modules' structure; only runtime options apply on top,
+        # and the heads, which original AnimateDiff files do not record.
+        keep = ("frames_axis",) if os.path.isdir(config.motion_adapter) else ("frames_axis", "num_attention_heads")
+        motion, motion_params = load_motion_adapter(
+            config.motion_adapter, **{k: v for k, v in options.items() if k in keep})
+    else:
+        motion = MotionConfig(**options)
+    video = UNet(dataclasses.replace(unet.config, motion=motion))
+    if params is None:
+        return video, None
+    return video, add_motion_params(params, video.config, motion_params, rng)
 
 
 def _codec(codec_cfg: Any, frozen: dict):

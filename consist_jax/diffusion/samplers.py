@@ -490,13 +490,15 @@ def sampler_options_from_diffusers_config(name: str, config: Mapping[str, Any]) 
 
 
 def sample_loop(sampler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array,
-                rng: Optional[jax.Array] = None) -> jax.Array:
+                rng: Optional[jax.Array] = None, progress: Optional[Callable[[], None]] = None) -> jax.Array:
     """Run the whole denoising loop in one `lax.fori_loop`.
 
     model_fn(model_input (B, ...), timestep () int32 / float32) -> model output (B, ...),
         e.g. a UNet call wrapped with classifier-free guidance.
     noise: (B, ...) unit Gaussian noise; the loop scales it by init_noise_sigma.
     rng: needed only by stochastic samplers (DDIM eta > 0); folded with the step index.
+    progress: a host function called after every step (a progress bar); it does not
+        change the result.
     Returns the final latents x_0 (B, ...).
     """
     x = sampler.initial_latents(noise)
@@ -505,7 +507,10 @@ def sample_loop(sampler, model_fn: Callable[[jax.Array, jax.Array], jax.Array], 
         x, state = carry
         model_output = model_fn(sampler.scale_model_input(x, i), sampler.timesteps[i])
         step_rng = None if rng is None else jax.random.fold_in(rng, i)
-        return sampler.step(state, i, model_output, x, step_rng)
+        carry = sampler.step(state, i, model_output, x, step_rng)
+        if progress is not None:
+            jax.debug.callback(progress)
+        return carry
 
     x, _ = jax.lax.fori_loop(0, sampler.num_inference_steps, body, (x, sampler.init_state(x)))
     return x

@@ -55,6 +55,19 @@ def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
     return fit_image(image, resolution)
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(H, W) of an image file, without decoding it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path!r} as an image: {e}") from e
+
+
 def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,
                    width: Optional[int] = None) -> PoseSequence:
     """A keypoints file -> PoseSequence on the model's canvas (centre crop + resize)."""
@@ -63,25 +76,43 @@ def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int]
     return resize_poses(crop_poses(poses, box), *resolution)
 
 
-def read_pose_images(path: str, resolution: tuple[int, int]) -> np.ndarray:
-    """A folder of pose images or a pose video -> uint8 (F, H, W, 3)."""
+def read_pose_images(path: str, resolution: tuple[int, int],
+                     canvas: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """A folder of pose images or a pose video -> uint8 (F, H, W, 3).
+
+    All frames must share one size, and with ``canvas`` (the reference image's (H, W))
+    be of that size: a skeleton drawn on another canvas would not line up with the
+    person once both are cropped and resized (pass keypoints to re-target instead).
+    """
     import imageio.v3 as iio
 
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise ValueError(f"pose folder {path!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        frames = [iio.imread(os.path.join(path, f)) for f in files]
+        names = [os.path.join(path, f) for f in files]
+        frames = [iio.imread(name) for name in names]
     else:
-        frames = list(iio.imiter(path))
-    frames = [f[..., :3] if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in frames]
+        try:
+            frames = list(iio.imiter(path))
+        except Exception as e:  # imageio raises several types for undecodable files
+            raise ValueError(f"cannot read poses {path!r} as a video: {e}") from e
+        names = [f"{path} frame {i}" for i in range(len(frames))]
     if not frames:
         raise ValueError(f"{path!r} holds no frames")
+    expected = canvas or frames[0].shape[:2]
+    for name, frame in zip(names, frames):
+        if frame.shape[:2] != tuple(expected):
+            what = "the reference image" if canvas else f"the first pose ({names[0]})"
+            raise ValueError(f"pose {name} is {frame.shape[0]}x{frame.shape[1]} (HxW) but {what} is "
+                             f"{expected[0]}x{expected[1]}: poses must be drawn on the reference's canvas")
+    frames = [f[..., :3] if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in frames]
     return np.stack([fit_image(np.asarray(f, np.uint8), resolution, nearest=True) for f in frames])
 
 
 def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: Optional[str] = None,
-               align: str = "off", height: Optional[int] = None, width: Optional[int] = None):
+               align: str = "off", height: Optional[int] = None, width: Optional[int] = None,
+               canvas: Optional[tuple[int, int]] = None):
     """Pose input at ``path`` -> (uint8 pose images (F, H, W, 3), PoseSequence or None).
 
     Keypoint files can be aligned to the reference person (``align``: off | global |
@@ -94,8 +125,10 @@ def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: O
     if not (is_keypoints or is_keypoint_folder):
         if align != "off":
             raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
-        return read_pose_images(path, resolution), None
+        return read_pose_images(path, resolution, canvas), None
     poses = read_keypoints(path, resolution, height, width)
+    if len(poses) == 0:
+        raise ValueError(f"poses {path!r} hold zero frames")
     if align != "off":
         if reference_keypoints is None:
             raise ValueError("aligning poses needs the reference's keypoints (--reference_keypoints)")
@@ -104,10 +137,23 @@ def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: O
     return render(poses), poses
 
 
+def write_frames(folder: str, frames: np.ndarray) -> None:
+    """uint8 (F, H, W, 3) -> folder/000.png, 001.png, ... (lossless, for exact comparisons)."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(folder, f"{i:03d}.png"))
+
+
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
-    """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix."""
+    """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix, or
+    PNG frames when ``path`` has no suffix (a folder)."""
     import imageio.v3 as iio
 
+    if not os.path.splitext(path.rstrip("/"))[1]:
+        write_frames(path, frames)
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".gif"):
         iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
@@ -117,7 +163,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
         # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
         iio2.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
     else:
-        raise ValueError(f"{path!r}: write .mp4 or .gif")
+        raise ValueError(f"{path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
 
 
 def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:

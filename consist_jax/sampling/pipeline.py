@@ -13,8 +13,6 @@ compile per input shape and settings; the same seed gives the same frames.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from typing import Any, Optional
 
 import jax
@@ -29,7 +27,8 @@ from consist_jax.models.scd import SCDModel
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling.two_stage import GuidanceConfig, extract_reference
-from consist_jax.sampling.video import denoise_video
+from consist_jax.sampling.video import denoise_video, window_starts
+from consist_jax.training.checkpoint import restore_params
 
 
 def _to_signed(images: np.ndarray) -> np.ndarray:
@@ -51,47 +50,30 @@ def _as_pose_images(poses: Any, name: str) -> np.ndarray:
     return poses
 
 
-def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
-    """(params, run config dict, step) from a train.py workdir's checkpoint (latest by default)."""
-    import orbax.checkpoint as ocp
-
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ folder (is it a train.py workdir?)")
-    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint {step} in {directory!r}; have {steps}")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
-    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    return jax.tree_util.tree_map(jnp.asarray, params), json.loads(meta["config"]), step
-
-
 class SCDPipeline:
     """A loaded SCD model plus its noise schedule; call it to generate frames."""
 
     def __init__(self, model: SCDModel, params: Any, frozen: Any, schedule: NoiseSchedule,
-                 prediction_type: str, resolution: tuple[int, int], reference_timestep: int = 0):
+                 prediction_type: str, resolution: tuple[int, int], reference_timestep: int = 0,
+                 config: Optional[dict] = None, step: Optional[int] = None):
         self.model, self.params, self.frozen = model, params, frozen
         self.schedule, self.prediction_type = schedule, prediction_type
         self.resolution = resolution
         self.reference_timestep = reference_timestep
+        self.config, self.step = config, step  # the run config and step of a loaded checkpoint
+        self._progress_bar = None
 
     @classmethod
     def from_checkpoint(cls, workdir: str, step: Optional[int] = None, use_ema: bool = True) -> "SCDPipeline":
-        params, config, _ = restore_params(workdir, step, use_ema)
-        config = ml_collections.ConfigDict(config)
+        params, config_dict, step = restore_params(workdir, step, use_ema)
+        config = ml_collections.ConfigDict(config_dict)
         model, _, frozen = build_model(config.model, jax.random.key(0), init_params=False)
         from consist_jax.training.trainer import noise_schedule
 
         resolution = config.data.pipeline.resolution
         resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
         return cls(model, params, frozen, noise_schedule(config), config.diffusion.prediction_type,
-                   resolution, config.train.reference_timestep)
+                   resolution, config.train.reference_timestep, config_dict, step)
 
     def check_inputs(self, reference_image: np.ndarray, target_poses: np.ndarray,
                      reference_pose: Optional[np.ndarray]) -> None:
@@ -114,9 +96,12 @@ class SCDPipeline:
     def __call__(self, reference_image, target_poses, *, reference_pose=None, steps: int = 25,
                  guidance: float = 3.0, guidance_rescale: float = 0.0, seed: int = 0,
                  sampler: str = "ddim", window: int = 24, overlap: int = 4,
-                 timestep_spacing: Optional[str] = None) -> np.ndarray:
+                 timestep_spacing: Optional[str] = None, progress: bool = False) -> np.ndarray:
         """reference_image uint8 (H, W, 3); target_poses uint8 (F, H, W, 3) or PoseSequence;
-        reference_pose uint8 (H, W, 3) or a 1-frame PoseSequence -> uint8 frames (F, H, W, 3)."""
+        reference_pose uint8 (H, W, 3) or a 1-frame PoseSequence -> uint8 frames (F, H, W, 3).
+
+        ``progress`` shows a bar over denoising steps x temporal windows (the same frames
+        either way)."""
         reference_image = np.asarray(reference_image)
         target_poses = _as_pose_images(target_poses, "target poses")
         if reference_pose is not None:
@@ -124,18 +109,33 @@ class SCDPipeline:
             reference_pose = reference_pose[0] if reference_pose.ndim == 4 else reference_pose
         self.check_inputs(reference_image, target_poses, reference_pose)
         generate = self._compiled(len(target_poses), steps, sampler, timestep_spacing,
-                                  float(guidance_rescale), window, overlap)
-        frames = generate(
-            self.params, self.frozen, jnp.float32(guidance),
-            _to_signed(reference_image)[None],
-            None if reference_pose is None else _to_unit(reference_pose)[None],
-            _to_unit(target_poses)[None],
-            jax.random.key(seed),
-        )
-        return np.asarray(jnp.round((frames[0] + 1.0) * 127.5)).astype(np.uint8)
+                                  float(guidance_rescale), window, overlap, progress)
+        if progress:
+            from tqdm import tqdm
+
+            windows = len(window_starts(len(target_poses), window, overlap))
+            self._progress_bar = tqdm(total=steps * windows, desc=f"{steps} steps x {windows} window(s)")
+        try:
+            frames = generate(
+                self.params, self.frozen, jnp.float32(guidance),
+                _to_signed(reference_image)[None],
+                None if reference_pose is None else _to_unit(reference_pose)[None],
+                _to_unit(target_poses)[None],
+                jax.random.key(seed),
+            )
+            return np.asarray(jnp.round((frames[0] + 1.0) * 127.5)).astype(np.uint8)
+        finally:
+            if self._progress_bar is not None:
+                self._progress_bar.close()
+                self._progress_bar = None
+
+    def _tick(self) -> None:
+        if self._progress_bar is not None:
+            self._progress_bar.update(1)
 
     @functools.lru_cache(maxsize=8)
-    def _compiled(self, num_frames, steps, sampler_name, timestep_spacing, guidance_rescale, window, overlap):
+    def _compiled(self, num_frames, steps, sampler_name, timestep_spacing, guidance_rescale, window, overlap,
+                  progress):
         """One jitted generator per static setting; the guidance scale is a traced input."""
         model, h, w = self.model, *self.resolution
         f = self.model.codec.factor
@@ -150,7 +150,7 @@ class SCDPipeline:
                                           self.reference_timestep)
             noise = jax.random.normal(rng, latent_shape, jnp.float32)
             latents = denoise_video(model, params, reference, sampler, noise, target_poses, guidance,
-                                    window=window, overlap=overlap)
+                                    window=window, overlap=overlap, progress=self._tick if progress else None)
             return model.decode(frozen, latents)
 
         return generate

@@ -8,7 +8,7 @@ a ``lax.scan``, so memory is bounded by one window, not by the video.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +45,13 @@ def denoise_video(
     window: int = 24,
     overlap: int = 4,
     rng: Optional[jax.Array] = None,
+    progress: Optional[Callable[[], None]] = None,
 ) -> jax.Array:
     """noise (B, F, h, w, C) -> latents (B, F, h, w, C), in temporal windows against the cache.
 
     target_pose: (B, F, H, W, 3) in [0, 1] or None. With ``window >= F`` this is exactly
-    ``two_stage.denoise``.
+    ``two_stage.denoise``. ``progress`` (host, no arguments) is called after each window
+    of each step: ``steps * len(window_starts(F, window, overlap))`` calls in all.
     """
     b, f = noise.shape[:2]
     length = min(window, f)
@@ -78,6 +80,8 @@ def denoise_video(
     def blended(x, t):
         def add_window(total, start):
             pred = window_prediction(x, t, start)
+            if progress is not None:
+                jax.debug.callback(progress)
             current = jax.lax.dynamic_slice_in_dim(total, start, length, axis=1)
             return jax.lax.dynamic_update_slice_in_dim(total, current + pred, start, axis=1), None
 

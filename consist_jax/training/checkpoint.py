@@ -7,12 +7,15 @@ complete, so a run killed mid-save resumes from the previous one.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 
@@ -79,3 +82,46 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
+    """(params, run config dict, step) from a train.py workdir's checkpoint (latest by default)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ folder (is it a train.py workdir?)")
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint {step} in {directory!r}; have {steps}")
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
+    return jax.tree_util.tree_map(jnp.asarray, params), json.loads(meta["config"]), step
+
+
+def init_from_checkpoint(params: Any, workdir: str) -> Any:
+    """``params`` with every leaf that ``workdir``'s latest checkpoint holds replaced by it.
+
+    The video stage starts so from the image stage: the checkpoint's UNet and pose
+    encoder (EMA when kept) come in; leaves it lacks (the motion modules) stay as built.
+    A checkpoint leaf we do not have, or of another shape, is an error naming it.
+    """
+    loaded, _, step = restore_params(workdir)
+    ours, theirs = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
+    name = "/".join
+    unexpected = [name(p) for p in theirs if p not in ours]
+    misshapen = [f"{name(p)} {tuple(v.shape)} vs ours {tuple(ours[p].shape)}"
+                 for p, v in theirs.items() if p in ours and tuple(v.shape) != tuple(ours[p].shape)]
+    if unexpected or misshapen:
+        raise ValueError(
+            f"model.init_from={workdir!r} (step {step}) does not fit this model: "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(misshapen)} misshapen, e.g. {misshapen[:3]}"
+        )
+    kept = len(ours) - len(theirs)
+    print(f"initialised {len(theirs)} params from {workdir} step {step}; {kept} keep their fresh values",
+          flush=True)
+    merged = {p: theirs.get(p, v).astype(v.dtype) for p, v in ours.items()}
+    return traverse_util.unflatten_dict(merged)

@@ -23,7 +23,7 @@ from consist_jax.convert.build import build_model, check_paths
 from consist_jax.data import pipeline as data_pipeline
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.training import sharding
-from consist_jax.training.checkpoint import Checkpointer
+from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
 from consist_jax.training.metrics import MetricWriter, peak_flops_per_device
 from consist_jax.training.state import TrainState, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
@@ -150,6 +150,8 @@ def train(config: Any, workdir: str) -> dict:
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
     else:
         start = 0
+        if config.model.get("init_from", ""):
+            params = init_from_checkpoint(params, config.model.init_from)
         state = jax.jit(lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0),
                         out_shardings=state_sharding)(params)
     del params
@@ -168,7 +170,8 @@ def train(config: Any, workdir: str) -> dict:
             state, metrics = compiled(state, batch, jax.random.fold_in(train_rng, step), frozen)
             done = step + 1
             final = done == config.train.num_steps
-            save_now = checkpointer.should_save(done) or final or preemption.requested
+            preempted = preemption.requested  # read once: the signal may land at any moment
+            save_now = checkpointer.should_save(done) or final or preempted
             if done % config.log.every_steps == 0 or final or save_now:
                 # A host sync: also guarantees no non-finite state is ever saved.
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -184,7 +187,7 @@ def train(config: Any, workdir: str) -> dict:
                 print(_progress_line(done, config.train.num_steps, last), flush=True)
             if save_now:
                 checkpointer.save(done, state, data.get_state(), dict(meta, data_stats=data.stats()))
-            if preemption.requested:
+            if preempted:
                 checkpointer.wait()  # the process is about to be killed: finish writing now
                 print(f"SIGTERM: saved a checkpoint at step {checkpointer.latest_step()}; exiting", flush=True)
                 break

@@ -1,0 +1,177 @@
+"""Train-step speed: our jitted step vs a diffusers-PyTorch step of the same UNet.
+
+    python bench/train_step.py [--config small] [--latent 32] [--batch 4] [--runs 5]
+    python bench/train_step.py --gpu          # on a GPU: SD-1.5 at 512x512, bf16, SCD step, MFU
+
+CPU mode: both sides do forward + backward + AdamW on the same UNet config, batch and
+latent size (plain denoising MSE, no reference), alternating runs; prints the median
+step times, samples/s and the ratio ours/theirs. It also times our SCD step (the
+reference beside each target: twice the images) and prints its MFU against the peak
+given by --peak_tflops (XLA's cost analysis for the FLOPs).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, ".")
+from bench.unet_vs_diffusers import CONFIGS  # noqa: E402
+from consist_jax.convert.loading import state_dict_to_params  # noqa: E402
+from consist_jax.convert.unet import NEW_WEIGHTS, init_pose_encoder_params, unet_param_shapes  # noqa: E402
+from consist_jax.models.scd import NullContext, PixelCodec, SCDModel  # noqa: E402
+from consist_jax.models.unet import UNet, UNetConfig  # noqa: E402
+
+
+def timed(fn, runs):
+    fn()  # warm-up (compile)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def torch_step(name, batch, latent, context_len):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(sample_size=latent, **CONFIGS[name]).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    x = torch.randn(batch, 4, latent, latent)
+    t = torch.randint(0, 1000, (batch,))
+    ctx = torch.randn(batch, context_len, CONFIGS[name]["cross_attention_dim"])
+    target = torch.randn_like(x)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.mse_loss(model(x, t, encoder_hidden_states=ctx).sample, target)
+        loss.backward()
+        opt.step()
+
+    return model, step
+
+
+def our_plain_step(model, name, batch, latent, context_len):
+    config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = jax.tree_util.tree_map(jnp.asarray, state_dict_to_params(
+        state, unet_param_shapes(config), may_be_missing=NEW_WEIGHTS))
+    unet = UNet(config)
+    opt = optax.adamw(1e-5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 1000, (batch,)))
+    ctx = jnp.asarray(rng.standard_normal((batch, context_len, config.cross_attention_dim)), jnp.float32)
+    target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx) - target) ** 2))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    carry = [params, opt.init(params)]
+
+    def run():
+        carry[0], carry[1], loss = step(*carry)
+        loss.block_until_ready()
+
+    flops = step.lower(*carry).compile().cost_analysis()["flops"]
+    return run, flops, config
+
+
+def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
+    """The full SCD train step (reference + target, pose encoder) from consist_jax.training."""
+    import dataclasses
+
+    from consist_jax.diffusion.schedule import NoiseSchedule
+    from consist_jax.training.state import create_train_state, make_optimizer
+    from consist_jax.training.step import LossConfig, make_train_step
+    import ml_collections
+
+    config = dataclasses.replace(config, pose_block_out_channels=(16, 32, 64, 128), dtype=dtype)
+    shapes = unet_param_shapes(config)
+    params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, jnp.float32), shapes)
+    params["pose_encoder"] = init_pose_encoder_params(config)
+    optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999,
+                                           eps=1e-8, weight_decay=0.01, clip_norm=1.0, grad_accum_steps=1,
+                                           ema_decay=0.0, trainable=(".*",)))
+    opt = make_optimizer(optim, params)
+    model = SCDModel(UNet(config), PixelCodec(1), NullContext(config.cross_attention_dim))
+    step = jax.jit(make_train_step(model, NoiseSchedule.create(), LossConfig(), opt, optim), donate_argnums=0)
+    rng = np.random.default_rng(0)
+    pix = latent * 8
+    inputs = {
+        "reference_latents": jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32),
+        "target_latents": jnp.asarray(rng.standard_normal((batch, 1, latent, latent, 4)), jnp.float32),
+        "context": jnp.asarray(rng.standard_normal((batch, context_len, config.cross_attention_dim)), jnp.float32),
+        "reference_pose": jnp.asarray(rng.uniform(size=(batch, pix, pix, 3)), jnp.float32),
+        "target_pose": jnp.asarray(rng.uniform(size=(batch, 1, pix, pix, 3)), jnp.float32),
+    }
+    carry = [create_train_state(params, opt, ema=False)]
+    compiled = step.lower(carry[0], inputs, jax.random.key(0), {}).compile()
+
+    def run():
+        carry[0], metrics = compiled(carry[0], inputs, jax.random.key(1), {})
+        metrics["loss"].block_until_ready()
+
+    return run, compiled.cost_analysis()["flops"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--context", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (CPU: your own figure)")
+    parser.add_argument("--gpu", action="store_true", help="SD-1.5, 512x512 (64x64 latents), bf16, SCD step only")
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    print(f"# {device.platform} {device.device_kind}, jax {jax.__version__}")
+    if args.gpu:
+        from consist_jax.training.metrics import peak_flops_per_device
+
+        config = UNetConfig.from_diffusers(dict(CONFIGS["sd15"], in_channels=4, out_channels=4))
+        run, flops = our_scd_step(config, args.batch, 64, 1, dtype=jnp.bfloat16)
+        seconds = timed(run, args.runs)
+        peak = (args.peak_tflops * 1e12) or peak_flops_per_device()
+        mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (set --peak_tflops)"
+        print(f"SD-1.5 SCD step, batch {args.batch}, 512x512, bf16: {seconds:.3f} s, "
+              f"{args.batch / seconds:.2f} samples/s, {flops / 1e12:.2f} TFLOP, MFU {mfu}")
+        return
+    model, theirs = torch_step(args.config, args.batch, args.latent, args.context)
+    ours, flops, config = our_plain_step(model, args.config, args.batch, args.latent, args.context)
+    times = {"ours": [], "theirs": []}
+    ours(), theirs()
+    for _ in range(args.runs):
+        for label, fn in (("ours", ours), ("theirs", theirs)):
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    scd_run, scd_flops = our_scd_step(config, args.batch, args.latent, args.context)
+    scd_seconds = timed(scd_run, args.runs)
+    print("| step | batch | latents | GFLOP | s/step | samples/s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| ours, plain | {args.batch} | {args.latent}x{args.latent} | {flops / 1e9:.0f} | {med['ours']:.3f} | {args.batch / med['ours']:.2f} |")
+    print(f"| diffusers (PyTorch), plain | {args.batch} | {args.latent}x{args.latent} | - | {med['theirs']:.3f} | {args.batch / med['theirs']:.2f} |")
+    print(f"| ours, SCD (reference + target) | {args.batch} | {args.latent}x{args.latent} | {scd_flops / 1e9:.0f} | {scd_seconds:.3f} | {args.batch / scd_seconds:.2f} |")
+    print(f"ours/diffusers (plain step): {med['ours'] / med['theirs']:.2f}; "
+          f"achieved {flops / med['ours'] / 1e9:.1f} GFLOP/s (plain), {scd_flops / scd_seconds / 1e9:.1f} GFLOP/s (SCD)")
+    if args.peak_tflops:
+        print(f"MFU of the SCD step against {args.peak_tflops} TFLOP/s: {scd_flops / scd_seconds / (args.peak_tflops * 1e12):.1%}")
+
+
+if __name__ == "__main__":
+    main()
