@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("data_dir", None, "Dataset folder (default: the run config's).")
 flags.DEFINE_string("split", "test", "Split to evaluate.")
 flags.DEFINE_string("out", "outputs/eval", "Output folder.")
@@ -80,7 +81,7 @@ def main(argv):
     from consist_jax.sampling import io
     from consist_jax.sampling.pipeline import SCDPipeline
 
-    pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint)
+    pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step)
     config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
     guidance = FLAGS.guidance or config["sample"]["guidance"]

@@ -29,9 +29,13 @@ EXTRAS = {
         "transformers>=5.24.0",
         "scipy>=1.17",
         "scikit-image>=0.26",
+        # The TFDS wrappers' test builds a dataset (no TensorFlow needed for that).
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources>=6.0",
     ],
-    # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion.
-    "data": ["tensorflow-datasets>=4.9.10", "tensorflow-cpu>=2.20"],
+    # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion;
+    # tensorflow_datasets writes array_record without TensorFlow.
+    "data": ["tensorflow-datasets>=4.9.10", "importlib_resources>=6.0"],
 }
 
 setup(

@@ -24,7 +24,7 @@ def get_config():
     )
     c.data.pipeline.update(clip_length=4, frame_stride=2)
     c.train.update(global_batch_size=4, num_steps=300)
-    c.optim.update(lr=1e-3, warmup_steps=30, decay_steps=300, trainable=(r"motion_modules",))
+    c.optim.update(lr=1e-3, warmup_steps=30, decay_steps=300, ema_decay=0.0, trainable=(r"motion_modules",))
     c.checkpoint.update(every_steps=100, keep=2)
     c.log.update(every_steps=25)
     c.sample.update(window=8, overlap=2)

@@ -82,9 +82,12 @@ def test_windows_as_long_as_the_video_equal_the_plain_loop(model_and_params, rng
         one_window = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=1)
         windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
                                  progress=lambda: ticks.append(1))
-        return plain, one_window, windowed
+        joint = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
+                              joint=True, reference_pose=reference_pose)
+        return plain, one_window, windowed, joint
 
-    plain, one_window, windowed = jax.block_until_ready(run(reference, reference_pose, target_pose, noise))
+    plain, one_window, windowed, joint = jax.block_until_ready(run(reference, reference_pose, target_pose, noise))
+    assert relative_error(joint, windowed) <= 1e-5  # the joint windows (full-rule models' path) agree
     assert relative_error(one_window, plain) <= 1e-6
     assert np.all(np.isfinite(windowed)) and windowed.shape == plain.shape
     # Without a motion module frames are independent, so any windowing gives the same frames.

@@ -21,13 +21,13 @@ from tests.configs.tiny import get_config as tiny_config
 from tests.runs import REPO, run_env, script_cmd, train_cmd
 
 
-def final_params(workdir, step):
-    """The params of checkpoint ``step`` as numpy arrays, restored without a target."""
+def final_params(workdir, step, which="params"):
+    """The params (or ``which="ema_params"``) of checkpoint ``step`` as numpy arrays."""
     import orbax.checkpoint as ocp
 
     path = os.path.join(workdir, "checkpoints", str(step), "state")
     restored = ocp.StandardCheckpointer().restore(path)
-    return jax.tree_util.tree_map(np.asarray, restored["params"])
+    return jax.tree_util.tree_map(np.asarray, restored[which])
 
 
 def assert_trees_equal(a, b):
@@ -248,6 +248,7 @@ def test_killed_run_resumes_exactly(uninterrupted_run, data_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from step" in result.stdout
     assert_trees_equal(final_params(workdir, 8), final_params(uninterrupted_run, 8))
+    assert_trees_equal(final_params(workdir, 8, "ema_params"), final_params(uninterrupted_run, 8, "ema_params"))
 
 
 def test_sigterm_saves_before_exiting(data_dir, tmp_path):
@@ -322,7 +323,7 @@ def test_video_stage_trains_only_motion_modules_from_the_image_run(uninterrupted
         cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from {uninterrupted_run} step 8" in result.stdout
-    image = traverse_util.flatten_dict(final_params(uninterrupted_run, 8))
+    image = traverse_util.flatten_dict(final_params(uninterrupted_run, 8, "ema_params"))  # init_from takes the EMA
     video = traverse_util.flatten_dict(final_params(workdir, 2))
     motion = [p for p in video if is_motion_path(p)]
     assert motion and set(video) - set(motion) == set(image)

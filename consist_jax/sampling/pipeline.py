@@ -7,7 +7,8 @@
 Inputs are uint8 images (H, W, 3) / pose images (F, H, W, 3) at the model's
 resolution (``pipe.resolution``), or ``PoseSequence``s that are rendered with the one
 pose renderer. Generation is two-stage (reference extracted once, the cache serving
-every step, guidance branch and frame) and windowed in time for long videos. One
+every step, guidance branch and frame) and windowed in time for long videos; a model
+trained with the full attention rule (an ablation) has no cache and samples jointly. One
 compile per input shape and settings; the same seed gives the same frames.
 """
 from __future__ import annotations
@@ -150,7 +151,9 @@ class SCDPipeline:
                                           self.reference_timestep)
             noise = jax.random.normal(rng, latent_shape, jnp.float32)
             latents = denoise_video(model, params, reference, sampler, noise, target_poses, guidance,
-                                    window=window, overlap=overlap, progress=self._tick if progress else None)
+                                    window=window, overlap=overlap, progress=self._tick if progress else None,
+                                    joint=model.unet.config.attention_rule != "causal",
+                                    reference_pose=reference_pose, reference_timestep=self.reference_timestep)
             return model.decode(frozen, latents)
 
         return generate

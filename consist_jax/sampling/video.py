@@ -16,8 +16,8 @@ import numpy as np
 
 from consist_jax.diffusion.guidance import batch_conditions, guided_prediction
 from consist_jax.diffusion.samplers import sample_loop
-from consist_jax.models.attention import CACHE_COLLECTION
-from consist_jax.sampling.two_stage import GuidanceConfig, Reference, guidance_conditions
+from consist_jax.sampling.two_stage import (
+    GuidanceConfig, Reference, cached_model_fn, guidance_conditions, joint_model_fn)
 
 
 def window_starts(num_frames: int, window: int, overlap: int) -> np.ndarray:
@@ -46,17 +46,23 @@ def denoise_video(
     overlap: int = 4,
     rng: Optional[jax.Array] = None,
     progress: Optional[Callable[[], None]] = None,
+    *,
+    joint: bool = False,
+    reference_pose: Optional[jax.Array] = None,
+    reference_timestep: int = 0,
 ) -> jax.Array:
     """noise (B, F, h, w, C) -> latents (B, F, h, w, C), in temporal windows against the cache.
 
     target_pose: (B, F, H, W, 3) in [0, 1] or None. With ``window >= F`` this is exactly
     ``two_stage.denoise``. ``progress`` (host, no arguments) is called after each window
     of each step: ``steps * len(window_starts(F, window, overlap))`` calls in all.
+    ``joint=True`` recomputes the reference in every call instead of reading the cache
+    (needs ``reference_pose``): the only way to sample a model trained with the full
+    (bidirectional) attention rule, whose reference depends on the targets.
     """
     b, f = noise.shape[:2]
     length = min(window, f)
     starts = window_starts(f, window, overlap)
-    cache = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a], axis=0), reference.cache)
     conditions = batch_conditions(*guidance_conditions(reference.context))
     coverage = jnp.zeros((f,), jnp.float32)
     for start in starts:  # static: how many windows cover each frame
@@ -64,17 +70,11 @@ def denoise_video(
 
     def window_prediction(x, t, start):
         x_w = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
-        pose_w = None
-        if target_pose is not None:
-            pose_w = jax.lax.dynamic_slice_in_dim(target_pose, start, length, axis=1)
-            pose_w = jnp.concatenate([pose_w, pose_w], axis=0)
-
-        def model_fn(xx, tt, condition):
-            return model.unet.apply(
-                {"params": params, CACHE_COLLECTION: cache}, xx, tt, condition["context"],
-                target_pose=pose_w, reference_mask=condition["reference_mask"], use_reference_cache=True,
-            )
-
+        pose_w = None if target_pose is None else jax.lax.dynamic_slice_in_dim(target_pose, start, length, axis=1)
+        if joint:
+            model_fn = joint_model_fn(model, params, reference, reference_pose, pose_w, reference_timestep)
+        else:
+            model_fn = cached_model_fn(model, params, reference, pose_w)
         return guided_prediction(model_fn, x_w, t, conditions, guidance.scale, guidance.rescale)
 
     def blended(x, t):

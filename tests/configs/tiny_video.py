@@ -8,6 +8,6 @@ def get_config():
     c.model.motion.update(enabled=True, num_attention_heads=2, norm_num_groups=4, max_seq_length=8)
     c.data.pipeline.update(clip_length=2, frame_stride=1)
     c.train.update(global_batch_size=4, num_steps=2)
-    c.optim.update(trainable=(r"motion_modules",), warmup_steps=0)
+    c.optim.update(trainable=(r"motion_modules",), warmup_steps=0, ema_decay=0.0)
     c.checkpoint.update(every_steps=2)
     return c
