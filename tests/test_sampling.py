@@ -123,3 +123,17 @@ def test_motion_module_runs_in_the_temporal_windows(model_and_params, rng):
     assert relative_error(one_window, plain) <= 1e-6
     assert relative_error(plain, per_frame) > 1e-2  # the frames met in the motion modules
     assert np.all(np.isfinite(windowed)) and relative_error(windowed, plain) > 1e-4  # windows change what frames see
+
+
+def test_pipeline_samples_a_full_rule_model_jointly(rng):
+    """The full-rule ablation has no reference cache; the pipeline samples it jointly."""
+    from consist_jax.sampling.pipeline import SCDPipeline
+
+    config = dataclasses.replace(CONFIG, attention_rule="full")
+    model = SCDModel(UNet(config), PixelCodec(2), NullContext(CONFIG.cross_attention_dim))
+    pipe = SCDPipeline(model, random_params(unet_param_shapes(config), seed=2), {},
+                       NoiseSchedule.create("linear", 1e-4, 2e-2), "sample", (16, 16))
+    reference = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    poses = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    frames = pipe(reference, poses, reference_pose=reference, steps=2, guidance=3.0, window=2, overlap=1)
+    assert frames.shape == (3, 16, 16, 3) and frames.dtype == np.uint8 and frames.std() > 0
