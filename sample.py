@@ -51,8 +51,9 @@ def read_inputs(pipe):
     """(reference, reference pose or None, target poses): uint8 at the model's resolution."""
     from consist_jax.sampling import io
 
-    canvas = io.image_size(FLAGS.reference)
-    reference = io.read_image(FLAGS.reference, pipe.resolution)
+    original = io.load_image(FLAGS.reference, "reference image")
+    canvas = original.shape[:2]  # pose images must be drawn on this canvas
+    reference = io.fit_image(original, pipe.resolution)
     reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
         FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
     poses, _ = io.read_poses(FLAGS.poses, pipe.resolution, reference_keypoints=reference_keypoints,

@@ -13,6 +13,7 @@ loop also computes the reference for both branches, so 4T / (2T + 1).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import platform
 import statistics
@@ -73,10 +74,10 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
     ref = extract_reference(model, params, frozen, reference, ref_pose)
     t = sampler.timesteps[0]
     stage1 = _flops(lambda r, p: extract_reference(model, params, frozen, r, p).cache, reference, ref_pose)
-    cached_step = _flops(lambda x: guided(cached_model_fn(model, params, ref, poses), ref.context, guidance)(x, t),
-                         noise)
-    joint_step = _flops(
-        lambda x: guided(joint_model_fn(model, params, ref, ref_pose, poses), ref.context, guidance)(x, t), noise)
+    cached_fn = functools.partial(cached_model_fn(model, params, ref), target_pose=poses)
+    joint_fn = functools.partial(joint_model_fn(model, params, ref, ref_pose), target_pose=poses)
+    cached_step = _flops(lambda x: guided(cached_fn, ref.context, guidance)(x, t), noise)
+    joint_step = _flops(lambda x: guided(joint_fn, ref.context, guidance)(x, t), noise)
     cached_s, joint_s = statistics.median(times["cached"]), statistics.median(times["joint"])
     return dict(frames=frames, cached_s=cached_s, joint_s=joint_s, per_frame_cached=cached_s / frames,
                 per_frame_joint=joint_s / frames, time_ratio=joint_s / cached_s,

@@ -48,7 +48,7 @@ def test_unreadable_reference_image(tmp_path):
     with pytest.raises(ValueError, match="cannot read .*ref.png"):
         io.read_image(str(bad), (16, 16))
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        io.image_size(str(tmp_path / "missing.png"))
+        io.read_image(str(tmp_path / "missing.png"), (16, 16))
 
 
 def test_zero_poses(pipe, rng, tmp_path):

@@ -42,30 +42,21 @@ def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = Fa
     return np.asarray(crop.resize((resolution[1], resolution[0]), resample))
 
 
+def load_image(path: str, what: str = "image") -> np.ndarray:
+    """An RGB image file -> uint8 (H, W, 3) at its own size; errors name ``what`` and the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path!r} as an image: {e}") from e
+
+
 def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
-    """An RGB image file -> uint8 (H, W, 3) at ``resolution``."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference image {path!r} does not exist")
-    try:
-        image = np.asarray(Image.open(path).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path!r} as an image: {e}") from e
-    return fit_image(image, resolution)
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(H, W) of an image file, without decoding it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read {path!r} as an image: {e}") from e
+    """A reference image file -> uint8 (H, W, 3) at ``resolution``."""
+    return fit_image(load_image(path, "reference image"), resolution)
 
 
 def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,

@@ -22,6 +22,7 @@ the joint forward: the plain reference the cached loop must equal (tests, benchm
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -85,22 +86,27 @@ def _tile(tree: Any, times: int) -> Any:
     return jax.tree_util.tree_map(lambda a: jnp.concatenate([a] * times, axis=0), tree)
 
 
-def cached_model_fn(model: SCDModel, params: Any, reference: Reference, target_pose: Optional[jax.Array]):
-    """(x (2B, F, h, w, C), t (2B,), condition) -> prediction: the UNet against the cache.
+def _both_branches(poses: Optional[jax.Array]) -> Optional[jax.Array]:
+    return None if poses is None else _tile(poses, 2)
 
-    condition = {"context": (2B, L, D), "reference_mask": (2B,)}; the cache and poses are
-    the same for both guidance branches and are tiled here once.
+
+def cached_model_fn(model: SCDModel, params: Any, reference: Reference):
+    """(x (2B, F, h, w, C), t (2B,), condition, target_pose (B, F, H, W, 3) | None) -> prediction:
+    the UNet against the cache.
+
+    condition = {"context": (2B, L, D), "reference_mask": (2B,)}. The cache is the same
+    for both guidance branches and every call, so it is tiled here once; the poses,
+    which change between temporal windows, are tiled per call.
     """
     cache = _tile(reference.cache, 2)
-    poses = None if target_pose is None else _tile(target_pose, 2)
 
-    def model_fn(x, t, condition):
+    def model_fn(x, t, condition, target_pose=None):
         return model.unet.apply(
             {"params": params, CACHE_COLLECTION: cache},
             x,
             t,
             condition["context"],
-            target_pose=poses,
+            target_pose=_both_branches(target_pose),
             reference_mask=condition["reference_mask"],
             use_reference_cache=True,
         )
@@ -108,14 +114,13 @@ def cached_model_fn(model: SCDModel, params: Any, reference: Reference, target_p
     return model_fn
 
 
-def joint_model_fn(model: SCDModel, params: Any, reference: Reference, reference_pose, target_pose,
+def joint_model_fn(model: SCDModel, params: Any, reference: Reference, reference_pose,
                    reference_timestep: int = 0):
     """The same contract as ``cached_model_fn``, recomputing the reference at every call."""
     ref_latents = _tile(reference.latents, 2)
-    ref_pose = None if reference_pose is None else _tile(reference_pose, 2)
-    poses = None if target_pose is None else _tile(target_pose, 2)
+    ref_pose = _both_branches(reference_pose)
 
-    def model_fn(x, t, condition):
+    def model_fn(x, t, condition, target_pose=None):
         b = x.shape[0]
         return model.unet.apply(
             {"params": params},
@@ -125,7 +130,7 @@ def joint_model_fn(model: SCDModel, params: Any, reference: Reference, reference
             reference=ref_latents,
             reference_timesteps=jnp.full((b,), reference_timestep, jnp.int32),
             reference_pose=ref_pose,
-            target_pose=poses,
+            target_pose=_both_branches(target_pose),
             reference_mask=condition["reference_mask"],
         )
 
@@ -160,7 +165,7 @@ def denoise(
 
     target_pose: (B, F, H, W, 3) in [0, 1] or None.
     """
-    model_fn = cached_model_fn(model, params, reference, target_pose)
+    model_fn = functools.partial(cached_model_fn(model, params, reference), target_pose=target_pose)
     return sample_loop(sampler, guided(model_fn, reference.context, guidance), noise, rng)
 
 
@@ -177,5 +182,6 @@ def denoise_joint(
     reference_timestep: int = 0,
 ) -> jax.Array:
     """The loop of ``denoise`` with the reference recomputed at every step (joint forward)."""
-    model_fn = joint_model_fn(model, params, reference, reference_pose, target_pose, reference_timestep)
+    model_fn = functools.partial(joint_model_fn(model, params, reference, reference_pose, reference_timestep),
+                                 target_pose=target_pose)
     return sample_loop(sampler, guided(model_fn, reference.context, guidance), noise, rng)

@@ -8,6 +8,7 @@ a ``lax.scan``, so memory is bounded by one window, not by the video.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -68,13 +69,14 @@ def denoise_video(
     for start in starts:  # static: how many windows cover each frame
         coverage = coverage.at[int(start):int(start) + length].add(1.0)
 
+    # Built once, outside the loops: the cache (or reference) is tiled for both branches here.
+    base_fn = (joint_model_fn(model, params, reference, reference_pose, reference_timestep) if joint
+               else cached_model_fn(model, params, reference))
+
     def window_prediction(x, t, start):
         x_w = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
         pose_w = None if target_pose is None else jax.lax.dynamic_slice_in_dim(target_pose, start, length, axis=1)
-        if joint:
-            model_fn = joint_model_fn(model, params, reference, reference_pose, pose_w, reference_timestep)
-        else:
-            model_fn = cached_model_fn(model, params, reference, pose_w)
+        model_fn = functools.partial(base_fn, target_pose=pose_w)
         return guided_prediction(model_fn, x_w, t, conditions, guidance.scale, guidance.rescale)
 
     def blended(x, t):
