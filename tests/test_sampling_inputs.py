@@ -136,3 +136,24 @@ def test_keypoints_without_a_canvas_are_on_the_reference(tmp_path):
     assert images.shape == (1, 32, 24, 3) and images.any()
     with pytest.raises(ValueError, match=r"poses\.json: the file does not record the image size"):
         io.read_poses(str(path), (32, 24))
+
+
+def test_keypoints_wholly_outside_the_centre_crop_are_refused(tmp_path):
+    """A person at the edge of a wide canvas would render as blank square frames."""
+    pose = example_pose("openpose18", 64, 48)
+    frames = [pose.copy(), pose.copy()]
+    frames[0][:, 0] += 56  # frame 0 in the middle of a 64x160 canvas (the crop is x 48..112),
+    frames[1][:, 0] += 110  # frame 1 at its far right
+    path = tmp_path / "wide.npz"
+    np.savez(path, keypoints=np.stack(frames), height=64, width=160)
+    with pytest.raises(ValueError, match=r"wide\.npz: frame 1: the person lies wholly outside the centre crop"):
+        io.read_poses(str(path), (32, 32))
+
+
+def test_gif_pose_video_and_single_pose_image(rng, tmp_path):
+    frames = rng.integers(0, 2, (3, 16, 16, 1)) * rng.integers(0, 256, (3, 1, 1, 3))  # flat colours
+    frames = frames.astype(np.uint8)
+    io.write_video(str(tmp_path / "poses.gif"), frames)
+    np.testing.assert_array_equal(io.read_pose_images(str(tmp_path / "poses.gif"), (16, 16)), frames)
+    Image.fromarray(frames[1]).save(tmp_path / "pose.png")
+    np.testing.assert_array_equal(io.read_pose_images(str(tmp_path / "pose.png"), (16, 16)), frames[1:2])

@@ -405,24 +405,29 @@ def _to_pixels(points, height, width, coordinates):
     return points, coordinates
 
 
-def _check_on_canvas(points, height, width, coordinates, frame_sources):
-    """Raises when a frame's visible points lie mostly off the (height, width) canvas.
+def count_off_canvas(pose_seq: PoseSequence) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, (points off the canvas, points shown): two (T,) int arrays.
 
-    Args:
-      points: (T, K, 3) pixels.
-      frame_sources: (T,) the file each frame came from, for the error.
+    A point is shown when its confidence is > 0, and off the canvas when it lies outside
+    the pixels' area [-0.5, width - 0.5] x [-0.5, height - 0.5].
     """
-    shown = points[..., 2] > 0
-    xy = points[..., :2]
-    inside = np.all((xy >= -0.5) & (xy <= np.array([width, height]) - 0.5), axis=-1)
-    off = np.sum(shown & ~inside, axis=-1)
-    bad = np.nonzero(off > BULK_FRACTION * np.sum(shown, axis=-1))[0]
+    shown = pose_seq.confidence > 0
+    limits = np.array([pose_seq.width, pose_seq.height]) - 0.5
+    inside = np.all((pose_seq.xy >= -0.5) & (pose_seq.xy <= limits), axis=-1)
+    return np.sum(shown & ~inside, axis=-1), np.sum(shown, axis=-1)
+
+
+def _check_on_canvas(pose_seq: PoseSequence, coordinates: str, frame_sources):
+    """Raises when a frame's shown points lie mostly off the canvas; ``frame_sources``
+    (T,) names the file of each frame."""
+    off, shown = count_off_canvas(pose_seq)
+    bad = np.nonzero(off > BULK_FRACTION * shown)[0]
     if len(bad):
         t = int(bad[0])
         raise ValueError(
-            f"{frame_sources[t]}: frame {t}: {off[t]} of {int(shown[t].sum())} visible keypoints "
-            f"lie off the {height}x{width} (HxW) canvas as {coordinates} coordinates; pass the "
-            f"right height/width or coordinates= ('pixels' or 'normalized')")
+            f"{frame_sources[t]}: frame {t}: {off[t]} of {shown[t]} visible keypoints lie off "
+            f"the {pose_seq.height}x{pose_seq.width} (HxW) canvas as {coordinates} coordinates; "
+            f"pass the right height/width or coordinates= ('pixels' or 'normalized')")
 
 
 def load_poses(path, *, height: int | None = None, width: int | None = None,
@@ -490,8 +495,9 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
                          f"{layout} ({points.shape[1]} points)")
     height, width = _resolve_size(file_size, height, width, default_size, source)
     points, coordinates = _to_pixels(points, height, width, coordinates)
-    _check_on_canvas(points, height, width, coordinates, frame_sources or [source] * len(points))
-    return PoseSequence(points, layout, height, width, source=source)
+    poses = PoseSequence(points, layout, height, width, source=source)
+    _check_on_canvas(poses, coordinates, frame_sources or [source] * len(poses))
+    return poses
 
 
 def _read_json(path: Path):

@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from consist_jax.poses.align import align_poses
-from consist_jax.poses.io import load_poses
+from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.poses.sequence import crop_poses, resize_poses
@@ -111,7 +111,15 @@ def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int]
     """
     poses = load_poses(path, height=height, width=width, default_size=canvas)
     box = _center_box(poses.height, poses.width, resolution)
-    return resize_poses(crop_poses(poses, box), *resolution)
+    cropped = crop_poses(poses, box)
+    off, shown = count_off_canvas(cropped)
+    emptied = np.nonzero((shown > 0) & (off == shown))[0]
+    if len(emptied):  # it would render as a blank frame
+        raise ValueError(f"{path}: frame {emptied[0]}: the person lies wholly outside the centre crop "
+                         f"(x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the {poses.height}x{poses.width} "
+                         f"canvas to the model's {resolution[0]}x{resolution[1]}; crop the poses around the "
+                         f"person first (consist_jax.poses.crop_around_person)")
+    return resize_poses(cropped, *resolution)
 
 
 def _first_error(stderr: str) -> str:
