@@ -373,3 +373,15 @@ def test_pickled_npz_is_refused_naming_the_file(tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ValueError, match=r"broken\.npz: not a readable \.npz"):
         load_poses(broken, height=10, width=10)
+
+
+def test_openpose_1_0_keys_without_2d(tmp_path):
+    name = "openpose_coco18_000000000000_keypoints.json"
+    data = json.loads((CORPUS / name).read_text())
+    person = data["people"][0]
+    old = {"pose_keypoints": person["pose_keypoints_2d"], "face_keypoints": [],
+           "hand_left_keypoints": [], "hand_right_keypoints": []}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1.0, "people": [old]}))
+    np.testing.assert_array_equal(load_poses(path, height=480, width=640).points,
+                                  load_poses(CORPUS / name, height=480, width=640).points)

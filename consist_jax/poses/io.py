@@ -5,9 +5,10 @@
 * **OpenPose JSON** -- one ``*.json`` file per frame, or a folder of them (sorted by the
   numbers in their names), each ``{"people": [{"pose_keypoints_2d": [x, y, c, ...],
   "face_keypoints_2d": [...], "hand_left_keypoints_2d": [...],
-  "hand_right_keypoints_2d": [...]}, ...]}``. The body may be COCO-18 (54 numbers) or
-  BODY_25 (75 numbers; converted to COCO-18 by dropping mid-hip, its feet kept for the
-  DWPose layout). When face or hand lists are filled, the result is DWPose-134 (face: the
+  "hand_right_keypoints_2d": [...]}, ...]}`` (OpenPose 1.0's keys without ``_2d`` too;
+  ControlNet's annotators write ``null`` for absent parts). The body may be COCO-18 (54
+  numbers) or BODY_25 (75 numbers; converted to COCO-18 by dropping mid-hip, its feet kept
+  for the DWPose layout). When face or hand lists are filled, the result is DWPose-134 (face: the
   first 68 of OpenPose's 70 points; feet missing unless BODY_25), else OpenPose-18.
   ``people[person]`` is used (default the first); a frame without that person has every
   point missing (confidence 0); the same ``person`` index applies to DWPose dumps with
@@ -96,6 +97,8 @@ def _check_finite(points: np.ndarray, source: str, frame: int | None = None):
 def _openpose_part(person: dict, key: str, sizes: tuple[int, ...], source: str, frame: int):
     """(n, 3) points of one OpenPose keypoint list, or None when absent/empty."""
     values = person.get(key)
+    if values is None:  # OpenPose 1.0 wrote the keys without "_2d"
+        values = person.get(key[:-len("_2d")])
     if values is None or len(values) == 0:
         return None
     points = _as_float_array(values, key, source)
@@ -374,7 +377,7 @@ def _resolve_size(file_size, height, width, default_size, source):
                          f"height/width {height}x{width} were given")
     height = file_height if height is None else height
     width = file_width if width is None else width
-    if (height is None or width is None) and default_size is not None:
+    if height is None and width is None and default_size is not None:
         height, width = default_size
         _log.warning("%s records no image size; assuming %dx%d (HxW)", source, height, width)
     if height is None or width is None:

@@ -86,9 +86,9 @@ def check_reference_size(path: str, size: tuple[int, int], resolution: tuple[int
     crop = (y1 - y0, x1 - x0)
     need = tuple(-(-side // MAX_UPSCALE) for side in resolution)
     if crop[0] < need[0] or crop[1] < need[1]:
-        raise ValueError(f"reference image {path!r} is {size[0]}x{size[1]} (HxW), too small for the model's "
-                         f"{resolution[0]}x{resolution[1]}: its centre crop {crop[0]}x{crop[1]} must be at least "
-                         f"{need[0]}x{need[1]} (enlarged at most {MAX_UPSCALE}x)")
+        raise ValueError(f"reference image {path!r} is {size[0]}x{size[1]} (HxW), too small for the "
+                         f"model's {resolution[0]}x{resolution[1]}: its centre crop {crop[0]}x{crop[1]} "
+                         f"must be at least {need[0]}x{need[1]} (enlarged at most {MAX_UPSCALE}x)")
 
 
 def read_reference(path: str, resolution: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
@@ -115,10 +115,11 @@ def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int]
     off, shown = count_off_canvas(cropped)
     emptied = np.nonzero((shown > 0) & (off == shown))[0]
     if len(emptied):  # it would render as a blank frame
-        raise ValueError(f"{path}: frame {emptied[0]}: the person lies wholly outside the centre crop "
-                         f"(x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the {poses.height}x{poses.width} "
-                         f"canvas to the model's {resolution[0]}x{resolution[1]}; crop the poses around the "
-                         f"person first (consist_jax.poses.crop_around_person)")
+        raise ValueError(f"{path}: frame {emptied[0]}: the person lies wholly outside the centre "
+                         f"crop (x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the "
+                         f"{poses.height}x{poses.width} canvas to the model's "
+                         f"{resolution[0]}x{resolution[1]}; crop the poses around the person first "
+                         f"(consist_jax.poses.crop_around_person)")
     return resize_poses(cropped, *resolution)
 
 
@@ -142,8 +143,9 @@ def _decode_video(path: str) -> np.ndarray:
         meta = next(reader)
         reader.close()
     except (OSError, RuntimeError, StopIteration) as e:
-        lines = [line for line in str(e).splitlines() if "Error" in line or "error" in line]
-        raise ValueError(f"cannot read poses {path!r} as a video: {_first_error(lines[0] if lines else str(e))}") from None
+        lines = [line for line in str(e).splitlines() if "error" in line.lower()]
+        reason = _first_error(lines[0] if lines else str(e))
+        raise ValueError(f"cannot read poses {path!r} as a video: {reason}") from None
     width, height = meta["size"]
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-threads", "1",
                "-xerror", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
@@ -153,11 +155,13 @@ def _decode_video(path: str) -> np.ndarray:
     if result.returncode != 0 or errors.strip():
         raise ValueError(f"pose video {path!r} is corrupt: decoding failed at frame {count} "
                          f"(ffmpeg: {_first_error(errors)})")
-    promised = int(round(meta["fps"] * meta["duration"])) if meta.get("duration") else 0
+    promised = int(round(meta["fps"] * meta["duration"])) if meta.get("fps") and meta.get("duration") else 0
     if count < promised - max(1, int(VIDEO_FRAME_SLACK * promised)):
-        raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises {promised} "
-                         f"({meta['duration']} s at {meta['fps']} fps): frames from {count} on are missing")
-    return np.frombuffer(result.stdout, np.uint8)[:count * height * width * 3].reshape(count, height, width, 3)
+        raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises "
+                         f"{promised} ({meta['duration']} s at {meta['fps']} fps): frames from {count} "
+                         f"on are missing")
+    frames = np.frombuffer(result.stdout, np.uint8)[:count * height * width * 3]
+    return frames.reshape(count, height, width, 3)
 
 
 def _read_gif(path: str) -> np.ndarray:
