@@ -40,8 +40,9 @@ def test_16_bit_images_are_scaled_to_8_bits(rng, tmp_path, channels):
     shape = (12, 10) if channels == 1 else (12, 10, channels)
     values = rng.integers(0, 65536, shape)
     image = io.load_image(_write_png16(tmp_path / "ref16.png", values))
-    color = values if channels == 1 else values[..., :3] if channels >= 3 else values[..., 0]
-    expected = np.broadcast_to((color / 257.0)[..., None] if color.ndim == 2 else color / 257.0, image.shape)
+    gray = values if channels == 1 else values[..., 0]
+    color = values[..., :3] if channels >= 3 else gray[..., None]  # alpha dropped
+    expected = np.broadcast_to(color / 257.0, image.shape)
     assert image.dtype == np.uint8 and image.shape == (12, 10, 3)
     # PIL cuts 16-bit colour to its high byte, we round 16-bit gray: either is within 1.
     np.testing.assert_allclose(image, expected, atol=1.0)
