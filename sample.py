@@ -36,24 +36,27 @@ flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
 
 
 def reference_pose_image(path, resolution, canvas):
-    """The reference's pose: a keypoints file (its first frame) or one pose image."""
+    """The reference's pose: a keypoints file (its first frame; a file without an image size
+    is taken to be on the reference's ``canvas``) or one pose image drawn on that canvas."""
     from consist_jax.poses.render import render
     from consist_jax.sampling import io
 
     if path.lower().endswith(io.KEYPOINT_SUFFIXES):
-        return render(io.read_keypoints(path, resolution))[0]
+        return render(io.read_keypoints(path, resolution, canvas=canvas))[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference pose {path!r} does not exist")
     return io.read_pose_images(path, resolution, canvas)[0]
 
 
 def read_inputs(pipe):
-    """(reference, reference pose or None, target poses): uint8 at the model's resolution."""
+    """(reference, reference pose or None, target poses): uint8 at the model's resolution.
+
+    The reference image's size is the canvas: pose images must be drawn on it, and keypoint
+    files that record no image size (plain OpenPose JSON) are taken to be on it.
+    """
     from consist_jax.sampling import io
 
-    original = io.load_image(FLAGS.reference, "reference image")
-    canvas = original.shape[:2]  # pose images must be drawn on this canvas
-    reference = io.fit_image(original, pipe.resolution)
+    reference, canvas = io.read_reference(FLAGS.reference, pipe.resolution)
     reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
         FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
     poses, _ = io.read_poses(FLAGS.poses, pipe.resolution, reference_keypoints=reference_keypoints,

@@ -1,10 +1,13 @@
-"""Pose readers: OpenPose JSON, DWPose dumps, plain arrays; bad input errors."""
+"""Pose readers: OpenPose JSON, DWPose dumps, plain arrays, a corpus of real-format files;
+bad input errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from consist_jax.poses import PoseSequence, example_pose, load_poses, save_poses
+from consist_jax.poses.render import JOINT_RADIUS, render, stroke_pixels
 
 
 def _openpose_person(body, face=None, left=None, right=None):
@@ -281,3 +284,104 @@ def test_example_pose_roundtrip_through_openpose_json(tmp_path):
     seq = load_poses(path)
     np.testing.assert_allclose(seq.points[0, :18], pose[:18], rtol=1e-6)
     np.testing.assert_allclose(seq.points[0, 24:], pose[24:], rtol=1e-6)
+
+
+# --- a corpus of real-format pose files (tests/data/poses) ---------------------------------
+CORPUS = Path(__file__).parent / "data" / "poses"
+# file -> (height/width to pass, or None when the file records its canvas; the person's
+# keypoint box x0, y0, x1, y1 in pixels, written down when the files were made)
+CORPUS_FILES = {
+    "openpose_body25_000000000000_keypoints.json": ((720, 1280), (180, 60, 492, 660)),
+    "openpose_coco18_000000000000_keypoints.json": ((480, 640), (425, 44, 593, 438)),
+    "controlnet_openpose_editor.json": (None, (-2, 126, 290, 651)),
+    "dwpose_pose_dict.json": ((768, 576), (150, 90, 472, 678)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS_FILES))
+def test_corpus_files_render_where_the_person_is(name):
+    size, (x0, y0, x1, y1) = CORPUS_FILES[name]
+    kwargs = {} if size is None else dict(height=size[0], width=size[1])
+    seq = load_poses(CORPUS / name, **kwargs)
+    image = render(seq)[0]
+    drawn = np.argwhere(image.any(axis=-1))  # (n, 2) rows, columns
+    assert len(drawn) > 0, f"{name} rendered empty"
+    # Every drawn pixel lies within the person's box, give or take the strokes' width...
+    margin = 2 * stroke_pixels(JOINT_RADIUS, seq.height, seq.width, 1.0) + 1
+    top, left = drawn.min(axis=0)
+    bottom, right = drawn.max(axis=0)
+    assert left >= x0 - margin and right <= x1 + margin, (name, left, right)
+    assert top >= y0 - margin and bottom <= y1 + margin, (name, top, bottom)
+    # ...and the drawing spans most of it (feet and faint hand points are not drawn).
+    assert right - left >= 0.8 * (x1 - x0) and bottom - top >= 0.8 * (y1 - y0), name
+
+
+def test_editor_point_a_hair_outside_stays_normalized(rng, tmp_path):
+    """Normalized points with a few a little outside [0, 1] are still normalized."""
+    pose = example_pose("openpose18", 96, 64)
+    normalized = pose.copy()
+    normalized[:, :2] /= [64, 96]
+    normalized[rng.integers(18), 0] = -rng.uniform(1e-4, 0.01)
+    path = tmp_path / "editor.json"
+    path.write_text(json.dumps({"people": [_openpose_person(normalized)],
+                                "canvas_width": 64, "canvas_height": 96}))
+    seq = load_poses(path)
+    inside = np.delete(np.arange(18), np.argmin(normalized[:, 0]))
+    np.testing.assert_allclose(seq.points[0, inside, :2], pose[inside, :2], rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["wrong_size", "one_frame_shifted", "pixels_said_normalized"])
+def test_poses_mostly_off_the_canvas_name_file_and_frame(rng, tmp_path, case):
+    frames = [_random_points(rng, 18) for _ in range(3)]  # pixels on 120x90
+    size = dict(height=120, width=90)
+    match = r"clip_0_keypoints\.json: frame 0: \d+ of 18 visible keypoints lie off the 30x20"
+    if case == "wrong_size":
+        size = dict(height=30, width=20)
+        frames[0][:, :2] += [25, 35]  # every point off a 30x20 canvas
+    elif case == "one_frame_shifted":
+        frames[2][:, 0] += 100  # the whole person right of the 90-pixel-wide canvas
+        match = r"clip_2_keypoints\.json: frame 2: 18 of 18 visible keypoints lie off the 120x90"
+    folder = _write_frames(tmp_path / "json", [[_openpose_person(f)] for f in frames])
+    if case == "pixels_said_normalized":
+        match = r"clip_0_keypoints\.json: frame 0: .* as normalized coordinates"
+        size["coordinates"] = "normalized"
+    with pytest.raises(ValueError, match=match):
+        load_poses(folder, **size)
+
+
+def test_default_size_is_used_only_without_a_recorded_one(rng, tmp_path, caplog):
+    body = _random_points(rng, 18)
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"people": [_openpose_person(body)]}))
+    with caplog.at_level("WARNING"):
+        seq = load_poses(bare, default_size=(120, 90))
+    assert (seq.height, seq.width) == (120, 90)
+    assert "bare.json records no image size; assuming 120x90" in caplog.text
+    recorded = tmp_path / "recorded.json"
+    recorded.write_text(json.dumps({"people": [_openpose_person(body)], "canvas_height": 130,
+                                    "canvas_width": 100}))
+    assert load_poses(recorded, default_size=(120, 90)).height == 130
+
+
+def test_pickled_npz_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, keypoints=np.array([{"evil": 1}], dtype=object))
+    with pytest.raises(ValueError, match=r"pickled\.npz: 'keypoints' is not a plain numeric"):
+        load_poses(path, height=10, width=10)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match=r"broken\.npz: not a readable \.npz"):
+        load_poses(broken, height=10, width=10)
+
+
+def test_openpose_1_0_keys_without_2d(tmp_path):
+    name = "openpose_coco18_000000000000_keypoints.json"
+    data = json.loads((CORPUS / name).read_text())
+    person = data["people"][0]
+    old = {"pose_keypoints": person["pose_keypoints_2d"], "face_keypoints": [],
+           "hand_left_keypoints": [], "hand_right_keypoints": []}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"version": 1.0, "people": [old]}))
+    np.testing.assert_array_equal(load_poses(path, height=480, width=640).points,
+                                  load_poses(CORPUS / name, height=480, width=640).points)

@@ -5,9 +5,10 @@
 * **OpenPose JSON** -- one ``*.json`` file per frame, or a folder of them (sorted by the
   numbers in their names), each ``{"people": [{"pose_keypoints_2d": [x, y, c, ...],
   "face_keypoints_2d": [...], "hand_left_keypoints_2d": [...],
-  "hand_right_keypoints_2d": [...]}, ...]}``. The body may be COCO-18 (54 numbers) or
-  BODY_25 (75 numbers; converted to COCO-18 by dropping mid-hip, its feet kept for the
-  DWPose layout). When face or hand lists are filled, the result is DWPose-134 (face: the
+  "hand_right_keypoints_2d": [...]}, ...]}`` (OpenPose 1.0's keys without ``_2d`` too;
+  ControlNet's annotators write ``null`` for absent parts). The body may be COCO-18 (54
+  numbers) or BODY_25 (75 numbers; converted to COCO-18 by dropping mid-hip, its feet kept
+  for the DWPose layout). When face or hand lists are filled, the result is DWPose-134 (face: the
   first 68 of OpenPose's 70 points; feet missing unless BODY_25), else OpenPose-18.
   ``people[person]`` is used (default the first); a frame without that person has every
   point missing (confidence 0); the same ``person`` index applies to DWPose dumps with
@@ -36,18 +37,27 @@
 * **A plain array** ``.npy`` (T, K, 3) (K as for ``keypoints``), loaded without pickle.
 
 Coordinates: ``coordinates="pixels"``, ``"normalized"`` (fractions of width/height, as
-DWPose stores them; pixel = fraction * size) or ``"auto"`` (normalized when every visible
-coordinate lies in [0, 1], which a pixel-coordinate person essentially never does). The
-image size comes from the file or the ``height``/``width`` arguments; a file without it
-needs the arguments, and a disagreement between the two is an error.
+DWPose and ControlNet's OpenPose editor store them; pixel = fraction * size) or ``"auto"``
+(normalized when the bulk -- at least half -- of the visible points lie in [0, 1] x [0, 1],
+where a pixel-coordinate person would fill one pixel; a few points a hair outside, as
+detectors and the editor write them, do not change the decision). The image size comes
+from the file or the ``height``/``width`` arguments, else from ``default_size`` (a
+warning says so); without any of them it is an error, and a disagreement between the file
+and the arguments is one too.
+
+Once in pixels, a frame whose visible points lie mostly (more than half) off the canvas is
+an error naming the file and frame: it means a wrong canvas size or coordinate mode, and
+would otherwise render as a blank image.
 
 Any malformed input raises ValueError naming the file and, where it applies, the frame.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +67,10 @@ from consist_jax.poses import layouts as L
 from consist_jax.poses.keypoints import PoseSequence
 
 COORDINATE_MODES = ("auto", "pixels", "normalized")
+# "auto" picks normalized coordinates when at least this share of the visible points lies
+# in the unit square; a frame with more than this share off the canvas is an error.
+BULK_FRACTION = 0.5
+_log = logging.getLogger(__name__)
 _DWPOSE_PART_SIZES = (("bodies", 18), ("feet", 6), ("faces", 68), ("hands", 42))
 
 
@@ -83,6 +97,8 @@ def _check_finite(points: np.ndarray, source: str, frame: int | None = None):
 def _openpose_part(person: dict, key: str, sizes: tuple[int, ...], source: str, frame: int):
     """(n, 3) points of one OpenPose keypoint list, or None when absent/empty."""
     values = person.get(key)
+    if values is None:  # OpenPose 1.0 wrote the keys without "_2d"
+        values = person.get(key[:-len("_2d")])
     if values is None or len(values) == 0:
         return None
     points = _as_float_array(values, key, source)
@@ -353,7 +369,7 @@ def _points_from_mapping(data, source: str, person: int):
 
 
 # --- the dispatcher ------------------------------------------------------------------------
-def _resolve_size(file_size, height, width, source):
+def _resolve_size(file_size, height, width, default_size, source):
     file_height, file_width = file_size
     if height is not None and width is not None and file_height is not None and (
             int(height), int(width)) != (file_height, file_width):
@@ -361,31 +377,70 @@ def _resolve_size(file_size, height, width, source):
                          f"height/width {height}x{width} were given")
     height = file_height if height is None else height
     width = file_width if width is None else width
+    if height is None and width is None and default_size is not None:
+        height, width = default_size
+        _log.warning("%s records no image size; assuming %dx%d (HxW)", source, height, width)
     if height is None or width is None:
         raise ValueError(f"{source}: the file does not record the image size; pass "
                          f"height= and width=")
     return int(height), int(width)
 
 
+def _looks_normalized(points) -> bool:
+    """Whether the bulk of the visible points lies in the unit square: (T, K, 3) -> bool."""
+    xy = points[..., :2][points[..., 2] > 0]
+    if not len(xy):
+        return False
+    in_unit_square = np.all((xy >= 0) & (xy <= 1), axis=-1)
+    return in_unit_square.mean() >= BULK_FRACTION
+
+
 def _to_pixels(points, height, width, coordinates):
-    """Scales normalized coordinates to pixels per ``coordinates``."""
+    """Scales normalized coordinates to pixels per ``coordinates`` -> (points, mode used)."""
     if coordinates not in COORDINATE_MODES:
         raise ValueError(f"coordinates must be one of {COORDINATE_MODES}, got {coordinates!r}")
     if coordinates == "auto":
-        shown = points[..., 2] > 0
-        xy = points[..., :2][shown]
-        coordinates = "normalized" if xy.size and xy.min() >= 0 and xy.max() <= 1.0 else "pixels"
+        coordinates = "normalized" if _looks_normalized(points) else "pixels"
     if coordinates == "normalized":
         points = points.copy()
         points[..., 0] *= width
         points[..., 1] *= height
-    return points
+    return points, coordinates
+
+
+def count_off_canvas(pose_seq: PoseSequence) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, (points off the canvas, points shown): two (T,) int arrays.
+
+    A point is shown when its confidence is > 0, and off the canvas when it lies outside
+    the pixels' area [-0.5, width - 0.5] x [-0.5, height - 0.5].
+    """
+    shown = pose_seq.confidence > 0
+    limits = np.array([pose_seq.width, pose_seq.height]) - 0.5
+    inside = np.all((pose_seq.xy >= -0.5) & (pose_seq.xy <= limits), axis=-1)
+    return np.sum(shown & ~inside, axis=-1), np.sum(shown, axis=-1)
+
+
+def _check_on_canvas(pose_seq: PoseSequence, coordinates: str, frame_sources):
+    """Raises when a frame's shown points lie mostly off the canvas; ``frame_sources``
+    (T,) names the file of each frame."""
+    off, shown = count_off_canvas(pose_seq)
+    bad = np.nonzero(off > BULK_FRACTION * shown)[0]
+    if len(bad):
+        t = int(bad[0])
+        raise ValueError(
+            f"{frame_sources[t]}: frame {t}: {off[t]} of {shown[t]} visible keypoints lie off "
+            f"the {pose_seq.height}x{pose_seq.width} (HxW) canvas as {coordinates} coordinates; "
+            f"pass the right height/width or coordinates= ('pixels' or 'normalized')")
 
 
 def load_poses(path, *, height: int | None = None, width: int | None = None,
-               coordinates: str = "auto", person: int = 0) -> PoseSequence:
+               coordinates: str = "auto", person: int = 0,
+               default_size: tuple[int, int] | None = None) -> PoseSequence:
     """Reads a pose sequence from an OpenPose JSON file or folder, a DWPose dump (.json,
     .npz) or a (T, K, 3) ``.npy`` array; see the module docstring for the formats.
+
+    ``default_size`` (H, W) is the image size for a file that records none and was given
+    no ``height``/``width`` (e.g. the reference image's size); using it logs a warning.
 
     Returns a ``PoseSequence`` in pixel coordinates, layout ``openpose18`` or
     ``dwpose134``. Raises ValueError naming the file (and frame) on bad input.
@@ -394,6 +449,7 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
     source = str(path)
     file_size: tuple = (None, None)
     declared_layout = None
+    frame_sources = None  # the file of each frame, when they differ
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".json"),
                        key=_natural_key)
@@ -406,6 +462,7 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
             points, layout = _openpose_frames_to_points(frames, [str(f) for f in files],
                                                         person)
         file_size = _canvas_size(frames[0], source)
+        frame_sources = [str(f) for f in files]
     elif not path.exists():
         raise FileNotFoundError(f"{source}: no such pose file or folder")
     elif path.suffix.lower() == ".json":
@@ -415,8 +472,7 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
         if file_size == (None, None) and isinstance(data, list) and data:
             file_size = _canvas_size(data[0], source)
     elif path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
-            data = {key: archive[key] for key in archive.files}
+        data = _read_npz(path)
         points, layout = _points_from_mapping(data, source, person)
         declared_layout = str(data["layout"]) if "layout" in data else None
         if coordinates == "auto" and "coordinates" in data:  # as save_poses records it
@@ -440,9 +496,11 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
     if declared_layout is not None and L.get_layout(declared_layout).name != layout:
         raise ValueError(f"{source}: 'layout' says {declared_layout} but the points are "
                          f"{layout} ({points.shape[1]} points)")
-    height, width = _resolve_size(file_size, height, width, source)
-    points = _to_pixels(points, height, width, coordinates)
-    return PoseSequence(points, layout, height, width, source=source)
+    height, width = _resolve_size(file_size, height, width, default_size, source)
+    points, coordinates = _to_pixels(points, height, width, coordinates)
+    poses = PoseSequence(points, layout, height, width, source=source)
+    _check_on_canvas(poses, coordinates, frame_sources or [source] * len(poses))
+    return poses
 
 
 def _read_json(path: Path):
@@ -451,6 +509,22 @@ def _read_json(path: Path):
             return json.load(stream)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: invalid JSON ({error})") from None
+
+
+def _read_npz(path: Path) -> dict:
+    """Every array of an ``.npz``, never unpickling: a pickled entry is an error naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            data = {}
+            for key in archive.files:
+                try:
+                    data[key] = archive[key]
+                except ValueError as error:
+                    raise ValueError(f"{path}: '{key}' is not a plain numeric array (pickled "
+                                     f"objects are never loaded: {error})") from None
+            return data
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
 
 
 def save_poses(path, pose_seq: PoseSequence) -> None:

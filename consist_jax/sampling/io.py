@@ -4,16 +4,22 @@ Poses come as a folder of pose images, a video of pose images, or a keypoints fi
 (anything ``consist_jax.poses.load_poses`` reads), which is rendered with the one
 renderer at the model's resolution. Images are centre-cropped to the model's aspect
 ratio and resized (PIL bicubic; pose images nearest, so skeleton colours stay exact).
+
+Inputs are decoded faithfully or refused: 16-bit images are scaled to 8 bits, a reference
+too small for the model is an error, and a video ffmpeg cannot fully decode is an error
+naming the file and frame (never garbage frames).
 """
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from typing import Optional
 
 import numpy as np
 
 from consist_jax.poses.align import align_poses
-from consist_jax.poses.io import load_poses
+from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.poses.sequence import crop_poses, resize_poses
@@ -21,6 +27,8 @@ from consist_jax.poses.sequence import crop_poses, resize_poses
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
+MAX_UPSCALE = 4  # a reference's centre crop is enlarged at most this much per side
+VIDEO_FRAME_SLACK = 0.05  # decoded frames may fall this far short of the header's count
 
 
 def _center_box(height: int, width: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -42,52 +50,152 @@ def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = Fa
     return np.asarray(crop.resize((resolution[1], resolution[0]), resample))
 
 
+def _rgb8(image, path: str) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, 3), 16-bit samples scaled to 8 bits (never clipped or cut
+    to their low byte). PIL reads 16-bit colour PNGs as 8-bit already; 16-bit grayscale
+    stays 16-bit (modes "I;16*", or "I", which PNG only uses for 16-bit)."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        gray = np.asarray(image).astype(np.int64)
+        if gray.min() < 0 or gray.max() > 65535:
+            raise ValueError(f"cannot read {path!r}: 32-bit integer samples (expected 8 or 16 bits)")
+        gray = np.round(gray / 257.0).astype(np.uint8)  # 65535 -> 255
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise ValueError(f"cannot read {path!r}: floating-point samples (expected 8 or 16 bits)")
+    return np.asarray(image.convert("RGB"))
+
+
 def load_image(path: str, what: str = "image") -> np.ndarray:
-    """An RGB image file -> uint8 (H, W, 3) at its own size; errors name ``what`` and the path."""
+    """An image file -> uint8 (H, W, 3) RGB at its own size, whatever its bit depth and
+    colour mode; errors name ``what`` and the path."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
-        return np.asarray(Image.open(path).convert("RGB"))
+        with Image.open(path) as image:
+            return _rgb8(image, path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 
 
+def check_reference_size(path: str, size: tuple[int, int], resolution: tuple[int, int]) -> None:
+    """Refuses a reference whose centre crop would be enlarged more than ``MAX_UPSCALE`` times
+    per side to reach the model's ``resolution`` (a 1x1 reference holds no person)."""
+    x0, y0, x1, y1 = _center_box(size[0], size[1], resolution)
+    crop = (y1 - y0, x1 - x0)
+    need = tuple(-(-side // MAX_UPSCALE) for side in resolution)
+    if crop[0] < need[0] or crop[1] < need[1]:
+        raise ValueError(f"reference image {path!r} is {size[0]}x{size[1]} (HxW), too small for the "
+                         f"model's {resolution[0]}x{resolution[1]}: its centre crop {crop[0]}x{crop[1]} "
+                         f"must be at least {need[0]}x{need[1]} (enlarged at most {MAX_UPSCALE}x)")
+
+
+def read_reference(path: str, resolution: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """A reference image file -> (uint8 (H, W, 3) at ``resolution``, its own (H, W) canvas)."""
+    image = load_image(path, "reference image")
+    check_reference_size(path, image.shape[:2], resolution)
+    return fit_image(image, resolution), image.shape[:2]
+
+
 def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
     """A reference image file -> uint8 (H, W, 3) at ``resolution``."""
-    return fit_image(load_image(path, "reference image"), resolution)
+    return read_reference(path, resolution)[0]
 
 
 def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,
-                   width: Optional[int] = None) -> PoseSequence:
-    """A keypoints file -> PoseSequence on the model's canvas (centre crop + resize)."""
-    poses = load_poses(path, height=height, width=width)
+                   width: Optional[int] = None, canvas: Optional[tuple[int, int]] = None) -> PoseSequence:
+    """A keypoints file -> PoseSequence on the model's canvas (centre crop + resize).
+
+    ``canvas`` (the reference image's (H, W)) is the image size of a file that records none.
+    """
+    poses = load_poses(path, height=height, width=width, default_size=canvas)
     box = _center_box(poses.height, poses.width, resolution)
-    return resize_poses(crop_poses(poses, box), *resolution)
+    cropped = crop_poses(poses, box)
+    off, shown = count_off_canvas(cropped)
+    emptied = np.nonzero((shown > 0) & (off == shown))[0]
+    if len(emptied):  # it would render as a blank frame
+        raise ValueError(f"{path}: frame {emptied[0]}: the person lies wholly outside the centre "
+                         f"crop (x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the "
+                         f"{poses.height}x{poses.width} canvas to the model's "
+                         f"{resolution[0]}x{resolution[1]}; crop the poses around the person first "
+                         f"(consist_jax.poses.crop_around_person)")
+    return resize_poses(cropped, *resolution)
+
+
+def _first_error(stderr: str) -> str:
+    """ffmpeg's first error line, without its "[h264 @ 0x55...]" address."""
+    line = stderr.strip().splitlines()[0] if stderr.strip() else "no message"
+    return re.sub(r" @ 0x[0-9a-f]+", "", line)
+
+
+def _decode_video(path: str) -> np.ndarray:
+    """A video file -> uint8 (F, H, W, 3) via ffmpeg, refusing anything it could not decode.
+
+    ffmpeg stops at the first decoding error (``-xerror``; one thread, so frames come out in
+    order): the error names the file and the frame it reached. A clean decode that yields
+    fewer frames than the header's duration x fps promises is an error too.
+    """
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(path)
+        meta = next(reader)
+        reader.close()
+    except (OSError, RuntimeError, StopIteration) as e:
+        lines = [line for line in str(e).splitlines() if "error" in line.lower()]
+        reason = _first_error(lines[0] if lines else str(e))
+        raise ValueError(f"cannot read poses {path!r} as a video: {reason}") from None
+    width, height = meta["size"]
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-threads", "1",
+               "-xerror", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
+    result = subprocess.run(command, capture_output=True)
+    count = len(result.stdout) // (height * width * 3)
+    errors = result.stderr.decode(errors="replace")
+    if result.returncode != 0 or errors.strip():
+        raise ValueError(f"pose video {path!r} is corrupt: decoding failed at frame {count} "
+                         f"(ffmpeg: {_first_error(errors)})")
+    promised = int(round(meta["fps"] * meta["duration"])) if meta.get("fps") and meta.get("duration") else 0
+    if count < promised - max(1, int(VIDEO_FRAME_SLACK * promised)):
+        raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises "
+                         f"{promised} ({meta['duration']} s at {meta['fps']} fps): frames from {count} "
+                         f"on are missing")
+    frames = np.frombuffer(result.stdout, np.uint8)[:count * height * width * 3]
+    return frames.reshape(count, height, width, 3)
+
+
+def _read_gif(path: str) -> np.ndarray:
+    """An animated GIF -> uint8 (F, H, W, 3)."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as gif:
+            return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(gif)])
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read poses {path!r} as a GIF: {e}") from e
 
 
 def read_pose_images(path: str, resolution: tuple[int, int],
                      canvas: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """A folder of pose images or a pose video -> uint8 (F, H, W, 3).
+    """A folder of pose images, one pose image, or a pose video -> uint8 (F, H, W, 3).
 
     All frames must share one size, and with ``canvas`` (the reference image's (H, W))
     be of that size: a skeleton drawn on another canvas would not line up with the
     person once both are cropped and resized (pass keypoints to re-target instead).
     """
-    import imageio.v3 as iio
-
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
             raise ValueError(f"pose folder {path!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         names = [os.path.join(path, f) for f in files]
-        frames = [iio.imread(name) for name in names]
+        frames = [load_image(name, "pose image") for name in names]
     else:
-        try:
-            frames = list(iio.imiter(path))
-        except Exception as e:  # imageio raises several types for undecodable files
-            raise ValueError(f"cannot read poses {path!r} as a video: {e}") from e
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            frames = [load_image(path, "pose image")]
+        elif path.lower().endswith(".gif"):
+            frames = list(_read_gif(path))
+        else:
+            frames = list(_decode_video(path))
         names = [f"{path} frame {i}" for i in range(len(frames))]
     if not frames:
         raise ValueError(f"{path!r} holds no frames")
@@ -97,8 +205,7 @@ def read_pose_images(path: str, resolution: tuple[int, int],
             what = "the reference image" if canvas else f"the first pose ({names[0]})"
             raise ValueError(f"pose {name} is {frame.shape[0]}x{frame.shape[1]} (HxW) but {what} is "
                              f"{expected[0]}x{expected[1]}: poses must be drawn on the reference's canvas")
-    frames = [f[..., :3] if f.ndim == 3 else np.repeat(f[..., None], 3, -1) for f in frames]
-    return np.stack([fit_image(np.asarray(f, np.uint8), resolution, nearest=True) for f in frames])
+    return np.stack([fit_image(f, resolution, nearest=True) for f in frames])
 
 
 def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: Optional[str] = None,
@@ -106,8 +213,10 @@ def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: O
                canvas: Optional[tuple[int, int]] = None):
     """Pose input at ``path`` -> (uint8 pose images (F, H, W, 3), PoseSequence or None).
 
-    Keypoint files can be aligned to the reference person (``align``: off | global |
-    per_limb), which needs the reference's keypoints; image/video poses cannot.
+    ``canvas`` is the reference image's (H, W): pose images must be drawn on it, and a
+    keypoints file that records no image size is taken to be on it. Keypoint files can
+    be aligned to the reference person (``align``: off | global | per_limb), which needs
+    the reference's keypoints; image/video poses cannot.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"poses {path!r} do not exist")
@@ -117,13 +226,13 @@ def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: O
         if align != "off":
             raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
         return read_pose_images(path, resolution, canvas), None
-    poses = read_keypoints(path, resolution, height, width)
+    poses = read_keypoints(path, resolution, height, width, canvas)
     if len(poses) == 0:
         raise ValueError(f"poses {path!r} hold zero frames")
     if align != "off":
         if reference_keypoints is None:
             raise ValueError("aligning poses needs the reference's keypoints (--reference_keypoints)")
-        reference = read_keypoints(reference_keypoints, resolution, height, width)
+        reference = read_keypoints(reference_keypoints, resolution, height, width, canvas)
         poses = align_poses(poses, reference, mode=align)
     return render(poses), poses
 
