@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ imports resolve
+from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).", lock_config=True)
@@ -45,6 +46,22 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def check_flags(config) -> None:
+    """Everything train() would refuse that needs no device: before jax starts."""
+    from consist_jax import checks
+    from consist_jax.training.validate import check_run_config
+
+    check_run_config(config)
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        raise FileExistsError(f"--workdir={FLAGS.workdir!r} is a file, not a folder")
+    if FLAGS.num_processes is not None:
+        checks.positive_int("--num_processes", FLAGS.num_processes)
+    if FLAGS.process_id is not None:
+        last = FLAGS.num_processes - 1 if FLAGS.num_processes else None
+        checks.non_negative_int("--process_id", FLAGS.process_id, last)
+
+
+@cli.reports_user_errors
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -53,6 +70,7 @@ def main(argv):
     if FLAGS.resume is not None:
         with config.unlocked():
             config.resume = FLAGS.resume
+    check_flags(config)
     initialize_distributed()
     from consist_jax.training.trainer import train
 
