@@ -13,6 +13,7 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A train.py workdir (its latest checkpoint is used).")
@@ -62,6 +63,20 @@ def read_inputs(pipe):
     return reference, ref_pose, poses
 
 
+def check_flags() -> None:
+    """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
+    from consist_jax import checks
+    from consist_jax.sampling import io
+    from consist_jax.training.validate import check_sample_settings
+
+    check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, window=FLAGS.window,
+                          overlap=FLAGS.overlap, seed=FLAGS.seed)
+    if FLAGS.step is not None:
+        checks.non_negative_int("--step", FLAGS.step)
+    io.check_output(FLAGS.out, FLAGS.fps, fps_name="--fps")
+
+
+@cli.reports_user_errors
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -69,6 +84,7 @@ def main(argv):
     from consist_jax.sampling import io
     from consist_jax.sampling.pipeline import SCDPipeline
 
+    check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
     reference, ref_pose, poses = read_inputs(pipe)
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,

@@ -48,12 +48,13 @@ def initialize_distributed() -> None:
 
 def check_flags(config) -> None:
     """Everything train() would refuse that needs no device: before jax starts."""
-    from consist_jax import checks
+    from consist_jax import checks, files
     from consist_jax.training.validate import check_run_config
 
     check_run_config(config)
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
         raise FileExistsError(f"--workdir={FLAGS.workdir!r} is a file, not a folder")
+    files.check_can_create(FLAGS.workdir, "--workdir")
     if FLAGS.num_processes is not None:
         checks.positive_int("--num_processes", FLAGS.num_processes)
     if FLAGS.process_id is not None:

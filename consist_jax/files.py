@@ -36,6 +36,15 @@ def ensure_folder(folder: str) -> None:
         raise WriteError(f"cannot create folder {folder!r}: {e.strerror or e}") from e
 
 
+def check_can_create(path: str, what: str = "output") -> None:
+    """Refuses, before any work, a ``path`` under a plain file (its folder cannot be made)."""
+    ancestor = os.path.dirname(os.path.abspath(path.rstrip("/")))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise FileExistsError(f"cannot write {what} {path!r}: {ancestor!r} is a file, not a folder")
+
+
 def _describe(error: BaseException) -> str:
     text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     text = " ".join(text.split()) or type(error).__name__  # one line, whatever the writer printed

@@ -8,7 +8,7 @@ ratio and resized (PIL bicubic; pose images nearest, so skeleton colours stay ex
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -137,26 +137,22 @@ def output_suffix(path: str) -> str:
     return os.path.splitext(path.rstrip("/"))[1].lower()
 
 
-def check_output(path: str, fps: float) -> None:
+def check_output(path: str, fps: float, fps_name: str = "fps") -> None:
     """Refuses what ``write_video(path, frames, fps)`` could not write, before any work."""
-    from consist_jax import checks
+    from consist_jax import checks, files
 
     suffix = output_suffix(path)
     if suffix and suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"{path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
+        raise ValueError(f"output {path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
     if suffix == ".gif":
-        checks.check_number("fps", fps, 0, MAX_GIF_FPS, low_open=True)
+        checks.check_number(fps_name, fps, 0, MAX_GIF_FPS, low_open=True)
     else:
-        checks.positive_number("fps", fps)
+        checks.positive_number(fps_name, fps)
     if suffix and os.path.isdir(path):
-        raise FileExistsError(f"{path!r} is a folder; a {suffix} output needs a file name")
+        raise FileExistsError(f"output {path!r} is a folder; a {suffix} output needs a file name")
     if not suffix and os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"{path!r} is a file; PNG frames (no suffix) go to a folder")
-    ancestor = os.path.dirname(os.path.abspath(path.rstrip("/")))
-    while not os.path.exists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        raise FileExistsError(f"cannot write {path!r}: {ancestor!r} is a file, not a folder")
+        raise FileExistsError(f"output {path!r} is a file; PNG frames (no suffix) go to a folder")
+    files.check_can_create(path)
 
 
 def _check_frames_read_back(expected: int, exact: bool):
@@ -176,10 +172,9 @@ def _check_frames_read_back(expected: int, exact: bool):
     return check
 
 
-def write_frames(folder: str, frames: np.ndarray) -> None:
-    """uint8 (F, H, W, 3) -> folder/000.png, 001.png, ... (lossless, for exact comparisons).
-
-    Each PNG is written atomically and read back (files.atomic_path)."""
+def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]] = None) -> None:
+    """uint8 (F, H, W, 3) -> folder/000.png, 001.png, ... or ``names`` (lossless, for exact
+    comparisons). Each PNG is written atomically and read back (files.atomic_path)."""
     from PIL import Image
 
     from consist_jax import files
@@ -192,12 +187,13 @@ def write_frames(folder: str, frames: np.ndarray) -> None:
         return check
 
     files.ensure_folder(folder)
+    names = names or [f"{i:03d}.png" for i in range(len(frames))]
     written = []
     try:
-        for i, frame in enumerate(frames):
-            with files.atomic_path(os.path.join(folder, f"{i:03d}.png"), same_image(frame)) as tmp:
+        for name, frame in zip(names, frames):
+            with files.atomic_path(os.path.join(folder, name), same_image(frame)) as tmp:
                 Image.fromarray(frame).save(tmp)
-            written.append(os.path.join(folder, f"{i:03d}.png"))
+            written.append(os.path.join(folder, name))
     except files.WriteError:
         for name in written:  # a video is all its frames or none
             os.remove(name)
