@@ -115,3 +115,30 @@ def test_check_output(tmp_path):
     ]:
         with pytest.raises((ValueError, FileExistsError), match=message):
             io.check_output(str(tmp_path / path), fps)
+
+
+FULL_DISK_DATA = """
+import resource, sys
+from consist_jax.data import synthetic
+config = synthetic.SyntheticConfig(identities=4, frames=4, size=16, seed=int(sys.argv[2]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+synthetic.generate(sys.argv[1], config)
+"""
+
+
+def test_data_shards_on_a_full_disk(rng, tmp_path):
+    """A dataset is whole (all shards + dataset_info.json) or absent; a whole one reads back."""
+    from consist_jax.data.shards import find_split_files, write_split_shards
+    from consist_jax.data.source import VideoRecordSource
+
+    records = [rng.bytes(int(n)) for n in rng.integers(1, 64, 5)]
+    paths = write_split_shards(str(tmp_path / "ok"), "x", "train", records, len(records), 2)
+    assert [len(VideoRecordSource([p])) for p in paths] == [2, 2, 1]
+    assert find_split_files(str(tmp_path / "ok"), "train") == paths
+    out = tmp_path / "full"
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_DATA, str(out), str(int(rng.integers(2**31))), "4096"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert f"WriteError: cannot write '{out}/" in result.stderr, result.stderr[-2000:]
+    assert _listing(out) == []

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import time
@@ -30,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from consist_jax.data import records
+from consist_jax.files import write_json
 from consist_jax.data.shards import write_split_shards
 from consist_jax.poses import layouts
 from consist_jax.poses.render import draw_skeletons
@@ -431,8 +431,8 @@ def generate(out_dir: str, config: SyntheticConfig) -> dict:
         if pool:
             pool.close()
             pool.join()
-    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    # Written last and atomically: its presence marks a complete dataset (trainer.ensure_dataset).
+    write_json(os.path.join(out_dir, "dataset_info.json"), info, indent=1)
     return info
 
 
