@@ -18,7 +18,8 @@ videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
         --reference_pose=.../reference_pose.png --poses=.../poses --out=.../resampled \
         --steps=25 --guidance=G --window=F --overlap=0 --seed=0
 
-reproduces ``generated/`` bit for bit.
+reproduces ``generated/`` bit for bit. Flags are checked before the checkpoint loads; a
+user error prints one line and exits 2 (CONSIST_TRACEBACK=1 for the traceback).
 """
 import os
 import sys

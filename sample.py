@@ -5,7 +5,9 @@
         --steps=25 --guidance=3.0 --seed=0 [--align_poses=per_limb] [--side_by_side]
 
 The same seed gives the same video (``--out`` without a suffix writes lossless PNG
-frames, e.g. to compare runs bit for bit). Everything is checked before any compile.
+frames, e.g. to compare runs bit for bit). Everything is checked before any compile: a
+bad flag or input prints one line and exits 2 (CONSIST_TRACEBACK=1 or --verbosity=1
+shows the traceback); a failed write leaves no file and exits 2.
 """
 import os
 import sys
@@ -87,6 +89,7 @@ def main(argv):
     check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
     reference, ref_pose, poses = read_inputs(pipe)
+    io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,
                   progress=True)

@@ -6,6 +6,9 @@ Multi-host: start one process per host with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables; on TPU pods and SLURM, JAX finds them itself
 with --distributed). Each process loads its own shard of the data.
+
+The config's numbers are range-checked before anything is built; a user error prints
+one line and exits 2 (CONSIST_TRACEBACK=1 or --verbosity=1 shows the traceback).
 """
 import os
 import sys

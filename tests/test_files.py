@@ -142,3 +142,10 @@ def test_data_shards_on_a_full_disk(rng, tmp_path):
     assert result.returncode != 0
     assert f"WriteError: cannot write '{out}/" in result.stderr, result.stderr[-2000:]
     assert _listing(out) == []
+
+
+def test_odd_frame_sizes_for_mp4(rng, tmp_path):
+    with pytest.raises(ValueError, match="H.264 needs an even frame size, the frames are 15x16"):
+        io.write_video(str(tmp_path / "out.mp4"), _frames(rng)[:, :15], fps=12.0)
+    io.write_video(str(tmp_path / "out.gif"), _frames(rng)[:, :15], fps=12.0)
+    assert _listing(tmp_path) == ["out.gif"]

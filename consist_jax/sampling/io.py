@@ -137,8 +137,10 @@ def output_suffix(path: str) -> str:
     return os.path.splitext(path.rstrip("/"))[1].lower()
 
 
-def check_output(path: str, fps: float, fps_name: str = "fps") -> None:
-    """Refuses what ``write_video(path, frames, fps)`` could not write, before any work."""
+def check_output(path: str, fps: float, fps_name: str = "fps",
+                 frame_size: Optional[tuple[int, int]] = None) -> None:
+    """Refuses what ``write_video(path, frames, fps)`` could not write, before any work
+    (``frame_size``: the frames' (H, W), when known)."""
     from consist_jax import checks, files
 
     suffix = output_suffix(path)
@@ -153,6 +155,9 @@ def check_output(path: str, fps: float, fps_name: str = "fps") -> None:
     if not suffix and os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"output {path!r} is a file; PNG frames (no suffix) go to a folder")
     files.check_can_create(path)
+    if suffix == ".mp4" and frame_size is not None and (frame_size[0] % 2 or frame_size[1] % 2):
+        raise ValueError(f"output {path!r}: H.264 needs an even frame size, the frames are "
+                         f"{frame_size[0]}x{frame_size[1]} (write .gif or PNG frames)")
 
 
 def _check_frames_read_back(expected: int, exact: bool):
@@ -210,7 +215,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
 
     from consist_jax import files
 
-    check_output(path, fps)
+    check_output(path, fps, frame_size=frames.shape[1:3])
     suffix = output_suffix(path)
     if not suffix:
         write_frames(path, frames)
