@@ -52,7 +52,11 @@ def wants_traceback() -> bool:
 
 
 def one_line(error: BaseException) -> str:
+    """"error: MESSAGE" on one line; the project's own error types keep their name
+    (NonFiniteLossError, CheckpointError, WriteError, ...), which says what failed."""
     text = " ".join(str(error).split()) or type(error).__name__
+    if type(error).__module__.startswith("consist_jax."):
+        text = f"{type(error).__name__}: {text}"
     return f"error: {text}"
 
 

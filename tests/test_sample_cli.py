@@ -131,5 +131,5 @@ def test_sample_py_on_a_full_disk(uninterrupted_run, data_dir, tmp_path):
     result = subprocess.run([cmd[0], "-c", LIMITED_FILE_SIZE, "512", *cmd], cwd=REPO, env=run_env(data_dir),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"error: cannot write '{out}'" in result.stderr.strip().splitlines()[-1]
+    assert f"error: WriteError: cannot write '{out}'" in result.stderr.strip().splitlines()[-1]
     assert "wrote" not in result.stdout and os.listdir(out.parent) == []
