@@ -70,9 +70,11 @@ def atomic_path(path: str, check: Optional[Callable[[str], None]] = None) -> Ite
         if check is not None:
             check(tmp)
         os.replace(tmp, path)
-    except Exception as e:
+    except BaseException as e:  # KeyboardInterrupt too: never leave the partial file
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if not isinstance(e, Exception):
+            raise
         raise WriteError(f"cannot write {path!r}: {_describe(e)}") from e
 
 

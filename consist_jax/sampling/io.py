@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from consist_jax import checks, files
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import load_poses
 from consist_jax.poses.keypoints import PoseSequence
@@ -141,8 +142,6 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
                  frame_size: Optional[tuple[int, int]] = None) -> None:
     """Refuses what ``write_video(path, frames, fps)`` could not write, before any work
     (``frame_size``: the frames' (H, W), when known)."""
-    from consist_jax import checks, files
-
     suffix = output_suffix(path)
     if suffix and suffix not in OUTPUT_SUFFIXES:
         raise ValueError(f"output {path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
@@ -182,8 +181,6 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
     comparisons). Each PNG is written atomically and read back (files.atomic_path)."""
     from PIL import Image
 
-    from consist_jax import files
-
     def same_image(frame):
         def check(tmp):
             with Image.open(tmp) as image:
@@ -213,8 +210,8 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
     failure (a full disk, ffmpeg refusing) a WriteError names ``path`` and no file is left."""
     from PIL import Image
 
-    from consist_jax import files
-
+    if len(frames) == 0:
+        raise ValueError(f"output {path!r}: no frames to write")
     check_output(path, fps, frame_size=frames.shape[1:3])
     suffix = output_suffix(path)
     if not suffix:

@@ -55,9 +55,13 @@ OPTIM_RULES = {
     "grad_accum_steps": checks.positive_int,
     "ema_decay": checks.fraction_below_one,  # 0: no EMA
 }
+def _beta(name: str, value) -> None:
+    checks.check_number(name, value, 0, 1, low_open=True, high_open=True)
+
+
 DIFFUSION_RULES = {
-    "beta_start": lambda name, v: checks.check_number(name, v, 0, 1, low_open=True, high_open=True),
-    "beta_end": lambda name, v: checks.check_number(name, v, 0, 1, low_open=True, high_open=True),
+    "beta_start": _beta,
+    "beta_end": _beta,
     "num_train_timesteps": checks.positive_int,
 }
 PIPELINE_RULES = {
