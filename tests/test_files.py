@@ -149,3 +149,12 @@ def test_odd_frame_sizes_for_mp4(rng, tmp_path):
         io.write_video(str(tmp_path / "out.mp4"), _frames(rng)[:, :15], fps=12.0)
     io.write_video(str(tmp_path / "out.gif"), _frames(rng)[:, :15], fps=12.0)
     assert _listing(tmp_path) == ["out.gif"]
+
+
+@pytest.mark.parametrize("field, value", [("identities", 0), ("frames", -1), ("test_fraction", 1.0),
+                                          ("workers", -1), ("seed", -1), ("image_encoding", "jpeg")])
+def test_synthetic_config_ranges(field, value):
+    from consist_jax.data.synthetic import SyntheticConfig
+
+    with pytest.raises(ValueError, match=f"^synthetic.{field}="):
+        SyntheticConfig(**{field: value})
