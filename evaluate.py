@@ -18,9 +18,9 @@ videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
         --reference_pose=.../reference_pose.png --poses=.../poses --out=.../resampled \
         --steps=25 --guidance=G --window=F --overlap=0 --seed=0
 
-reproduces ``generated/`` bit for bit.
+reproduces ``generated/`` bit for bit. Flags are checked before the checkpoint loads; a
+user error prints one line and exits 2 (CONSIST_TRACEBACK=1 for the traceback).
 """
-import json
 import os
 import sys
 
@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A train.py workdir.")
@@ -71,16 +72,41 @@ def test_examples(data_dir, split, videos, frames, first, stride, resolution):
         yield video.video_id, video.frames[0], ref_pose, poses, video.frames[targets], masks
 
 
+def check_flags() -> None:
+    """The protocol's numbers and the output folder, before the checkpoint is loaded."""
+    from consist_jax import checks, files
+    from consist_jax.training.validate import check_sample_settings
+
+    check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, seed=FLAGS.seed)
+    checks.non_negative_int("--videos", FLAGS.videos)
+    checks.positive_int("--frames", FLAGS.frames)
+    checks.non_negative_int("--first_target", FLAGS.first_target)
+    checks.positive_int("--stride", FLAGS.stride)
+    checks.non_negative_int("--gifs", FLAGS.gifs)
+    if FLAGS.step is not None:
+        checks.non_negative_int("--step", FLAGS.step)
+    if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+        raise FileExistsError(f"--out={FLAGS.out!r} is a file; evaluate.py writes a folder")
+    files.check_can_create(FLAGS.out, "--out")
+    if FLAGS.eval_weights and not os.path.isdir(FLAGS.eval_weights):
+        raise FileNotFoundError(f"--eval_weights={FLAGS.eval_weights!r} is not a folder")
+    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+        raise FileNotFoundError(f"--data_dir={FLAGS.data_dir!r} is not a folder")
+
+
+@cli.reports_user_errors
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     from tqdm import tqdm
 
+    from consist_jax import files
     from consist_jax.eval.summary import EvaluationSummary
     from consist_jax.sampling import io
     from consist_jax.sampling.pipeline import SCDPipeline
 
+    check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step)
     config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
@@ -90,7 +116,7 @@ def main(argv):
         methods.update(copy_reference=None, no_reference=0.0)
     metric_names = ("L1", "PSNR", "SSIM", "LPIPS", "FID", "FVD", "FID-VID")
     summaries = {m: EvaluationSummary(FLAGS.eval_weights or None, metrics=metric_names) for m in methods}
-    os.makedirs(FLAGS.out, exist_ok=True)
+    files.ensure_folder(FLAGS.out)
     examples = test_examples(data_dir, FLAGS.split, FLAGS.videos, FLAGS.frames, FLAGS.first_target,
                              FLAGS.stride, pipe.resolution)
     for n, (video_id, reference, ref_pose, poses, real, masks) in enumerate(tqdm(list(examples), desc="videos")):
@@ -113,8 +139,7 @@ def main(argv):
                            "stride": FLAGS.stride, "steps": FLAGS.steps, "guidance": guidance,
                            "seed": FLAGS.seed},
               "methods": results}
-    with open(os.path.join(FLAGS.out, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    files.write_json(os.path.join(FLAGS.out, "metrics.json"), report)
     print(comparison_table(results))
     if FLAGS.baselines:
         print(baseline_verdict(results))
@@ -123,13 +148,10 @@ def main(argv):
 
 def save_example(folder, reference, reference_pose, poses, generated):
     """The inputs as sample.py reads them, and the generated frames (lossless PNGs)."""
-    from PIL import Image
-
     from consist_jax.sampling import io
 
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(reference).save(os.path.join(folder, "reference.png"))
-    Image.fromarray(reference_pose).save(os.path.join(folder, "reference_pose.png"))
+    io.write_frames(folder, reference[None], names=("reference.png",))
+    io.write_frames(folder, reference_pose[None], names=("reference_pose.png",))
     io.write_frames(os.path.join(folder, "poses"), poses)
     io.write_frames(os.path.join(folder, "generated"), generated)
 

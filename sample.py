@@ -5,7 +5,9 @@
         --steps=25 --guidance=3.0 --seed=0 [--align_poses=per_limb] [--side_by_side]
 
 The same seed gives the same video (``--out`` without a suffix writes lossless PNG
-frames, e.g. to compare runs bit for bit). Everything is checked before any compile.
+frames, e.g. to compare runs bit for bit). Everything is checked before any compile: a
+bad flag or input prints one line and exits 2 (CONSIST_TRACEBACK=1 or --verbosity=1
+shows the traceback); a failed write leaves no file and exits 2.
 """
 import os
 import sys
@@ -13,6 +15,7 @@ import sys
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A train.py workdir (its latest checkpoint is used).")
@@ -65,6 +68,20 @@ def read_inputs(pipe):
     return reference, ref_pose, poses
 
 
+def check_flags() -> None:
+    """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
+    from consist_jax import checks
+    from consist_jax.sampling import io
+    from consist_jax.training.validate import check_sample_settings
+
+    check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, window=FLAGS.window,
+                          overlap=FLAGS.overlap, seed=FLAGS.seed)
+    if FLAGS.step is not None:
+        checks.non_negative_int("--step", FLAGS.step)
+    io.check_output(FLAGS.out, FLAGS.fps, fps_name="--fps")
+
+
+@cli.reports_user_errors
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -72,8 +89,10 @@ def main(argv):
     from consist_jax.sampling import io
     from consist_jax.sampling.pipeline import SCDPipeline
 
+    check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
     reference, ref_pose, poses = read_inputs(pipe)
+    io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,
                   progress=True)

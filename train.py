@@ -6,6 +6,9 @@ Multi-host: start one process per host with --coordinator_address=HOST:PORT
 --num_processes=N --process_id=I (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables; on TPU pods and SLURM, JAX finds them itself
 with --distributed). Each process loads its own shard of the data.
+
+The config's numbers are range-checked before anything is built; a user error prints
+one line and exits 2 (CONSIST_TRACEBACK=1 or --verbosity=1 shows the traceback).
 """
 import os
 import sys
@@ -14,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ imports resolve
+from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).", lock_config=True)
@@ -45,6 +49,23 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def check_flags(config) -> None:
+    """Everything train() would refuse that needs no device: before jax starts."""
+    from consist_jax import checks, files
+    from consist_jax.training.validate import check_run_config
+
+    check_run_config(config)
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        raise FileExistsError(f"--workdir={FLAGS.workdir!r} is a file, not a folder")
+    files.check_can_create(FLAGS.workdir, "--workdir")
+    if FLAGS.num_processes is not None:
+        checks.positive_int("--num_processes", FLAGS.num_processes)
+    if FLAGS.process_id is not None:
+        last = FLAGS.num_processes - 1 if FLAGS.num_processes else None
+        checks.non_negative_int("--process_id", FLAGS.process_id, last)
+
+
+@cli.reports_user_errors
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
@@ -53,6 +74,7 @@ def main(argv):
     if FLAGS.resume is not None:
         with config.unlocked():
             config.resume = FLAGS.resume
+    check_flags(config)
     initialize_distributed()
     from consist_jax.training.trainer import train
 

@@ -13,6 +13,11 @@ from consist_jax.sampling.pipeline import SCDPipeline
 from tests.runs import REPO, run_env, script_cmd
 
 
+# Runs argv[2:] with writes past argv[1] bytes failing (EFBIG), as on a full disk.
+LIMITED_FILE_SIZE = ("import os, resource, sys; limit = int(sys.argv[1]); "
+                     "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])")
+
+
 @pytest.fixture(scope="module")
 def pipe(uninterrupted_run, monkeypatch_module):
     """The tiny run's pipeline with compiling forbidden: every error must come first."""
@@ -108,3 +113,23 @@ def test_sample_py_reproduces_an_evaluated_video(uninterrupted_run, data_dir, tm
     for name in generated:
         np.testing.assert_array_equal(np.asarray(Image.open(example / "resampled" / name)),
                                       np.asarray(Image.open(example / "generated" / name)), err_msg=name)
+
+
+def test_sample_py_on_a_full_disk(uninterrupted_run, data_dir, tmp_path):
+    """The write fails after sampling (a file-size limit stands in for a full disk): exit
+    code 2 naming the path, no "wrote", no file left. Same program as above: a cached compile."""
+    rng = np.random.default_rng(0)
+    reference, poses = tmp_path / "reference.png", tmp_path / "poses"
+    poses.mkdir()
+    _save(reference, rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    for i in range(2):
+        _save(poses / f"{i:03d}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "out" / "video.mp4"
+    cmd = script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={reference}",
+                     f"--reference_pose={reference}", f"--poses={poses}", f"--out={out}", "--steps=2",
+                     "--window=2", "--overlap=0", "--side_by_side")
+    result = subprocess.run([cmd[0], "-c", LIMITED_FILE_SIZE, "512", *cmd], cwd=REPO, env=run_env(data_dir),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: WriteError: cannot write '{out}'" in result.stderr.strip().splitlines()[-1]
+    assert "wrote" not in result.stdout and os.listdir(out.parent) == []

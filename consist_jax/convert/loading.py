@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -54,9 +54,22 @@ def read_config(folder: str, name: str = "config.json") -> dict:
         )
     with open(path) as f:
         try:
-            return json.load(f)
+            config = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(config).__name__}; a config is a JSON object of keys")
+    return config
+
+
+def config_from_file(from_dict: Callable[..., Any], folder: str, name: str = "config.json", **overrides):
+    """``from_dict(read_config(folder, name), **overrides)``: a key of the wrong type or
+    out of range raises ValueError naming the file and the key."""
+    config = read_config(folder, name)
+    try:
+        return from_dict(config, **overrides)
+    except (ValueError, TypeError) as e:  # TypeError: a type the checks did not foresee
+        raise ValueError(f"{os.path.join(folder, name)!r}: {e}") from e
 
 
 def find_weight_files(folder: str, weights_name: str) -> list[str]:

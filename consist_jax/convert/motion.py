@@ -31,6 +31,7 @@ from consist_jax.convert.loading import (
     PICKLE_SUFFIXES,
     CheckpointError,
     apply_rename_rules,
+    config_from_file,
     find_weight_files,
     read_config,
     read_state_dict,
@@ -168,7 +169,7 @@ def load_motion_adapter(path: str, *, dtype: Any = jnp.float32, **overrides) -> 
     """
     if os.path.isdir(path):
         config = read_config(path)
-        motion = MotionConfig.from_diffusers(config, **overrides)
+        motion = config_from_file(MotionConfig.from_diffusers, path, **overrides)
         channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
         layers_per_block = _uniform_layers(config.get("motion_layers_per_block", 2), path)
         files = find_weight_files(path, "diffusion_pytorch_model")

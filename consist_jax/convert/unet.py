@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.convert.loading import load_params_from_folder, read_config, to_jax_params
+from consist_jax.convert.loading import config_from_file, load_params_from_folder, to_jax_params
 from consist_jax.models.pose_encoder import PoseEncoder
 from consist_jax.models.unet import UNet, UNetConfig
 
@@ -57,7 +57,7 @@ def load_unet(folder: str, dtype: Any = jnp.float32, *, rng: jax.Array | None = 
     Weights new to SCD (the pose encoder) initialise from ``rng`` when absent.
     ``dtype`` is the parameter dtype and the compute dtype.
     """
-    config = UNetConfig.from_diffusers(read_config(folder), dtype=dtype, **overrides)
+    config = config_from_file(UNetConfig.from_diffusers, folder, dtype=dtype, **overrides)
     reference = unet_param_shapes(config)
     if config.pose_block_out_channels is not None:
         # Only the new weights need real values; the rest come from the file.

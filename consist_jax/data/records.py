@@ -107,10 +107,13 @@ class RecordHeader:
     arrays: dict  # name -> array entry (dict from the JSON) with "offset" added
 
 
+IMAGE_ENCODINGS = ("raw", "png")
+
+
 def encode_video(example: VideoExample, *, image_encoding: str = "raw") -> bytes:
     """Serialises a video; image_encoding "png" stores image arrays as per-frame PNGs."""
-    if image_encoding not in ("raw", "png"):
-        raise ValueError(f"image_encoding must be 'raw' or 'png', got {image_encoding!r}")
+    if image_encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"image_encoding must be one of {IMAGE_ENCODINGS}, got {image_encoding!r}")
     _validate_example(example)
     entries, blobs = [], []
     for name in _ARRAY_SPECS:

@@ -7,6 +7,7 @@ alike on disk and the pipeline finds both the same way:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import math
@@ -15,6 +16,8 @@ import re
 from typing import Iterable
 
 from array_record.python import array_record_module
+
+from consist_jax import files
 
 # group_size:1 makes every record its own chunk: random access reads one record.
 WRITER_OPTIONS = "group_size:1"
@@ -27,30 +30,49 @@ def shard_paths(out_dir: str, name: str, split: str, num_shards: int) -> list[st
 
 
 def write_records(path: str, encoded_records: Iterable[bytes]) -> int:
-    """Writes records to one ArrayRecord file; returns how many."""
-    writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
+    """Writes records to one ArrayRecord file; returns how many.
+
+    Written under a temporary name, its records counted back, then renamed: a failed
+    write (a full disk) raises files.WriteError naming ``path`` and leaves no file."""
     count = 0
-    try:
-        for record in encoded_records:
-            writer.write(record)
-            count += 1
-    finally:
-        writer.close()
+
+    def all_records_read_back(tmp):
+        from consist_jax.data.source import _count_records  # the reader's check (source imports us)
+
+        if _count_records(tmp) != count:
+            raise ValueError(f"wrote {count} records but {_count_records(tmp)} read back")
+
+    with files.atomic_path(path, all_records_read_back) as tmp:
+        writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+        try:
+            for record in encoded_records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
     return count
 
 
 def write_split_shards(out_dir: str, name: str, split: str, encoded_records: Iterable[bytes],
                        num_records: int, records_per_shard: int) -> list[str]:
-    """Writes `num_records` records in order over ceil(num_records / records_per_shard) shards."""
+    """Writes `num_records` records in order over ceil(num_records / records_per_shard) shards.
+
+    A split is all its shards or none: a failure removes the shards written before it."""
     num_shards = max(1, math.ceil(num_records / records_per_shard))
     paths = shard_paths(out_dir, name, split, num_shards)
     iterator = iter(encoded_records)
     written = 0
-    for path in paths:
-        take = min(records_per_shard, num_records - written)
-        written += write_records(path, itertools.islice(iterator, take))
-    if written != num_records:
-        raise ValueError(f"expected {num_records} records for split {split!r}, got {written}")
+    try:
+        for path in paths:
+            take = min(records_per_shard, num_records - written)
+            written += write_records(path, itertools.islice(iterator, take))
+        if written != num_records:
+            raise ValueError(f"expected {num_records} records for split {split!r}, got {written}")
+    except Exception:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
     return paths
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import time
@@ -29,7 +28,9 @@ from typing import Sequence
 
 import numpy as np
 
+from consist_jax import checks
 from consist_jax.data import records
+from consist_jax.files import write_json
 from consist_jax.data.shards import write_split_shards
 from consist_jax.poses import layouts
 from consist_jax.poses.render import draw_skeletons
@@ -54,6 +55,16 @@ class SyntheticConfig:
     image_encoding: str = "raw"  # "png" keeps large resolutions small on disk
     records_per_shard: int = 64
     workers: int = 0  # processes for drawing; 0 draws in this process
+
+    def __post_init__(self):
+        for name in ("identities", "frames", "size", "videos_per_identity", "records_per_shard"):
+            checks.positive_int(f"synthetic.{name}", getattr(self, name))
+        checks.non_negative_int("synthetic.workers", self.workers)
+        checks.seed("synthetic.seed", self.seed)
+        checks.fraction_below_one("synthetic.test_fraction", self.test_fraction)
+        checks.positive_number("synthetic.fps", self.fps)
+        if self.image_encoding not in records.IMAGE_ENCODINGS:
+            raise ValueError(f"synthetic.image_encoding={self.image_encoding!r}: one of {records.IMAGE_ENCODINGS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,8 +442,8 @@ def generate(out_dir: str, config: SyntheticConfig) -> dict:
         if pool:
             pool.close()
             pool.join()
-    with open(os.path.join(out_dir, "dataset_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    # Written last and atomically: its presence marks a complete dataset (trainer.ensure_dataset).
+    write_json(os.path.join(out_dir, "dataset_info.json"), info, indent=1)
     return info
 
 
@@ -448,10 +459,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-encoding", choices=("raw", "png"), default="raw")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
-    config = SyntheticConfig(
-        identities=args.identities, frames=args.frames, size=args.size, seed=args.seed,
-        videos_per_identity=args.videos_per_identity, test_fraction=args.test_fraction,
-        image_encoding=args.image_encoding, workers=args.workers)
+    try:
+        config = SyntheticConfig(
+            identities=args.identities, frames=args.frames, size=args.size, seed=args.seed,
+            videos_per_identity=args.videos_per_identity, test_fraction=args.test_fraction,
+            image_encoding=args.image_encoding, workers=args.workers)
+    except ValueError as e:
+        parser.error(str(e))
     start = time.perf_counter()
     info = generate(args.out, config)
     counts = {s: v["num_records"] for s, v in info["splits"].items()}

@@ -3,7 +3,7 @@
     summary = EvaluationSummary(weights_dir="weights/eval")          # protocol=STANDARD
     for generated, ground_truth, mask in batches:                    # (B, F, H, W, 3) in [0, 1]
         summary.add_videos(generated, ground_truth, mask)            # or add_frames((N, H, W, 3))
-    json.dump(summary.result(), open("metrics.json", "w"), indent=2)
+    files.write_json("metrics.json", summary.result())               # consist_jax.files: atomic
 
 Nothing is kept per frame: pixel metrics go into ``StreamingMean``s, feature-network
 outputs into ``FrechetStats`` (host float64), so a whole test split never sits in memory.

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.convert.loading import load_params_from_folder, read_config, to_jax_params
+from consist_jax import checks
+from consist_jax.convert.loading import config_from_file, load_params_from_folder, read_config, to_jax_params
 from consist_jax.models.image_preprocessing import CLIP_MEAN, CLIP_STD
 from consist_jax.models.attention import dot_product_attention
 
@@ -75,6 +76,10 @@ class CLIPVisionConfig:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                     "num_attention_heads", "num_channels", "image_size", "patch_size"):
+            checks.positive_int(name, getattr(self, name))
+        checks.positive_number("layer_norm_eps", self.layer_norm_eps)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"CLIP hidden_act={self.hidden_act!r} not supported: one of {sorted(ACTIVATIONS)}"
@@ -310,7 +315,7 @@ def load_image_encoder(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPVisio
     ``{"params": params}``.
     """
     raw = read_config(folder)
-    config = CLIPVisionConfig.from_transformers(raw, dtype=dtype)
+    config = config_from_file(CLIPVisionConfig.from_transformers, folder, dtype=dtype)
     ignored = IGNORED_BUFFERS + (TEXT_TOWER_KEYS if raw.get("model_type") == "clip" else ())
     params = load_params_from_folder(
         folder,

@@ -22,7 +22,6 @@ Inputs are uint8 RGB: an (H, W, 3) array, a PIL image, a list of those, or an
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -84,8 +83,9 @@ def load_preprocess_config(folder: str) -> CLIPPreprocessConfig:
     path = os.path.join(folder, "preprocessor_config.json")
     if not os.path.isfile(path):
         return CLIPPreprocessConfig()
-    with open(path) as f:
-        return CLIPPreprocessConfig.from_transformers(json.load(f))
+    from consist_jax.convert.loading import config_from_file  # safetensors: only when a folder is read
+
+    return config_from_file(CLIPPreprocessConfig.from_transformers, folder, "preprocessor_config.json")
 
 
 def resize_shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from consist_jax import checks
 from consist_jax.models.attention import ATTENTION_IMPLS, ATTENTION_RULES, ReferenceLayout
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 from consist_jax.models.motion import MotionConfig, TemporalTransformer, on_target_frames
@@ -95,6 +96,13 @@ class UNetConfig:
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
     def __post_init__(self):
+        for name in ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups"):
+            checks.positive_int(name, getattr(self, name))
+        for name in ("block_out_channels", "attention_heads", "transformer_layers_per_block"):
+            checks.positive_ints(name, getattr(self, name))
+        if self.pose_block_out_channels is not None:
+            checks.positive_ints("pose_block_out_channels", self.pose_block_out_channels)
+        checks.positive_number("norm_eps", self.norm_eps)
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "attention_heads", "transformer_layers_per_block"):
             if len(getattr(self, name)) != n:
@@ -128,7 +136,7 @@ class UNetConfig:
     def from_diffusers(cls, config: dict, **overrides) -> "UNetConfig":
         """Builds the config from a diffusers ``config.json`` dict; ``overrides`` set SCD options."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers metadata
-        n = len(config.get("block_out_channels", cls.block_out_channels))
+        n = len(checks.positive_ints("block_out_channels", config.get("block_out_channels", cls.block_out_channels)))
         unknown = set(config) - _IGNORED_KEYS - set(_MUST_BE_DEFAULT) - {
             f.name for f in dataclasses.fields(cls)
         } - {"attention_head_dim", "num_attention_heads", "mid_block_type"}

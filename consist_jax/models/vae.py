@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.convert.loading import load_params_from_folder, read_config, to_jax_params
+from consist_jax import checks
+from consist_jax.convert.loading import config_from_file, load_params_from_folder, to_jax_params
 from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 
@@ -71,6 +72,12 @@ class VAEConfig:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups"):
+            checks.positive_int(name, getattr(self, name))
+        checks.positive_ints("block_out_channels", self.block_out_channels)
+        checks.positive_number("scaling_factor", self.scaling_factor)
+        if self.shift_factor is not None:
+            checks.finite_number("shift_factor", self.shift_factor)
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(
@@ -92,7 +99,7 @@ class VAEConfig:
         _check_diffusers_vae_config(config)
         present = {**_DIFFUSERS_DEFAULTS, **config}
         kwargs = {f.name: present[f.name] for f in dataclasses.fields(cls) if f.name in present}
-        kwargs["block_out_channels"] = tuple(kwargs["block_out_channels"])
+        kwargs["block_out_channels"] = checks.positive_ints("block_out_channels", kwargs["block_out_channels"])
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -372,7 +379,7 @@ def load_vae(folder: str, dtype: Any = jnp.float32) -> tuple[AutoencoderKL, dict
     which is both the parameter and the compute dtype. Pre-0.14 attention names
     (query/key/value/proj_attn) are renamed. Apply with ``{"params": params}``.
     """
-    config = VAEConfig.from_diffusers(read_config(folder), dtype=dtype)
+    config = config_from_file(VAEConfig.from_diffusers, folder, dtype=dtype)
     params = load_params_from_folder(
         folder,
         "diffusion_pytorch_model",

@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
+from consist_jax import checks, files
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
@@ -237,33 +238,105 @@ def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: O
     return render(poses), poses
 
 
-def write_frames(folder: str, frames: np.ndarray) -> None:
-    """uint8 (F, H, W, 3) -> folder/000.png, 001.png, ... (lossless, for exact comparisons)."""
+OUTPUT_SUFFIXES = (".mp4", ".gif")  # and no suffix: a folder of PNG frames
+MAX_GIF_FPS = 100.0  # GIF delays are whole centiseconds
+
+
+def output_suffix(path: str) -> str:
+    """".mp4", ".gif" or "" (a folder of PNG frames), lower-case."""
+    return os.path.splitext(path.rstrip("/"))[1].lower()
+
+
+def check_output(path: str, fps: float, fps_name: str = "fps",
+                 frame_size: Optional[tuple[int, int]] = None) -> None:
+    """Refuses what ``write_video(path, frames, fps)`` could not write, before any work
+    (``frame_size``: the frames' (H, W), when known)."""
+    suffix = output_suffix(path)
+    if suffix and suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
+    if suffix == ".gif":
+        checks.check_number(fps_name, fps, 0, MAX_GIF_FPS, low_open=True)
+    else:
+        checks.positive_number(fps_name, fps)
+    if suffix and os.path.isdir(path):
+        raise FileExistsError(f"output {path!r} is a folder; a {suffix} output needs a file name")
+    if not suffix and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"output {path!r} is a file; PNG frames (no suffix) go to a folder")
+    files.check_can_create(path)
+    if suffix == ".mp4" and frame_size is not None and (frame_size[0] % 2 or frame_size[1] % 2):
+        raise ValueError(f"output {path!r}: H.264 needs an even frame size, the frames are "
+                         f"{frame_size[0]}x{frame_size[1]} (write .gif or PNG frames)")
+
+
+def _check_frames_read_back(expected: int, exact: bool):
+    """A check for files.atomic_path: the video decodes to ``expected`` frames (GIF
+    writers merge identical consecutive frames, so a GIF may hold fewer)."""
+
+    def check(tmp: str) -> None:
+        import imageio.v3 as iio
+
+        try:
+            count = sum(1 for _ in iio.imiter(tmp))
+        except Exception as e:  # imageio raises several types for undecodable files
+            raise ValueError("the written file does not decode (truncated?)") from e
+        if count != expected if exact else not 1 <= count <= expected:
+            raise ValueError(f"wrote {expected} frames but {count} read back")
+
+    return check
+
+
+def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]] = None) -> None:
+    """uint8 (F, H, W, 3) -> folder/000.png, 001.png, ... or ``names`` (lossless, for exact
+    comparisons). Each PNG is written atomically and read back (files.atomic_path)."""
     from PIL import Image
 
-    os.makedirs(folder, exist_ok=True)
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).save(os.path.join(folder, f"{i:03d}.png"))
+    def same_image(frame):
+        def check(tmp):
+            with Image.open(tmp) as image:
+                if not np.array_equal(np.asarray(image), frame):
+                    raise ValueError("the PNG does not read back as written")
+        return check
+
+    files.ensure_folder(folder)
+    names = names or [f"{i:03d}.png" for i in range(len(frames))]
+    written = []
+    try:
+        for name, frame in zip(names, frames):
+            with files.atomic_path(os.path.join(folder, name), same_image(frame)) as tmp:
+                Image.fromarray(frame).save(tmp)
+            written.append(os.path.join(folder, name))
+    except files.WriteError:
+        for name in written:  # a video is all its frames or none
+            os.remove(name)
+        raise
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
     """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix, or
-    PNG frames when ``path`` has no suffix (a folder)."""
-    import imageio.v3 as iio
+    PNG frames when ``path`` has no suffix (a folder).
 
-    if not os.path.splitext(path.rstrip("/"))[1]:
+    Written under a temporary name, its frames counted back, then renamed: on any
+    failure (a full disk, ffmpeg refusing) a WriteError names ``path`` and no file is left."""
+    from PIL import Image
+
+    if len(frames) == 0:
+        raise ValueError(f"output {path!r}: no frames to write")
+    check_output(path, fps, frame_size=frames.shape[1:3])
+    suffix = output_suffix(path)
+    if not suffix:
         write_frames(path, frames)
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if path.lower().endswith(".gif"):
-        iio.imwrite(path, frames, duration=1000.0 / fps, loop=0)
-    elif path.lower().endswith(".mp4"):
-        import imageio.v2 as iio2  # the imageio-ffmpeg writer
+    with files.atomic_path(path, _check_frames_read_back(len(frames), exact=suffix == ".mp4")) as tmp:
+        if suffix == ".gif":
+            # PIL directly: imageio's GIF plugin retries a failed save when collected,
+            # which would re-create the partial file after atomic_path removed it.
+            first, *rest = [Image.fromarray(frame) for frame in frames]
+            first.save(tmp, save_all=True, append_images=rest, duration=1000.0 / fps, loop=0)
+        else:
+            import imageio.v2 as iio2  # the imageio-ffmpeg writer
 
-        # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
-        iio2.mimwrite(path, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
-    else:
-        raise ValueError(f"{path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
+            # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
+            iio2.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
 
 
 def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:

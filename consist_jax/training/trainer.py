@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from consist_jax.convert.build import build_model, check_paths
 from consist_jax.data import pipeline as data_pipeline
 from consist_jax.diffusion.schedule import NoiseSchedule
-from consist_jax.training import sharding
+from consist_jax.training import sharding, validate
 from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
 from consist_jax.training.metrics import MetricWriter, peak_flops_per_device
 from consist_jax.training.state import TrainState, create_train_state, make_optimizer
@@ -62,6 +62,7 @@ def ensure_dataset(data_config: Any) -> None:
 
 def preflight(config: Any) -> sharding.Mesh:
     """Checks paths, mesh and batch divisibility; returns the mesh. No compile happens here."""
+    validate.check_run_config(config)
     check_paths(config.model)
     mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
     sharding.check_batch_divides(config.train.global_batch_size, mesh, jax.process_count())
