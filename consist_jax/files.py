@@ -12,6 +12,7 @@ rejected setting never leaves a 0-byte or truncated file that looks like a resul
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -95,3 +96,16 @@ def write_bytes(path: str, data: bytes) -> None:
 def write_json(path: str, value: Any, indent: Optional[int] = 2) -> None:
     """``value`` as JSON to ``path`` atomically (serialised first: a bad value writes nothing)."""
     write_bytes(path, (json.dumps(value, indent=indent) + "\n").encode("utf-8"))
+
+
+def write_npz(path: str, **arrays) -> str:
+    """Arrays to an uncompressed ``.npz`` atomically (``.npz`` appended when missing, as
+    ``np.savez`` does); returns the path written. Never pickles (object arrays refused)."""
+    import numpy as np
+
+    path = os.fspath(path)
+    path = path if path.endswith(".npz") else path + ".npz"
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    write_bytes(path, buffer.getvalue())
+    return path

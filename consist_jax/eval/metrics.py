@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from consist_jax import files
+
 # Metrics are references: keep full float32 accuracy on accelerators (no TF32 / bf16 passes).
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -356,7 +358,7 @@ class FrechetStats:
 
     def save(self, path: str) -> None:
         """Writes mu, sigma and n to an ``.npz`` (no pickles), e.g. ground-truth statistics."""
-        np.savez(path, mu=self.mean, sigma=self.covariance, n=np.int64(self.count))
+        files.write_npz(path, mu=self.mean, sigma=self.covariance, n=np.int64(self.count))
 
 
 def load_frechet_reference(path: str) -> tuple[np.ndarray, np.ndarray]:

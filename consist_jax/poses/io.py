@@ -62,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
+from consist_jax import files
 from consist_jax.poses import keypoints as K
 from consist_jax.poses import layouts as L
 from consist_jax.poses.keypoints import PoseSequence
@@ -531,6 +532,6 @@ def save_poses(path, pose_seq: PoseSequence) -> None:
     """Writes a ``.npz`` that ``load_poses`` reads back exactly: ``keypoints`` (T, K, 3)
     pixels, ``layout``, ``height``, ``width``, ``coordinates="pixels"``."""
     path = os.fspath(path)
-    np.savez(path, keypoints=pose_seq.points, layout=np.str_(pose_seq.layout),
-             height=np.int64(pose_seq.height), width=np.int64(pose_seq.width),
-             coordinates=np.str_("pixels"))
+    files.write_npz(path, keypoints=pose_seq.points, layout=np.str_(pose_seq.layout),
+                     height=np.int64(pose_seq.height), width=np.int64(pose_seq.width),
+                     coordinates=np.str_("pixels"))
