@@ -158,3 +158,18 @@ def test_gif_pose_video_and_single_pose_image(rng, tmp_path):
     np.testing.assert_array_equal(io.read_pose_images(str(tmp_path / "poses.gif"), (16, 16)), frames)
     Image.fromarray(frames[1]).save(tmp_path / "pose.png")
     np.testing.assert_array_equal(io.read_pose_images(str(tmp_path / "pose.png"), (16, 16)), frames[1:2])
+
+
+def test_dataset_builder_reads_16_bit_frames_scaled(tmp_path, rng):
+    """The local-video dataset reader decodes 16-bit grayscale frames as load_image does."""
+    from PIL import Image
+
+    from consist_jax.data.tfds import local_videos
+
+    gray = rng.integers(0, 65536, size=(6, 5), dtype=np.uint16)
+    path = tmp_path / "0000.png"
+    Image.fromarray(gray).save(path)
+    frame = local_videos._read_image(path, "RGB")
+    expected = np.round(gray / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(frame, np.repeat(expected[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(local_videos._read_image(path, "L"), expected)

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from consist_jax import checks, files
+from consist_jax.images import to_uint8
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
@@ -51,21 +52,6 @@ def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = Fa
     return np.asarray(crop.resize((resolution[1], resolution[0]), resample))
 
 
-def _rgb8(image, path: str) -> np.ndarray:
-    """A PIL image -> uint8 (H, W, 3), 16-bit samples scaled to 8 bits (never clipped or cut
-    to their low byte). PIL reads 16-bit colour PNGs as 8-bit already; 16-bit grayscale
-    stays 16-bit (modes "I;16*", or "I", which PNG only uses for 16-bit)."""
-    if image.mode.startswith("I;16") or image.mode == "I":
-        gray = np.asarray(image).astype(np.int64)
-        if gray.min() < 0 or gray.max() > 65535:
-            raise ValueError(f"cannot read {path!r}: 32-bit integer samples (expected 8 or 16 bits)")
-        gray = np.round(gray / 257.0).astype(np.uint8)  # 65535 -> 255
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if image.mode == "F":
-        raise ValueError(f"cannot read {path!r}: floating-point samples (expected 8 or 16 bits)")
-    return np.asarray(image.convert("RGB"))
-
-
 def load_image(path: str, what: str = "image") -> np.ndarray:
     """An image file -> uint8 (H, W, 3) RGB at its own size, whatever its bit depth and
     colour mode; errors name ``what`` and the path."""
@@ -75,7 +61,7 @@ def load_image(path: str, what: str = "image") -> np.ndarray:
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         with Image.open(path) as image:
-            return _rgb8(image, path)
+            return to_uint8(image, path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 

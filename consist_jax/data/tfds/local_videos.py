@@ -42,6 +42,7 @@ from PIL import Image
 
 from consist_jax.data import records
 from consist_jax.data.shards import write_split_shards
+from consist_jax.images import to_uint8
 from consist_jax.poses.io import load_poses
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -177,6 +178,12 @@ def resize_example(example: records.VideoExample, short_side: int) -> records.Vi
         region_masks=resized(example.region_masks, Image.NEAREST))
 
 
+def _read_image(path, mode: str) -> np.ndarray:
+    """One frame, mask or pose image file -> uint8, 16-bit files scaled (images.to_uint8)."""
+    with Image.open(path) as image:
+        return to_uint8(image, str(path), mode)
+
+
 def _read_frames(video: LocalVideo) -> tuple[np.ndarray, list[str]]:
     """(T, H, W, 3) uint8 frames and their stems (mp4 frames are named 0, 1, ...)."""
     if video.frames_mp4 is not None:
@@ -185,7 +192,7 @@ def _read_frames(video: LocalVideo) -> tuple[np.ndarray, list[str]]:
     files = _image_files(video.frames_dir)
     if not files:
         raise FileNotFoundError(f"{video.frames_dir}: no frames ({', '.join(FRAME_SUFFIXES)})")
-    frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    frames = [_read_image(f, "RGB") for f in files]
     shapes = {f.shape for f in frames}
     if len(shapes) != 1:
         raise ValueError(f"{video.frames_dir}: frames of different sizes {sorted(shapes)}")
@@ -241,8 +248,7 @@ def _read_images(folder: Path | None, mp4: Path | None, stems: list[str], what: 
     if missing:
         raise FileNotFoundError(f"{folder}: no {what} for frame(s) {missing[:3]} of video "
                                 f"{video_id!r} ({len(missing)} missing)")
-    mode = "L" if gray else "RGB"
-    return np.stack([np.asarray(Image.open(files[s]).convert(mode)) for s in stems])
+    return np.stack([_read_image(files[s], "L" if gray else "RGB") for s in stems])
 
 
 def _image_files(folder: Path) -> list[Path]:
