@@ -15,6 +15,7 @@ from typing import Sequence
 
 from array_record.python import array_record_module
 
+from consist_jax.data.records import RecordError
 from consist_jax.data.shards import find_split_files
 
 
@@ -110,6 +111,6 @@ def _count_records(path: str) -> int:
     except RuntimeError:
         count = None
     if count is None:
-        raise ValueError(f"cannot read ArrayRecord file {path} (truncated or not an "
-                         f"ArrayRecord file); rewrite or remove the shard")
+        raise RecordError(f"cannot read ArrayRecord file {path} (truncated or not an "
+                          f"ArrayRecord file); rewrite or remove the shard")
     return count
