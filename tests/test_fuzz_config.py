@@ -14,6 +14,7 @@ from ml_collections import config_flags
 from configs.common import ConfigOverrideError, check_override_path, parse_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "configs", "demo.py")
 CONFIG_FILES = ["configs/demo.py", "configs/demo_video.py", "configs/sd15_image.py"]
 # Reproducible and bounded: the same examples on every run, no example database.
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -91,14 +92,13 @@ def _is_field(config_file, path) -> bool:
 @FUZZ
 @given(config_file=st.sampled_from(CONFIG_FILES), path=override_paths(), value=VALUES)
 def test_fuzzed_overrides_fail_as_one_line_flag_errors(config_file, path, value):
-    os.chdir(REPO)
-    argv = ["train.py", f"--config={config_file}", f"--config.{path}={value}"]
+    argv = ["train.py", f"--config={os.path.join(REPO, config_file)}", f"--config.{path}={value}"]
     try:
-        _, flag_values = _parse(argv)
+        _parse(argv)
     except flags.Error as error:
         message = str(error)
         assert "\n" not in message.strip(), message
-        assert f"config.{path}" in message or f"config.{path.split('=')[0]}" in message, message
+        assert f"config.{path}" in message, message
         if not _is_field(config_file, path):
             assert isinstance(error, ConfigOverrideError), message
         return
@@ -110,9 +110,9 @@ def test_unknown_key_names_the_nearest_valid_keys():
     with pytest.raises(ConfigOverrideError,
                        match=r"^--config\.optim\.lrr: config\.optim has no key 'lrr'; "
                              r"nearest valid keys: lr$"):
-        _parse(["train.py", "--config=configs/demo.py", "--config.optim.lrr=1"])
+        _parse(["train.py", f"--config={DEMO}", "--config.optim.lrr=1"])
     with pytest.raises(ConfigOverrideError, match=r"config\.optim\.lr = 0\.001 \(float\) is not a group"):
-        _parse(["train.py", "--config=configs/demo.py", "--config.optim.lr.real=1"])
+        _parse(["train.py", f"--config={DEMO}", "--config.optim.lr.real=1"])
 
 
 def test_missing_config_file_is_one_line():
@@ -122,6 +122,6 @@ def test_missing_config_file_is_one_line():
 
 
 def test_valid_override_still_applies():
-    _, flag_values = _parse(["train.py", "--config=configs/demo.py", "--config.optim.lr=0.5",
+    _, flag_values = _parse(["train.py", f"--config={DEMO}", "--config.optim.lr=0.5",
                              "--noconfig.train.tryon"])
     assert flag_values.config.optim.lr == 0.5 and flag_values.config.train.tryon is False

@@ -46,9 +46,11 @@ _PICKLE_HELP = (
 )
 
 
-# safetensors dtype name -> bytes per element, for the dtypes ``safetensors.numpy`` reads.
-SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "I64": 8, "U64": 8, "I32": 4, "U32": 4,
-                      "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "C64": 8}
+# safetensors dtype name -> numpy dtype, for the dtypes ``safetensors.numpy`` reads.
+SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in [
+    ("F64", np.float64), ("F32", np.float32), ("F16", np.float16), ("I64", np.int64),
+    ("U64", np.uint64), ("I32", np.int32), ("U32", np.uint32), ("I16", np.int16),
+    ("U16", np.uint16), ("I8", np.int8), ("U8", np.uint8), ("BOOL", np.bool_), ("C64", np.complex64)]}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
@@ -204,7 +206,7 @@ def _check_read_as_declared(path: str, header: Mapping[str, dict],
                                     f"the header declares {_preview(list(header))}")
     for key, value in tensors.items():
         dtype, shape = header[key]["dtype"], tuple(header[key]["shape"])
-        if value.shape != shape or value.dtype.itemsize != SAFETENSORS_DTYPES[dtype]:
+        if value.shape != shape or value.dtype != SAFETENSORS_DTYPES[dtype]:
             raise CheckpointFormatError(f"{path!r}: tensor {key!r} read as {value.dtype} {value.shape}, "
                                         f"the header declares {dtype} {shape}")
 
@@ -231,7 +233,7 @@ def _header_entry_problem(entry: Any) -> str | None:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         return f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end"
-    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]]  # Python ints: no overflow
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize  # Python ints: exact
     if offsets[1] - offsets[0] != nbytes:
         return (f"shape {shape} of {entry['dtype']} needs {nbytes} bytes, "
                 f"data_offsets {offsets} hold {offsets[1] - offsets[0]}")

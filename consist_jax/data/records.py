@@ -261,8 +261,8 @@ def _png_bytes(frame: np.ndarray) -> bytes:
 
 
 def _field(mapping: dict, key: str, kind: type, where: str = "record header"):
-    """``mapping[key]``, which must be a ``kind`` (int: not bool; float: any finite number;
-    list of int: pass ``kind=list`` and check items with `_counts`); else RecordError."""
+    """``mapping[key]`` if it is a ``kind`` (int: not a bool; float: any finite number), else
+    RecordError. Strict on purpose: ``str(None)`` or ``int(2.7)`` would decode a wrong record."""
     if not isinstance(mapping, dict) or key not in mapping:
         raise RecordError(f"{where} has no {key!r}")
     value = mapping[key]
