@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save
 
 from consist_jax.convert.loading import (SAFETENSORS_DTYPES, CheckpointFormatError,
-                                         read_state_dict)
+                                         find_weight_files, read_state_dict)
 
 # Reproducible and bounded: the same examples on every run, no example database.
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -164,13 +164,39 @@ def test_huge_declared_sizes_fail_without_reading(folder):
             read_state_dict([_write(folder, data)])
 
 
-def test_bad_shard_index_names_the_index(folder):
-    from consist_jax.convert.loading import find_weight_files
+def _index_folder(folder, index: bytes) -> str:
+    """A checkpoint folder holding one shard file, a.safetensors, and the given index."""
+    index_dir = os.path.join(folder, f"index{next(_names)}")
+    os.makedirs(index_dir)
+    with open(os.path.join(index_dir, "a.safetensors"), "wb") as f:
+        f.write(save({}))
+    with open(os.path.join(index_dir, "model.safetensors.index.json"), "wb") as f:
+        f.write(index)
+    return index_dir
 
-    for index in [b"{", b"[]", b'{"weight_map": {"a": "../x.safetensors"}}', b'{"weight_map": 3}']:
-        index_dir = os.path.join(folder, f"index{next(_names)}")
-        os.makedirs(index_dir)
-        with open(os.path.join(index_dir, "model.safetensors.index.json"), "wb") as f:
-            f.write(index)
+
+def test_bad_shard_index_names_the_index(folder):
+    for index in [b"{", b"[]", b'{"weight_map": {"a": "../x.safetensors"}}', b'{"weight_map": 3}',
+                  b"\xff", b"[" * 100_000]:
         with pytest.raises(CheckpointFormatError, match="model.safetensors.index.json"):
-            find_weight_files(index_dir, "model")
+            find_weight_files(_index_folder(folder, index), "model")
+
+
+SHARD_NAMES = st.sampled_from(["a.safetensors", "b.safetensors", "../a.safetensors", "/etc/passwd",
+                               ".", "..", "", "sub/a.safetensors"]) | JSON
+
+
+@FUZZ
+@given(index=st.one_of(st.binary(max_size=30), JSON.map(lambda v: json.dumps(v).encode()),
+                       st.dictionaries(st.text(max_size=3), SHARD_NAMES, max_size=3).map(
+                           lambda m: json.dumps({"weight_map": m}).encode())))
+def test_fuzzed_shard_index_lists_files_of_the_folder_or_fails_naming_it(folder, index):
+    index_dir = _index_folder(folder, index)
+    try:
+        paths = find_weight_files(index_dir, "model")
+    except CheckpointFormatError as error:
+        assert "model.safetensors.index.json" in str(error) and "\n" not in str(error)
+    except FileNotFoundError as error:  # a listed shard that is not there
+        assert "is missing" in str(error) and index_dir in str(error)
+    else:
+        assert paths and all(os.path.dirname(p) == index_dir and os.path.isfile(p) for p in paths)

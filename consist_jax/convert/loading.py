@@ -100,13 +100,13 @@ def find_weight_files(folder: str, weights_name: str) -> list[str]:
     index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
     if os.path.isfile(index_path):
         weight_map = _read_json_object(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(
+        if not isinstance(weight_map, dict) or not weight_map or not all(
             isinstance(s, str) and s and os.path.basename(s) == s and s not in (".", "..")
             for s in weight_map.values()
         ):
             raise CheckpointFormatError(
-                f"{index_path!r} needs a 'weight_map' object of tensor name -> shard file name "
-                f"(a file in {folder!r})")
+                f"{index_path!r} needs a non-empty 'weight_map' object of tensor name -> shard "
+                f"file name (a file in {folder!r})")
         paths = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
         for p in paths:
             if not os.path.isfile(p):
