@@ -7,18 +7,16 @@ import os
 import ml_collections
 import pytest
 from absl import flags
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from ml_collections import config_flags
 
 from configs.common import ConfigOverrideError, check_override_path, parse_flags
+from tests.fuzzing import bounded
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.py")
 CONFIG_FILES = ["configs/demo.py", "configs/demo_video.py", "configs/sd15_image.py"]
-# Reproducible and bounded: the same examples on every run, no example database.
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
 
 
 def _parse(argv):
@@ -89,7 +87,7 @@ def _is_field(config_file, path) -> bool:
     return True
 
 
-@FUZZ
+@bounded(150)
 @given(config_file=st.sampled_from(CONFIG_FILES), path=override_paths(), value=VALUES)
 def test_fuzzed_overrides_fail_as_one_line_flag_errors(config_file, path, value):
     argv = ["train.py", f"--config={os.path.join(REPO, config_file)}", f"--config.{path}={value}"]

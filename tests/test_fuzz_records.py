@@ -9,18 +9,16 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
 from consist_jax.data import records
 from consist_jax.data.clips import BadExample, ClipOptions, make_clip
 from consist_jax.data.source import RawVideoRecord
+from tests.fuzzing import JSON, bounded, damaged
 from tests.test_data_records import _tf_example
 
-# Reproducible and bounded: the same examples on every run, no example database.
-FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
 OPTIONS = ClipOptions(clip_length=2, height=4, width=4, crop_scale=(0.5, 1.0))
 PREFIX = struct.Struct("<8sII")
 
@@ -54,10 +52,6 @@ def _join(header, payload: bytes, version: int = records.FORMAT_VERSION) -> byte
     return PREFIX.pack(records.MAGIC, version, len(raw)) + raw + payload
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
-    max_leaves=8)
 NUMBERS = st.integers(-2, 8) | st.sampled_from([0, 2**31, 2**32 + 1, 2**63, 2**64 + 3]) | st.floats(-2, 8)
 HEADER_VALUES = st.one_of(JSON, NUMBERS, st.sampled_from(["openpose18", "none", "dwpose134", ""]))
 ENTRY_VALUES = {
@@ -74,17 +68,10 @@ ENTRY_VALUES = {
 def mutated_records(draw) -> tuple[bytes, bytes]:
     """(bytes to decode, the record inside them): a valid record with one hostile change."""
     data = draw(valid_records())
-    kind = draw(st.sampled_from(["truncate", "extend", "flip", "prefix", "header_field",
-                                 "entry_field", "reshape", "drop_entry", "reorder", "json", "raw_header",
-                                 "tf_example", "garbage"]))
-    if kind == "truncate":
-        return (data[:draw(st.integers(0, len(data) - 1))],) * 2
-    if kind == "extend":
-        return (data + draw(st.binary(min_size=1, max_size=8)),) * 2
-    if kind == "flip":
-        position = draw(st.integers(0, len(data) - 1))
-        data = data[:position] + bytes([data[position] ^ draw(st.integers(1, 255))]) + data[position + 1:]
-        return data, data
+    kind = draw(st.sampled_from(["bytes", "prefix", "header_field", "entry_field", "reshape",
+                                 "drop_entry", "reorder", "json", "raw_header", "tf_example", "garbage"]))
+    if kind == "bytes":
+        return (draw(damaged(data)),) * 2
     if kind == "garbage":
         return (draw(st.binary(max_size=64)),) * 2
     header, payload = _split(data)
@@ -189,14 +176,14 @@ def _check(data: bytes, record: bytes, seed: int) -> None:
         assert clip["target"].shape == (OPTIONS.clip_length, OPTIONS.height, OPTIONS.width, 3)
 
 
-@FUZZ
+@bounded(200)
 @given(data=valid_records(), seed=st.integers(0, 2**32 - 1))
 def test_valid_records_decode_as_declared(data, seed):
     _assert_as_declared(records.decode_video(data), data)
     _check(data, data, seed)
 
 
-@FUZZ
+@bounded(200)
 @given(case=mutated_records(), seed=st.integers(0, 2**32 - 1))
 def test_mutated_records_decode_as_declared_or_fail_as_record_errors(case, seed):
     _check(*case, seed)
@@ -223,47 +210,33 @@ def test_non_finite_keypoints_are_a_record_error(rng):
 
 
 @pytest.fixture(scope="module")
-def shard(tmp_path_factory):
-    """One small ArrayRecord shard of four distinct records, and its bytes."""
+def shard(tmp_path_factory) -> str:
+    """One small ArrayRecord shard of four distinct records."""
     from consist_jax.data.shards import write_records
 
     path = str(tmp_path_factory.mktemp("fuzz_shard") / "train.array_record-00000-of-00001")
     write_records(path, [bytes([i]) * (100 + 50 * i) for i in range(4)])
-    with open(path, "rb") as f:
-        return path, f.read()
+    return path
 
 
-@st.composite
-def mutated_shards(draw, original: bytes) -> bytes:
-    """Truncated, extended, or with a few bytes flipped where the shard has content."""
-    kind = draw(st.sampled_from(["truncate", "extend", "flip"]))
-    if kind == "truncate":
-        return original[:draw(st.integers(0, len(original) - 1))]
-    if kind == "extend":
-        return original + draw(st.binary(min_size=1, max_size=16))
-    data = bytearray(original)
-    # The file is mostly zero padding: flip where the chunks are (or in its first/last bytes).
-    content = [i for i, byte in enumerate(original) if byte] + [0, len(original) - 1]
-    for _ in range(draw(st.integers(1, 3))):
-        data[draw(st.sampled_from(content))] ^= draw(st.integers(1, 255))
-    return bytes(data)
-
-
-@settings(FUZZ, max_examples=40)
+@bounded(40)
 @given(data=st.data())
-def test_mutated_shards_fail_naming_the_file_or_read_intact(shard, tmp_path_factory, data):
+def test_mutated_shards_fail_naming_the_file_or_read_intact(shard, data):
     """A damaged shard is refused as a whole (RecordError naming it), or each record reads
     back intact or as a read error the pipeline reports or skips, never as other bytes."""
     from consist_jax.data.source import VideoRecordSource
 
-    path, original = shard
-    damaged = str(tmp_path_factory.getbasetemp() / "damaged.array_record-00000-of-00001")
-    with open(damaged, "wb") as f:
-        f.write(data.draw(mutated_shards(original)))
+    with open(shard, "rb") as f:
+        original = f.read()
+    # The file is mostly zero padding: flip bytes where the chunks are, or at its ends.
+    content = [i for i, byte in enumerate(original) if byte] + [0, len(original) - 1]
+    path = shard.replace("train.", "damaged.")
+    with open(path, "wb") as f:
+        f.write(data.draw(damaged(original, content)))
     try:
-        source = VideoRecordSource([damaged])
+        source = VideoRecordSource([path])
     except records.RecordError as error:
-        assert damaged in str(error) and "\n" not in str(error)
+        assert path in str(error) and "\n" not in str(error)
         return
     assert len(source) == 4
     for index in range(4):
