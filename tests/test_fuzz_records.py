@@ -169,6 +169,10 @@ def _check(data: bytes, record: bytes, seed: int) -> None:
         subset = records.decode_video(data, indices)
         np.testing.assert_array_equal(subset.frames, video.frames[indices])
     raw = RawVideoRecord(index=7, path="/data/train-00003.array_record", position=2, data=data)
+    try:
+        raw.decode()
+    except records.RecordError as error:
+        assert str(error).startswith("record 7 (train-00003.array_record, position 2): ")
     clip = make_clip(raw, OPTIONS, np.random.default_rng(seed))
     if isinstance(clip, BadExample):
         assert "train-00003.array_record" in clip.message() and "\n" not in clip.message()
@@ -243,3 +247,10 @@ def test_mutated_shards_fail_naming_the_file_or_read_intact(shard, data):
         record = source[index]
         assert record.data == bytes([index]) * (100 + 50 * index) or (
             record.data is None and record.read_error)
+
+
+def test_unreadable_record_names_its_shard():
+    raw = RawVideoRecord(3, "/data/train-00001.array_record", 5, None, "RuntimeError: bad chunk")
+    with pytest.raises(records.RecordError,
+                       match=r"^record 3 \(train-00001.array_record, position 5\): unreadable: RuntimeError"):
+        raw.decode()
