@@ -226,7 +226,9 @@ def _header_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         return "entry needs dtype, shape and data_offsets"
     if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
-        return f"dtype {entry['dtype']!r} is not one of {sorted(SAFETENSORS_DTYPES)}"
+        hint = (" (numpy has no bfloat16 / float8: save the weights as F16 or F32)"
+                if entry["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2") else "")
+        return f"dtype {entry['dtype']!r} is not one of {sorted(SAFETENSORS_DTYPES)}{hint}"
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         return f"shape {shape!r} is not a list of non-negative integers"
