@@ -67,7 +67,8 @@ def _join(header, payload: bytes) -> bytes:
 
 ENTRY_VALUES = {
     "dtype": st.sampled_from(sorted(SAFETENSORS_DTYPES) + ["BF16", "F8_E4M3", "f32", "", "I4"]) | JSON,
-    "shape": st.lists(st.integers(-2, 2**64) | st.sampled_from([0, 1, 2, 2**31, 2**63]), max_size=4) | JSON,
+    "shape": st.lists(st.integers(-2, 2**64) | st.sampled_from([0, 1, 2, 2**31, 2**63, 10**4000]),
+                      max_size=4) | st.just([2**63] * 65) | JSON,
     "data_offsets": st.lists(st.integers(-1, 2**64) | st.integers(0, 64), min_size=0, max_size=3) | JSON,
 }
 
@@ -146,8 +147,10 @@ def test_mutated_files_read_exactly_or_fail_naming_the_file(folder, data):
 def test_huge_declared_sizes_fail_without_reading(folder):
     """A header length or a tensor size far beyond the file fails from the header alone."""
     tiny = _join({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}, b"\0" * 4)
+    huge = _join({"a": {"dtype": "F32", "shape": [10**4000] * 64, "data_offsets": [0, 4]}}, b"\0" * 4)
     for data, expected in [(struct.pack("<Q", 2**63) + b"{}", "header length"),
-                           (tiny, "needs 4835703278458516698824704 bytes")]:
+                           (tiny, "needs 4835703278458516698824704 bytes"),
+                           (huge, "needs over 10\\^30 bytes")]:
         with pytest.raises(CheckpointFormatError, match=expected):
             read_state_dict([_write(folder, data)])
 

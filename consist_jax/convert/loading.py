@@ -212,10 +212,13 @@ def _check_read_as_declared(path: str, header: Mapping[str, dict],
 
 
 def _unique_keys(pairs: list) -> dict:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"repeated name {next(k for k in keys if keys.count(k) > 1)!r}")
-    return dict(pairs)
+    """json object_pairs_hook: a repeated name is an error (json.loads would keep the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"repeated name {key!r:.80}")
+        out[key] = value
+    return out
 
 
 def _header_entry_problem(entry: Any) -> str | None:
@@ -228,17 +231,20 @@ def _header_entry_problem(entry: Any) -> str | None:
     if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
         hint = (" (numpy has no bfloat16 / float8: save the weights as F16 or F32)"
                 if entry["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2") else "")
-        return f"dtype {entry['dtype']!r} is not one of {sorted(SAFETENSORS_DTYPES)}{hint}"
+        return f"dtype {entry['dtype']!r:.40} is not one of {sorted(SAFETENSORS_DTYPES)}{hint}"
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
-        return f"shape {shape!r} is not a list of non-negative integers"
+    # At most numpy's 64 axes: also bounds the size product below (no huge-integer hang).
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(is_count(d) for d in shape)):
+        return f"shape {shape!r:.80} is not a list of at most 64 non-negative integers"
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
-        return f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end"
+        return f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end"
     nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize  # Python ints: exact
     if offsets[1] - offsets[0] != nbytes:
-        return (f"shape {shape} of {entry['dtype']} needs {nbytes} bytes, "
-                f"data_offsets {offsets} hold {offsets[1] - offsets[0]}")
+        # (Python refuses to print integers of over 4300 digits, and nobody wants to read one.)
+        needs = nbytes if nbytes < 10**30 else "over 10^30"
+        return (f"shape {shape!r:.80} of {entry['dtype']} needs {needs} bytes, "
+                f"data_offsets {offsets!r:.80} hold {offsets[1] - offsets[0]}")
     return None
 
 

@@ -294,6 +294,8 @@ def _parse_array_entries(entries: list, payload_start: int) -> dict:
         if dtype != _ARRAY_SPECS[name][0]:
             raise RecordError(f"{name} has dtype {dtype!r}, expected {_ARRAY_SPECS[name][0]!r}")
         shape = _counts(entry, "shape", name)
+        if len(shape) != _ARRAY_SPECS[name][1] + 1:  # checked first: bounds the product below
+            raise RecordError(f"{name} shape {shape!r:.80} needs {_ARRAY_SPECS[name][1] + 1} axes")
         nbytes, encoding = _field(entry, "nbytes", int, name), _field(entry, "encoding", str, name)
         if encoding == "raw":
             expected = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # Python ints: exact
