@@ -43,11 +43,11 @@ def _load(config_file):
 KEY_PATHS = sorted(set(p for f in CONFIG_FILES for p in _key_paths(_load(f))))
 
 
-def _typo(key: str, data) -> str:
+def _typo(key: str, draw) -> str:
     """One random edit (replace / insert / delete a character) of ``key``."""
-    i = data.draw(st.integers(0, len(key)))
-    c = data.draw(st.sampled_from("abcxyz_0"))
-    edit = data.draw(st.sampled_from(["replace", "insert", "delete"]))
+    i = draw(st.integers(0, len(key)))
+    c = draw(st.sampled_from("abcxyz_0"))
+    edit = draw(st.sampled_from(["replace", "insert", "delete"]))
     if edit == "insert" or not key:
         return key[:i] + c + key[i:]
     i = min(i, len(key) - 1)
@@ -61,7 +61,7 @@ def override_paths(draw):
     kind = draw(st.sampled_from(["real", "typo", "extend", "cut", "junk"]))
     if kind == "typo":
         i = draw(st.integers(0, len(path) - 1))
-        path[i] = _typo(path[i], draw(st.data()))
+        path[i] = _typo(path[i], draw)
     elif kind == "extend":
         path.append(draw(st.sampled_from(["x", "real", "keys", "shape", "0", "lr"])))
     elif kind == "cut":
@@ -123,3 +123,18 @@ def test_valid_override_still_applies():
     _, flag_values = _parse(["train.py", f"--config={DEMO}", "--config.optim.lr=0.5",
                              "--noconfig.train.tryon"])
     assert flag_values.config.optim.lr == 0.5 and flag_values.config.train.tryon is False
+
+
+def test_train_py_reports_a_typo_in_one_line(tmp_path):
+    """The CLI path: absl's one-line flag error and exit status 1, before anything is built."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), f"--config={DEMO}",
+         f"--workdir={tmp_path}", "--config.optim.lrr=1"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == ("FATAL Flags parsing error: --config.optim.lrr: "
+                                             "config.optim has no key 'lrr'; nearest valid keys: lr")
+    assert "Traceback" not in result.stderr and not os.listdir(tmp_path)
