@@ -51,14 +51,13 @@ flags.mark_flags_as_required(["checkpoint"])
 
 def test_examples(data_dir, split, videos, frames, first, stride, resolution):
     """Yields (video id, reference frame, reference pose, target poses, real frames, masks), uint8."""
-    from consist_jax.data import records
     from consist_jax.data.source import VideoRecordSource
     from consist_jax.poses.render import draw_skeletons
 
     source = VideoRecordSource.for_split(data_dir, split)
     count = len(source) if videos == 0 else min(videos, len(source))
     for index in range(count):
-        video = records.decode_video(source[index].data)
+        video = source[index].decode()  # a bad record is a RecordError naming its shard
         targets = first + stride * np.arange(frames)
         if targets[-1] >= len(video.frames):
             raise ValueError(f"video {video.video_id} has {len(video.frames)} frames; the protocol needs "

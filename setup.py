@@ -24,6 +24,8 @@ EXTRAS = {
     # Oracles for parity tests; torch's CPU build is the one the machines here carry.
     "test": [
         "pytest>=9.0",
+        # Bounded, derandomized fuzzing of the readers of user files (tests/test_fuzz_*.py).
+        "hypothesis>=6.170",
         "torch==2.13.0",
         "diffusers>=0.42.1",
         "transformers>=5.24.0",

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so configs/ imports resolve
+from configs.common import parse_flags_with_usage  # noqa: E402  (after the path insert)
 from consist_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -82,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_with_usage)  # one-line errors for --config.* typos

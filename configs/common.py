@@ -1,5 +1,17 @@
-"""Defaults shared by every run config; each config file overrides what differs."""
+"""Defaults shared by every run config; each config file overrides what differs.
+
+Also the command-line side of configs: `parse_flags_with_usage` is what the CLIs hand
+to `app.run`, so a mistyped `--config.a.b=...` override is one line naming the key and
+its nearest valid siblings (ml_collections raises a bare AttributeError from deep inside
+absl's flag parsing), before anything is built or compiled.
+"""
+import difflib
+import re
+import sys
+from typing import Mapping, Sequence
+
 import ml_collections
+from absl import flags
 
 from consist_jax.data.pipeline import default_config as pipeline_defaults
 
@@ -111,3 +123,106 @@ def base_config() -> ml_collections.ConfigDict:
              window=24, overlap=4, use_ema=True)
     )
     return c
+
+
+# ----------------------------------------------------------------------------- command-line overrides
+
+
+class ConfigOverrideError(flags.Error):
+    """A ``--config.a.b=value`` override that names no field of the config (or no config file)."""
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS,
+                name: str = "config") -> list[str]:
+    """``flag_values(argv)``, after checking every ``--{name}.path`` override against the
+    config file: an unknown key, a path through a value, or an unreadable file raises
+    ConfigOverrideError (one line). Values that do not parse as their field's type are left
+    to ml_collections, which already reports them as one-line flag errors.
+
+    Override paths are dotted keys (``optim.lr``); ml_collections would also walk Python
+    attributes (``optim.lr.real``) and so misreport them, hence the check comes first.
+    """
+    expanded = flag_values.read_flags_from_files(list(argv), force_gnu=False)  # --flagfile
+    config_file = _config_file_argument(expanded, name)
+    paths = _override_paths(expanded, name)
+    if config_file is not None and paths:
+        try:
+            config = flag_values[name].parser.parse(config_file)
+        except (TypeError, ValueError):  # a broken config file: the parse below reports it
+            config = None
+        if config is not None:
+            _check_override_paths(_check_loaded(config, config_file, name), paths, name)
+    args = flag_values(argv)
+    flag = flag_values[name]
+    if flag.value is not None:
+        _check_loaded(flag.value, flag.config_filename, name)
+    return args
+
+
+def parse_flags_with_usage(argv: Sequence[str]) -> list[str]:
+    """``app.run(main, flags_parser=parse_flags_with_usage)``: absl's own report and exit
+    status for any flag error, config overrides included."""
+    try:
+        return parse_flags(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n"
+                         "Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+
+
+def check_override_path(config, path: str, name: str = "config") -> None:
+    """Raises ConfigOverrideError unless ``path`` ("optim.lr") names a field of ``config``.
+
+    Walks mappings only (attributes such as ``keys`` or ``real`` are not fields); the
+    message names the first unknown key and its closest siblings.
+    """
+    node, walked = config, name
+    for key in path.split("."):
+        if not isinstance(node, (Mapping, ml_collections.ConfigDict)):
+            value = repr(node) if len(repr(node)) <= 40 else repr(node)[:37] + "..."
+            raise ConfigOverrideError(
+                f"--{name}.{path}: {walked} = {value} ({type(node).__name__}) is not "
+                f"a group of keys, so it has no key {key!r}")
+        if key not in node:
+            keys = sorted(str(k) for k in node.keys())
+            nearest = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            listed = (f"nearest valid keys: {', '.join(nearest)}" if nearest else
+                      f"valid keys: {', '.join(keys[:12])}{' ...' if len(keys) > 12 else ''}")
+            raise ConfigOverrideError(f"--{name}.{path}: {walked} has no key {key!r}; {listed}")
+        node, walked = node[key], f"{walked}.{key}"
+
+
+def _check_override_paths(config, paths: Sequence[str], name: str) -> None:
+    for path in paths:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", path):
+            raise ConfigOverrideError(f"--{name}.{path}: not a dotted path of config keys "
+                                      f"(like --{name}.optim.lr=1e-4)")
+        check_override_path(config, path, name)
+
+
+def _check_loaded(config, config_file: str, name: str):
+    """``config``, or ConfigOverrideError if ``config_file`` could not be read (ml_collections
+    defers that OSError, with a multi-line message, to the first access of the config)."""
+    try:
+        config.keys()
+    except OSError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        raise ConfigOverrideError(f"--{name}={config_file}: cannot read the config file "
+                                  f"({reason})") from None
+    return config
+
+
+def _config_file_argument(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--{name}=FILE`` or ``--{name} FILE`` in argv (the last one given)."""
+    found = None
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg)
+        if match:
+            found = match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+    return found
+
+
+def _override_paths(argv: Sequence[str], name: str) -> list[str]:
+    """``--{name}.a.b=1`` / ``--no{name}.a.b`` / ``-{name}.a.b 1`` -> ["a.b", ...], in order."""
+    prefix = re.compile(rf"--?(no)?{re.escape(name)}\.")
+    return [prefix.sub("", arg, count=1).split("=", 1)[0] for arg in argv if prefix.match(arg)]

@@ -17,10 +17,17 @@ Every tensor is accounted for: a key the model expects but the file lacks, a key
 the file has but the model does not use, and a shape mismatch are all errors that
 name the key. Weights are read with ``safetensors.numpy`` only; this module never
 unpickles (a pickle can run code).
+
+A weights file is a user's file: before safetensors maps it, ``read_safetensors_header``
+reads only its 8-byte length and JSON header and checks every entry (dtype, shape, offsets
+that tile the data exactly), so a truncated, corrupt or hostile file is a one-line
+CheckpointFormatError naming the file and the tensor, never a crash, a huge allocation or
+an array that silently differs from what the header declares.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -39,8 +46,20 @@ _PICKLE_HELP = (
 )
 
 
+# safetensors dtype name -> numpy dtype, for the dtypes ``safetensors.numpy`` reads.
+SAFETENSORS_DTYPES = {name: np.dtype(dtype) for name, dtype in [
+    ("F64", np.float64), ("F32", np.float32), ("F16", np.float16), ("I64", np.int64),
+    ("U64", np.uint64), ("I32", np.int32), ("U32", np.uint32), ("I16", np.int16),
+    ("U16", np.uint16), ("I8", np.int8), ("U8", np.uint8), ("BOOL", np.bool_), ("C64", np.complex64)]}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
 class CheckpointError(ValueError):
     """A checkpoint does not match the model it is loaded into."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint file (weights, config or shard index) that is not well formed."""
 
 
 def read_config(folder: str, name: str = "config.json") -> dict:
@@ -52,14 +71,19 @@ def read_config(folder: str, name: str = "config.json") -> dict:
         raise FileNotFoundError(
             f"{path!r} not found: a checkpoint folder needs a {name} next to its safetensors weights"
         )
-    with open(path) as f:
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object; anything else is a CheckpointFormatError."""
+    with open(path, "rb") as f:
         try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path!r} holds a JSON {type(config).__name__}; a config is a JSON object of keys")
-    return config
+            value = json.loads(f.read().decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+            raise CheckpointFormatError(f"{path!r} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path!r} holds a JSON {type(value).__name__}; a config is a JSON object of keys")
+    return value
 
 
 def config_from_file(from_dict: Callable[..., Any], folder: str, name: str = "config.json", **overrides):
@@ -85,9 +109,15 @@ def find_weight_files(folder: str, weights_name: str) -> list[str]:
             return [path]
     index_path = os.path.join(folder, f"{weights_name}.safetensors.index.json")
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        paths = [os.path.join(folder, s) for s in shards]
+        weight_map = _read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(s, str) and s and os.path.basename(s) == s and s not in (".", "..")
+            for s in weight_map.values()
+        ):
+            raise CheckpointFormatError(
+                f"{index_path!r} needs a non-empty 'weight_map' object of tensor name -> shard "
+                f"file name (a file in {folder!r})")
+        paths = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"shard {p!r} listed in {index_path!r} is missing")
@@ -108,16 +138,124 @@ def read_state_dict(paths: Sequence[str]) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for path in paths:
         if path.endswith(PICKLE_SUFFIXES):
-            raise ValueError(f"{path!r} is a pickled checkpoint. {_PICKLE_HELP}")
+            raise CheckpointFormatError(f"{path!r} is a pickled checkpoint. {_PICKLE_HELP}")
+        header = read_safetensors_header(path)
         try:
             tensors = load_file(path)
         except Exception as e:  # safetensors raises its own types; keep the path in the message.
-            raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from e
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointFormatError(f"{path!r} is not a readable safetensors file: {reason}") from e
+        _check_read_as_declared(path, header, tensors)
         for key, value in tensors.items():
             if key in state:
                 raise CheckpointError(f"key {key!r} appears in more than one shard ({path!r})")
             state[key] = value
     return state
+
+
+def read_safetensors_header(path: str) -> dict[str, dict]:
+    """Reads and checks the header of a safetensors file, not its tensors.
+
+    Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the data.
+    The JSON maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+    (offsets into the data), plus an optional ``"__metadata__"`` of string -> string.
+
+    Returns:
+      ``{name: {"dtype": str, "shape": [int, ...], "data_offsets": [int, int]}}``.
+
+    Raises:
+      CheckpointFormatError naming the file (and the tensor) for anything safetensors would
+      refuse or read differently: a short file, a header past the end, bad JSON, repeated
+      names, an unknown dtype, a shape whose size disagrees with its offsets, offsets that
+      leave gaps, overlap or run past the data.
+    """
+    def fail(reason: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{path!r} is not a valid safetensors file: {reason}")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise fail(f"{size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise fail(f"header length {header_len} runs past the end of the file ({size} bytes) "
+                       f"or over {MAX_HEADER_BYTES} bytes")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, repeats
+        raise fail(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise fail(f"header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("__metadata__ must be an object of string values")
+    data_size = size - 8 - header_len
+    for name, entry in header.items():
+        problem = _header_entry_problem(entry)
+        if problem:
+            raise fail(f"tensor {name!r}: {problem}")
+    position = 0  # the tensors must tile the data section, in offset order
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+        begin, end = entry["data_offsets"]
+        if begin != position or end > data_size:
+            raise fail(f"tensor {name!r}: data_offsets [{begin}, {end}] leave a gap, overlap another "
+                       f"tensor or run past the {data_size} data bytes")
+        position = end
+    if position != data_size:
+        raise fail(f"{data_size - position} data bytes after the last tensor")
+    return header
+
+
+def _check_read_as_declared(path: str, header: Mapping[str, dict],
+                            tensors: Mapping[str, np.ndarray]) -> None:
+    """Every tensor safetensors returned is the one the checked header declares."""
+    if set(tensors) != set(header):
+        raise CheckpointFormatError(f"{path!r}: safetensors read tensors {_preview(list(tensors))}, "
+                                    f"the header declares {_preview(list(header))}")
+    for key, value in tensors.items():
+        dtype, shape = header[key]["dtype"], tuple(header[key]["shape"])
+        if value.shape != shape or value.dtype != SAFETENSORS_DTYPES[dtype]:
+            raise CheckpointFormatError(f"{path!r}: tensor {key!r} read as {value.dtype} {value.shape}, "
+                                        f"the header declares {dtype} {shape}")
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: a repeated name is an error (json.loads would keep the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"repeated name {key!r:.80}")
+        out[key] = value
+    return out
+
+
+def _header_entry_problem(entry: Any) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    def is_count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        return "entry needs dtype, shape and data_offsets"
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in SAFETENSORS_DTYPES:
+        hint = (" (numpy has no bfloat16 / float8: save the weights as F16 or F32)"
+                if entry["dtype"] in ("BF16", "F8_E4M3", "F8_E5M2") else "")
+        return f"dtype {entry['dtype']!r:.40} is not one of {sorted(SAFETENSORS_DTYPES)}{hint}"
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    # At most numpy's 64 axes: also bounds the size product below (no huge-integer hang).
+    if not (isinstance(shape, list) and len(shape) <= 64 and all(is_count(d) for d in shape)):
+        return f"shape {shape!r:.80} is not a list of at most 64 non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end"
+    nbytes = math.prod(shape) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize  # Python ints: exact
+    if offsets[1] - offsets[0] != nbytes:
+        # (Python refuses to print integers of over 4300 digits, and nobody wants to read one.)
+        needs = nbytes if nbytes < 10**30 else "over 10^30"
+        return (f"shape {shape!r:.80} of {entry['dtype']} needs {needs} bytes, "
+                f"data_offsets {offsets!r:.80} hold {offsets[1] - offsets[0]}")
+    return None
 
 
 def torch_key(path: Sequence[str]) -> str:

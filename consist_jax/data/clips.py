@@ -185,9 +185,12 @@ def _check_clip_inputs(video: records.VideoExample, options: ClipOptions,
         if missing.size:
             raise ClipError(f"missing pose for frame(s) {sorted(set(video_frames[missing].tolist()))}")
         try:
-            get_layout(video.layout)
+            layout = get_layout(video.layout)
         except ValueError as error:
             raise ClipError(str(error)) from error
+        if video.keypoints.shape[1] != layout.num_keypoints:
+            raise ClipError(f"{video.keypoints.shape[1]} keypoints per frame, layout "
+                            f"{layout.name!r} has {layout.num_keypoints}")
 
 
 def _assemble_clip(index: int, video: records.VideoExample, video_frames: np.ndarray,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import struct
 from typing import Sequence
 
@@ -158,17 +159,21 @@ def read_header(record: bytes) -> RecordHeader:
         raise RecordError("record truncated inside its header")
     try:
         header = json.loads(record[start:start + header_len].decode("utf-8"))
-        arrays = _parse_array_entries(header, payload_start=start + header_len)
-        parsed = RecordHeader(
-            video_id=str(header["video_id"]), identity_id=str(header["identity_id"]),
-            layout=str(header["layout"]), fps=float(header["fps"]),
-            num_frames=int(header["num_frames"]), height=int(header["height"]),
-            width=int(header["width"]), arrays=arrays)
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
-        if isinstance(error, RecordError):
-            raise
-        raise RecordError(f"malformed record header: {error!r}") from error
-    payload_end = max((a["offset"] + a["nbytes"] for a in arrays.values()),
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise RecordError(f"record header is not JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise RecordError(f"record header is a JSON {type(header).__name__}, not an object")
+    parsed = RecordHeader(
+        video_id=_field(header, "video_id", str), identity_id=_field(header, "identity_id", str),
+        layout=_field(header, "layout", str), fps=float(_field(header, "fps", float)),
+        num_frames=_field(header, "num_frames", int), height=_field(header, "height", int),
+        width=_field(header, "width", int),
+        arrays=_parse_array_entries(_field(header, "arrays", list), start + header_len))
+    if not (parsed.fps > 0 and min(parsed.num_frames, parsed.height, parsed.width) >= 1):
+        raise RecordError(f"record header needs fps > 0 and num_frames, height, width >= 1, got "
+                          f"{parsed.fps}, {parsed.num_frames}, {parsed.height}, {parsed.width} "
+                          f"(video_id={parsed.video_id!r})")
+    payload_end = max((a["offset"] + a["nbytes"] for a in parsed.arrays.values()),
                       default=start + header_len)
     if payload_end != len(record):
         kind = "truncated" if payload_end > len(record) else "has trailing bytes"
@@ -195,6 +200,8 @@ def decode_video(record: bytes, frame_indices: Sequence[int] | None = None) -> V
                           f"{header.num_frames} frames (video_id={header.video_id!r})")
     arrays = {name: _decode_array(record, entry, frame_indices, header.video_id)
               for name, entry in header.arrays.items()}
+    if "keypoints" in arrays:
+        _check_keypoints_finite(arrays["keypoints"], frame_indices, header.video_id)
     return VideoExample(video_id=header.video_id, identity_id=header.identity_id,
                         layout=header.layout, fps=header.fps, **arrays)
 
@@ -240,6 +247,15 @@ def _validate_example(example: VideoExample) -> None:
             raise ValueError(f"keypoints must be ({num_frames}, K, 3), got {shape}")
 
 
+def _check_keypoints_finite(keypoints: np.ndarray, frame_indices: np.ndarray, video_id: str) -> None:
+    """(N, K, 3): each frame's keypoints are all finite, or all NaN (a missing pose)."""
+    finite = np.isfinite(keypoints).all(axis=(1, 2)) | np.isnan(keypoints).all(axis=(1, 2))
+    if not finite.all():
+        frames = sorted(set(frame_indices[~finite].tolist()))
+        raise RecordError(f"keypoints of frame(s) {frames[:8]} hold NaN or infinite values "
+                          f"(a missing pose is all-NaN; video {video_id!r})")
+
+
 def _png_bytes(frame: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     # compress_level 1: PNG here is about size on disk, decode speed matters more.
@@ -247,29 +263,53 @@ def _png_bytes(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _parse_array_entries(header: dict, payload_start: int) -> dict:
+def _field(mapping: dict, key: str, kind: type, where: str = "record header"):
+    """``mapping[key]`` if it is a ``kind`` (int: not a bool; float: any finite number), else
+    RecordError. Strict on purpose: ``str(None)`` or ``int(2.7)`` would decode a wrong record."""
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise RecordError(f"{where} has no {key!r}")
+    value = mapping[key]
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise RecordError(f"{where}: {key} must be a{'n' if kind is int else ''} "
+                          f"{'finite number' if kind is float else kind.__name__}, got {value!r:.60}")
+    return value
+
+
+def _counts(mapping: dict, key: str, where: str) -> list[int]:
+    """``mapping[key]`` as a list of non-negative ints (a shape or per-frame sizes)."""
+    values = _field(mapping, key, list, where)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise RecordError(f"{where}: {key} must be a list of non-negative integers, got {values!r:.60}")
+    return values
+
+
+def _parse_array_entries(entries: list, payload_start: int) -> dict:
     arrays, offset = {}, payload_start
-    for entry in header["arrays"]:
-        name = entry["name"]
+    for entry in entries:
+        name = _field(entry, "name", str, "record array entry")
         if name not in _ARRAY_SPECS or name in arrays:
             raise RecordError(f"unknown or repeated array {name!r}")
-        if entry["dtype"] != _ARRAY_SPECS[name][0]:
-            raise RecordError(f"{name} has dtype {entry['dtype']!r}, "
-                              f"expected {_ARRAY_SPECS[name][0]!r}")
-        shape = [int(s) for s in entry["shape"]]
-        if any(s < 0 for s in shape):
-            raise RecordError(f"{name} has a negative shape {shape}")
-        nbytes = int(entry["nbytes"])
-        if entry["encoding"] == "raw":
-            expected = int(np.prod(shape)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+        dtype = _field(entry, "dtype", str, name)
+        if dtype != _ARRAY_SPECS[name][0]:
+            raise RecordError(f"{name} has dtype {dtype!r}, expected {_ARRAY_SPECS[name][0]!r}")
+        shape = _counts(entry, "shape", name)
+        if len(shape) != _ARRAY_SPECS[name][1] + 1:  # checked first: bounds the product below
+            raise RecordError(f"{name} shape {shape!r:.80} needs {_ARRAY_SPECS[name][1] + 1} axes")
+        nbytes, encoding = _field(entry, "nbytes", int, name), _field(entry, "encoding", str, name)
+        if encoding == "raw":
+            expected = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # Python ints: exact
             if nbytes != expected:
                 raise RecordError(f"{name}: {nbytes} bytes for shape {shape}")
-        elif entry["encoding"] == "png" and name in _IMAGE_ARRAYS:
-            frame_nbytes = [int(n) for n in entry["frame_nbytes"]]
-            if len(frame_nbytes) != shape[0] or sum(frame_nbytes) != nbytes:
+        elif encoding == "png" and name in _IMAGE_ARRAYS:
+            frame_nbytes = _counts(entry, "frame_nbytes", name)
+            if not shape or len(frame_nbytes) != shape[0] or sum(frame_nbytes) != nbytes:
                 raise RecordError(f"{name}: PNG frame sizes disagree with the header")
         else:
-            raise RecordError(f"{name}: unsupported encoding {entry['encoding']!r}")
+            raise RecordError(f"{name}: unsupported encoding {encoding!r}")
         arrays[name] = dict(entry, shape=shape, nbytes=nbytes, offset=offset)
         offset += nbytes
     return arrays
@@ -307,10 +347,19 @@ def _decode_array(record: bytes, entry: dict, frame_indices: np.ndarray,
 
 def _decode_png(data: bytes, frame_shape: Sequence[int], name: str,
                 video_id: str) -> np.ndarray:
+    expected_mode = "RGB" if len(frame_shape) == 3 else "L"
     try:
-        frame = np.asarray(Image.open(io.BytesIO(data)))
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        # Checked before decoding: a corrupt size must not allocate a huge frame.
+        if image.size != (frame_shape[1], frame_shape[0]) or image.mode != expected_mode:
+            raise RecordError(f"{name}: PNG of {image.size[0]}x{image.size[1]} {image.mode}, expected "
+                              f"{frame_shape[1]}x{frame_shape[0]} {expected_mode} (video {video_id!r})")
+        frame = np.asarray(image)
+    except RecordError:
+        raise
     except Exception as error:  # Pillow raises several types for corrupt data
-        raise RecordError(f"{name}: undecodable PNG in video {video_id!r}: {error}") from error
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise RecordError(f"{name}: undecodable PNG in video {video_id!r}: {reason}") from error
     if list(frame.shape) != list(frame_shape) or frame.dtype != np.uint8:
         raise RecordError(f"{name}: PNG of shape {frame.shape} {frame.dtype}, "
                           f"expected {list(frame_shape)} uint8 (video {video_id!r})")

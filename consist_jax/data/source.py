@@ -15,6 +15,7 @@ from typing import Sequence
 
 from array_record.python import array_record_module
 
+from consist_jax.data.records import RecordError, VideoExample, decode_video
 from consist_jax.data.shards import find_split_files
 
 
@@ -30,6 +31,16 @@ class RawVideoRecord:
 
     def where(self) -> str:
         return f"record {self.index} ({os.path.basename(self.path)}, position {self.position})"
+
+    def decode(self, frame_indices: Sequence[int] | None = None) -> VideoExample:
+        """The video (or the frames at `frame_indices`); a RecordError that names this record's
+        file and position if it could not be read or decoded."""
+        if self.data is None:
+            raise RecordError(f"{self.where()}: unreadable: {self.read_error}")
+        try:
+            return decode_video(self.data, frame_indices)
+        except RecordError as error:
+            raise RecordError(f"{self.where()}: {error}") from None
 
 
 class VideoRecordSource:
@@ -110,6 +121,6 @@ def _count_records(path: str) -> int:
     except RuntimeError:
         count = None
     if count is None:
-        raise ValueError(f"cannot read ArrayRecord file {path} (truncated or not an "
-                         f"ArrayRecord file); rewrite or remove the shard")
+        raise RecordError(f"cannot read ArrayRecord file {path} (truncated or not an "
+                          f"ArrayRecord file); rewrite or remove the shard")
     return count
