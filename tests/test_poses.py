@@ -325,3 +325,21 @@ def test_golden_images(layout, height, width):
     assert golden.shape == image.shape
     differs = np.any(np.abs(golden.astype(int) - image) > 2, axis=-1)
     assert differs.mean() <= 0.002, f"{differs.sum()} pixels differ from {path.name}"
+
+
+def test_points_far_off_the_canvas_draw_nothing_without_overflow(rng):
+    """A finite but absurd coordinate (a damaged record: 1e30) is not drawn: the frame draws
+    the rest of the person, with no overflow or invalid-value warning."""
+    import warnings
+
+    from consist_jax.poses.keypoints import example_pose
+    from consist_jax.poses.render import draw_skeletons
+
+    points = example_pose("openpose18", 32, 32)[None].copy()
+    expected = draw_skeletons(points, "openpose18", 32, 32)
+    far = points.copy()
+    far[0, rng.integers(0, 18), :2] = rng.choice([-1.0, 1.0]) * 1e30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = draw_skeletons(far, "openpose18", 32, 32)
+    assert image.shape == expected.shape and image.any()

@@ -33,6 +33,7 @@ FACE_DOT_RADIUS = 3.0
 MIN_RADIUS_PX = 0.75  # covers at least the nearest pixel wherever the point lies
 DEFAULT_CONFIDENCE_THRESHOLD = 0.3
 MAX_WINDOW_PIXELS = 1 << 21  # pixels evaluated per vectorised pass (~8 MB per float32 temp)
+FAR_OFF = 1000  # canvases: a point further off is damaged data and is not drawn
 
 
 def stroke_pixels(size: float, height: int, width: int, stroke_scale: float) -> float:
@@ -161,7 +162,10 @@ def draw_skeletons(points, layout, height, width, *,
     height, width = int(height), int(width)
     canvas = np.zeros((points.shape[0], height, width, 3), np.uint8)
     xy = points[..., :2]
-    visible = (points[..., 2] >= confidence_threshold) & np.all(np.isfinite(points), axis=-1)
+    # A point further than FAR_OFF canvases away is a damaged coordinate, not a pose: it is
+    # not drawn (its float32 geometry would overflow), like a non-finite one.
+    far = np.any(np.abs(xy) > FAR_OFF * max(height, width), axis=-1)
+    visible = (points[..., 2] >= confidence_threshold) & np.all(np.isfinite(points), axis=-1) & ~far
 
     def size(base):
         return stroke_pixels(base, height, width, stroke_scale)
