@@ -4,6 +4,8 @@ Both sides get the same random model output at every step and each runs its own
 trajectory; every step's latents (and Euler's scaled model input) must agree within
 1e-5 relative (max abs diff / max abs of the reference) over whole 25- and 50-step loops.
 """
+import itertools
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -51,8 +53,12 @@ def _make_pair(variant, config_name, steps, sampler_options=None, **overrides):
 
     sampler_options: our keywords that are step arguments in diffusers (DDIM's eta).
     """
+    return _make_pair_from_config(variant, {**CONFIGS[config_name], **overrides}, steps, sampler_options)
+
+
+def _make_pair_from_config(variant, config, steps, sampler_options=None):
     name, cls, extra = VARIANTS[variant]
-    config = {**CONFIGS[config_name], **extra, **overrides}
+    config = {**config, **extra}
     if cls is not DDIMScheduler:
         config.pop("set_alpha_to_one", None)
     ref = cls(**config)
@@ -136,6 +142,88 @@ def test_options_match_diffusers(rng, case):
     worst = _run_both(ours, ref, rng, shape=shape, eta=eta)
     print(f"{case}: max relative error {worst:.2e}")
     assert worst < TOLERANCE
+
+
+# The real-world grid: every beta schedule x spacing x prediction type x sampler, at an
+# odd step count, each built from a diffusers config as a user would load it.
+GRID_BETAS = {"linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+              "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+              "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2")}
+GRID_SAMPLERS = {  # id -> (variant, config overrides, our step options)
+    "ddim_alpha_one": ("ddim", dict(set_alpha_to_one=True), {}),
+    "ddim_alpha_abar0": ("ddim", dict(set_alpha_to_one=False), {}),
+    "ddim_eta": ("ddim", dict(set_alpha_to_one=False), dict(eta=0.5)),
+    "dpmpp_2m": ("dpmpp_2m", {}, {}),
+    "dpmpp_2m_karras": ("dpmpp_2m_karras", {}, {}),
+    "euler": ("euler", {}, {}),
+    "euler_karras": ("euler_karras", {}, {}),
+}
+GRID_STEPS = 37
+
+
+def _grid_cases(sampler_id, zero_snr):
+    """(case id, config) pairs; zero terminal SNR needs v or x0 prediction (eps gives inf x0)."""
+    predictions = ("v_prediction", "sample") if zero_snr else sch_prediction_types()
+    for betas, spacing, prediction in itertools.product(GRID_BETAS, smp.TIMESTEP_SPACINGS, predictions):
+        config = dict(GRID_BETAS[betas], timestep_spacing=spacing, prediction_type=prediction, steps_offset=1,
+                      rescale_betas_zero_snr=zero_snr, **GRID_SAMPLERS[sampler_id][1])
+        yield f"{sampler_id} {betas} {spacing} {prediction}{' zero_snr' if zero_snr else ''}", config
+
+
+def sch_prediction_types():
+    from consist_jax.diffusion.schedule import PREDICTION_TYPES
+    return PREDICTION_TYPES
+
+
+def _rescale_with_correctly_rounded_sqrt(betas):
+    """diffusers' rescale_zero_terminal_snr, op for op, with a correctly rounded sqrt.
+
+    torch's float32 CPU sqrt on MKL builds (this one) is off by one ulp for ~1/4 of the
+    values (max 0.75 ulp); builds without MKL round correctly, so diffusers' own rescaled
+    table is platform dependent by those ulps. Near t = 0, 1 - abar (~4e-5 for cosine)
+    turns them into ~1e-4 relative, which sample-prediction DDIM steps pass on: diffusers
+    disagrees with itself across platforms there by more than our 1e-5 bar. We compare
+    against the correctly rounded platform, which our numpy sqrt reproduces.
+    """
+    sqrt = lambda a: torch.from_numpy(np.sqrt(a.numpy()))  # noqa: E731
+    alphas_bar_sqrt = sqrt(torch.cumprod(1.0 - betas, dim=0))
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt -= last
+    alphas_bar_sqrt *= first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    return 1 - torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+
+
+@pytest.fixture
+def correctly_rounded_rescale(monkeypatch):
+    for module in ("scheduling_ddim", "scheduling_dpmsolver_multistep", "scheduling_euler_discrete"):
+        monkeypatch.setattr(getattr(diffusers.schedulers, module), "rescale_zero_terminal_snr",
+                            _rescale_with_correctly_rounded_sqrt)
+
+
+@pytest.mark.parametrize("zero_snr", [False, True], ids=["plain", "zero_snr"])
+@pytest.mark.parametrize("sampler_id", list(GRID_SAMPLERS))
+def test_real_world_grid_matches_diffusers(rng, correctly_rounded_rescale, sampler_id, zero_snr):
+    """Every combination steps as diffusers does, within 1e-5 relative at every step."""
+    variant, _, options = GRID_SAMPLERS[sampler_id]
+    failures = []
+    for case, config in _grid_cases(sampler_id, zero_snr):
+        ours, ref = _make_pair_from_config(variant, config, GRID_STEPS, options)
+        if variant != "euler_karras":
+            _assert_same_timesteps(ours, ref)
+        worst = _run_both(ours, ref, rng, shape=(1, 4, 4, 4), eta=options.get("eta", 0.0))
+        if not worst < TOLERANCE:
+            failures.append(f"{case}: {worst:.2e}")
+    assert not failures, "; ".join(failures)
+
+
+def test_issue_ddim_linspace_sample_37_steps(rng):
+    """The case from the issue: float64 tables were 2.5e-5 off here (1 - abar near t = 0)."""
+    config = dict(GRID_BETAS["linear"], timestep_spacing="linspace", prediction_type="sample",
+                  set_alpha_to_one=True)
+    ours, ref = _make_pair_from_config("ddim", config, 37)
+    np.testing.assert_array_equal(np.asarray(ours.alpha_bar), ref.alphas_cumprod.numpy()[ref.timesteps.numpy()])
+    assert _run_both(ours, ref, rng) < TOLERANCE
 
 
 def _assert_karras_timesteps_close(ours, ref):
