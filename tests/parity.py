@@ -1,6 +1,8 @@
 """Parity metrics used by the oracle tests."""
 import numpy as np
 
+EPS32 = 2.0**-24  # float32 unit roundoff: one rounding moves a value by at most EPS32 relative
+
 
 def relative_error(actual, expected):
     """max |actual - expected| / max |expected|, in float64."""

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-from parity import relative_error
+from parity import EPS32, relative_error
 
 from consist_jax.diffusion import samplers as smp
 from consist_jax.diffusion.schedule import NoiseSchedule
@@ -23,6 +23,7 @@ diffusers.utils.logging.set_verbosity_error()  # Euler warns when step precedes 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 TOLERANCE = 1e-5
+CANCELLATION_ULPS = 4  # ulp-level rounding differences a cancelling step may amplify (_run_both)
 SD15 = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
 CONFIGS = {
     # SD-1.5's scheduler config (leading spacing, offset 1, epsilon, final alpha = abar_0).
@@ -80,25 +81,40 @@ def _assert_same_timesteps(ours, ref):
 
 
 def _run_both(ours, ref, rng, shape=IMAGE, eta=0.0):
-    """Step both samplers with the same random model outputs; the worst per-step error."""
+    """Step both samplers with the same random model outputs.
+
+    Returns the worst per-step error as a fraction of its bound (pass: < 1). The bound is
+    TOLERANCE, plus what float32 rounding alone allows where a step cancels: a step whose
+    result is R times smaller than its input (Euler's first step from sigma_max, R ~ 870
+    for the cosine schedule at 37 steps) amplifies ulp-level differences in how the two
+    sides round the input-sized terms by R, and later steps carry that relative error on.
+    Those differences are principled, not ours to remove: XLA fuses a * b + c into one
+    FMA and turns x / s into x * (1 / s) for a scalar s, and torch's MKL sqrt (in its
+    sigma table and v-prediction scale) is off by up to 0.75 ulp.
+    """
     noise = rng.standard_normal(shape).astype(np.float32)
     x = ours.initial_latents(jnp.asarray(noise))
     x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
-    errors = [relative_error(x, x_ref.numpy())]
+    fractions = [relative_error(x, x_ref.numpy()) / TOLERANCE]
     state = ours.init_state(x)
     base_key = jax.random.key(int(rng.integers(2**31)), impl=KEY_IMPL)
+    shrink = 1.0  # the largest cancellation so far
     for i, t in enumerate(ref.timesteps):
-        errors.append(relative_error(_scale_input(ours, x, i), ref.scale_model_input(x_ref, t).numpy()))
+        scaled_ref = ref.scale_model_input(x_ref, t).numpy()
+        bound = TOLERANCE + CANCELLATION_ULPS * EPS32 * shrink  # x carries earlier steps' error
+        fractions.append(relative_error(_scale_input(ours, x, i), scaled_ref) / bound)
         output = rng.standard_normal(shape).astype(np.float32)
         key = jax.random.fold_in(base_key, i) if eta else None
         x, state = _step(ours, state, i, jnp.asarray(output), x, key)
         extra = {}
         if eta:  # feed diffusers the very noise our step drew
             extra = dict(eta=eta, variance_noise=torch.from_numpy(np.array(jax.random.normal(key, shape))))
+        input_scale = float(np.abs(x_ref.numpy()).max())
         x_ref = ref.step(torch.from_numpy(output), t, x_ref, **extra).prev_sample
-        errors.append(relative_error(x, x_ref.numpy()))
+        shrink = max(shrink, input_scale / max(float(np.abs(x_ref.numpy()).max()), 1e-30))
+        fractions.append(relative_error(x, x_ref.numpy()) / (TOLERANCE + CANCELLATION_ULPS * EPS32 * shrink))
     assert int(state.steps_taken) == len(ref.timesteps)
-    return max(errors)
+    return max(fractions)
 
 
 @pytest.mark.parametrize("steps", [25, 50])
@@ -111,8 +127,8 @@ def test_every_step_matches_diffusers(rng, variant, config_name, steps):
     else:
         _assert_same_timesteps(ours, ref)
     worst = _run_both(ours, ref, rng)
-    print(f"{variant} {config_name} {steps}: max relative error {worst:.2e}")
-    assert worst < TOLERANCE
+    print(f"{variant} {config_name} {steps}: worst error / bound {worst:.2f}")
+    assert worst < 1
 
 
 EXTRA_CASES = {  # id -> (variant, config, steps, config overrides, shape, eta)
@@ -140,8 +156,8 @@ def test_options_match_diffusers(rng, case):
     ours, ref = _make_pair(variant, config_name, steps, dict(eta=eta) if eta else None, **overrides)
     _assert_same_timesteps(ours, ref)
     worst = _run_both(ours, ref, rng, shape=shape, eta=eta)
-    print(f"{case}: max relative error {worst:.2e}")
-    assert worst < TOLERANCE
+    print(f"{case}: worst error / bound {worst:.2f}")
+    assert worst < 1
 
 
 # The real-world grid: every beta schedule x spacing x prediction type x sampler, at an
@@ -212,8 +228,8 @@ def test_real_world_grid_matches_diffusers(rng, correctly_rounded_rescale, sampl
         if variant != "euler_karras":
             _assert_same_timesteps(ours, ref)
         worst = _run_both(ours, ref, rng, shape=(1, 4, 4, 4), eta=options.get("eta", 0.0))
-        if not worst < TOLERANCE:
-            failures.append(f"{case}: {worst:.2e}")
+        if not worst < 1:
+            failures.append(f"{case}: error / bound {worst:.2f}")
     assert not failures, "; ".join(failures)
 
 
@@ -223,7 +239,7 @@ def test_issue_ddim_linspace_sample_37_steps(rng):
                   set_alpha_to_one=True)
     ours, ref = _make_pair_from_config("ddim", config, 37)
     np.testing.assert_array_equal(np.asarray(ours.alpha_bar), ref.alphas_cumprod.numpy()[ref.timesteps.numpy()])
-    assert _run_both(ours, ref, rng) < TOLERANCE
+    assert _run_both(ours, ref, rng) < 1
 
 
 def _assert_karras_timesteps_close(ours, ref):
