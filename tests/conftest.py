@@ -27,15 +27,30 @@ REGRESSION_SEEDS = (1024093499, 99, 65537)
 def pytest_configure(config):
     config.addinivalue_line("markers", "regression_seeds(*seeds): also run with these rng seeds "
                                        "(default: conftest.REGRESSION_SEEDS)")
+    config.addinivalue_line("markers", "seeded: uses the rng fixture (set automatically; "
+                                       "scripts/replay_seeds.sh selects these with -m seeded)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "rng" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.seeded)
 
 
 def pytest_generate_tests(metafunc):
-    marker = metafunc.definition.get_closest_marker("regression_seeds")
-    if marker is None or "rng" not in metafunc.fixturenames:
+    """rng parameters: the fresh seed, or CONSIST_TEST_SEEDS="s1,s2,..." (several seeds in one
+    process: scripts/replay_seeds.sh packs them to share imports and compiles), plus the
+    regression seeds of a test marked `regression_seeds`."""
+    if "rng" not in metafunc.fixturenames:
         return
-    seeds = marker.args or REGRESSION_SEEDS
-    metafunc.parametrize("rng", [None, *seeds], indirect=True,
-                         ids=["fresh", *(f"seed{seed}" for seed in seeds)])
+    listed = [int(seed) for seed in os.environ.get("CONSIST_TEST_SEEDS", "").split(",") if seed.strip()]
+    marker = metafunc.definition.get_closest_marker("regression_seeds")
+    regression = [] if marker is None else list(marker.args or REGRESSION_SEEDS)
+    if not listed and not regression:
+        return
+    seeds = (listed or [None]) + [seed for seed in regression if seed not in listed]
+    metafunc.parametrize("rng", seeds, indirect=True,
+                         ids=["fresh" if seed is None else f"seed{seed}" for seed in seeds])
 
 
 @pytest.fixture
