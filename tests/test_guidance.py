@@ -40,7 +40,6 @@ def _rescale_error_scale(guided, cond, guidance_rescale):
     return rescaled * (std_error(guided) + std_error(cond)) + 3 * (rescaled + (1 - guidance_rescale) * np.abs(guided64))
 
 
-@pytest.mark.regression_seeds
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("guidance_rescale", [0.0, 0.3, 0.7, 1.0])
 def test_rescale_matches_diffusers(rng, shape, guidance_rescale):
