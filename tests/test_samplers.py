@@ -16,7 +16,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from parity import EPS32, relative_error
 
 from consist_jax.diffusion import samplers as smp
-from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.diffusion.schedule import PREDICTION_TYPES, NoiseSchedule
 
 diffusers.utils.logging.set_verbosity_error()  # Euler warns when step precedes scale_model_input
 # diffusers itself converts torch tensors with np.array(copy=False) (not our code).
@@ -179,16 +179,11 @@ GRID_STEPS = 37
 
 def _grid_cases(sampler_id, zero_snr):
     """(case id, config) pairs; zero terminal SNR needs v or x0 prediction (eps gives inf x0)."""
-    predictions = ("v_prediction", "sample") if zero_snr else sch_prediction_types()
+    predictions = ("v_prediction", "sample") if zero_snr else PREDICTION_TYPES
     for betas, spacing, prediction in itertools.product(GRID_BETAS, smp.TIMESTEP_SPACINGS, predictions):
         config = dict(GRID_BETAS[betas], timestep_spacing=spacing, prediction_type=prediction, steps_offset=1,
                       rescale_betas_zero_snr=zero_snr, **GRID_SAMPLERS[sampler_id][1])
         yield f"{sampler_id} {betas} {spacing} {prediction}{' zero_snr' if zero_snr else ''}", config
-
-
-def sch_prediction_types():
-    from consist_jax.diffusion.schedule import PREDICTION_TYPES
-    return PREDICTION_TYPES
 
 
 def _rescale_with_correctly_rounded_sqrt(betas):
