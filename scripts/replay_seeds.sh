@@ -37,10 +37,10 @@ while [ "$done_seeds" -lt "$N" ]; do
   fi
   rc=$?
   if [ "$rc" -eq 0 ]; then
-    echo "[$done_seeds/$N] seeds ${seeds[*]}: passed"
+    echo "[$done_seeds/$N] seed(s) ${seeds[*]}: passed"
     continue
   fi
-  echo "[$done_seeds/$N] seeds ${seeds[*]}: FAILED (pytest exit $rc)"
+  echo "[$done_seeds/$N] seed(s) ${seeds[*]}: FAILED (pytest exit $rc)"
   grep -E '^(FAILED|ERROR) ' "$log" | sed 's/^/    /'
   [ "$rc" -eq 5 ] && echo "    no tests collected: check the pytest arguments"
   if [ "${#seeds[@]}" -eq 1 ]; then
