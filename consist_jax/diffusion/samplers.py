@@ -15,6 +15,11 @@ host, exactly as diffusers' `set_timesteps` computes them, plus static options. 
 Shapes: latents x (B, ...) with the batch first ((B, h, w, C) or (B, F, h, w, C));
 model outputs have x's shape; `i` is the step index 0 .. T-1 (a Python or traced int).
 Arithmetic is float32 in the order diffusers uses; the result is cast to x's dtype.
+Built from a diffusers config, the tables equal diffusers' bit for bit (see schedule.py);
+the steps agree to rounding, not bit for bit: XLA fuses a * b + c into one FMA and
+computes x / s for a scalar s as x * (1 / s), and torch's float32 sqrt (MKL) is off by
+up to 0.75 ulp, so each step differs by a few ulps of its terms (1e-5 relative is the
+tested bar, more only where a step cancels: see EulerSampler).
 `sampler.timesteps` is int32 for DDIM / DPM-Solver and float32 for Euler (fractional for
 linspace spacing or Karras sigmas, as diffusers' float timesteps); pass it to the model
 as is. Samplers are pytrees: pass them into `jit` as arguments (static options are
@@ -360,10 +365,12 @@ class EulerSampler(_SamplerMethods):
     """Euler on the sigma ODE (Karras et al.), equal to diffusers' EulerDiscreteScheduler
     (no churn, linear interpolation).
 
-    Numerics: with a zero-terminal-SNR schedule the first step goes from sigma = 4096 to
-    sigma ~ 50, and diffusers' update x + (x - x0) / sigma * dt cancels ~4096-sized terms,
-    so float32 rounding there is ~5e-6 of the result, in diffusers as here; we keep its
-    formula so the two agree step for step.
+    Numerics: where the first step falls from a huge sigma_max (4096 with zero terminal
+    SNR, ~2e4 for squaredcos_cap_v2 with linspace / trailing spacing) to a sigma R times
+    smaller (R ~ 900 for the cosine schedule at 37 steps), diffusers' update
+    x + (x - x0) / sigma * dt cancels terms R times larger than its result, so one ulp
+    of rounding there is R ulps of the result, in diffusers as here (and carried by the
+    later steps). We keep its formula so the two agree to those rounding differences.
 
     timesteps:         (T,) float32 model timestep at each step (fractional for linspace
                        spacing or Karras sigmas, as in diffusers).

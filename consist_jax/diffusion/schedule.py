@@ -9,7 +9,14 @@ Conventions: latents are float arrays with the batch first, any further shape
 ((B, h, w, C) images, (B, F, h, w, C) videos); timesteps are integer arrays of shape
 (B,) (or scalars) and broadcast over the non-batch axes. All functions are pure JAX
 and may be used inside `jit`, `scan` and `fori_loop`; only the schedule
-construction (`NoiseSchedule.create`) runs on the host, in numpy float64.
+construction (`NoiseSchedule.create`) runs on the host, in numpy.
+
+Precision: by default the tables are built with diffusers' float32 arithmetic, bit for
+bit (torch's CPU linspace with its fused multiply-adds, float32 `1 - beta`, torch's CPU
+cumprod that accumulates in float64 and rounds every element to float32), so samplers
+built from a diffusers scheduler config step as diffusers does. `precision="float64"`
+builds them in float64 and rounds once: closer to the exact schedule, but up to ~1e-6
+relative from diffusers' table, which near t = 0 becomes ~1e-4 in 1 - abar.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from flax import struct
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PRECISIONS = ("float32", "float64")  # diffusers' float32 arithmetic, or float64 rounded once
 
 # diffusers' scheduler defaults, used for keys a scheduler_config.json leaves out.
 _DIFFUSERS_DEFAULTS = {
@@ -36,47 +44,97 @@ _DIFFUSERS_DEFAULTS = {
 
 
 # ----------------------------------------------------------------------------------
-# Host-side construction (numpy float64, cast to float32 once at the end)
+# Host-side construction (numpy; float32 as diffusers, or float64 rounded once)
 # ----------------------------------------------------------------------------------
 
 
 def make_betas(beta_schedule: str, beta_start: float, beta_end: float,
-               num_train_timesteps: int) -> np.ndarray:
-    """Betas of a named schedule, (num_train_timesteps,) float64.
+               num_train_timesteps: int, precision: str = "float32") -> np.ndarray:
+    """Betas of a named schedule, (num_train_timesteps,) in `precision`'s dtype.
 
     linear: evenly spaced betas; scaled_linear: evenly spaced sqrt(betas) (SD-1.5 uses
     0.00085 .. 0.012); squaredcos_cap_v2: the cosine alpha-bar of Nichol & Dhariwal
-    with betas capped at 0.999 (beta_start / beta_end are ignored).
+    with betas capped at 0.999 (beta_start / beta_end are ignored). "float32" gives
+    diffusers' float32 betas bit for bit.
     """
+    _check_precision(precision)
     n = num_train_timesteps
+    linspace = _torch_linspace_float32 if precision == "float32" else _linspace_float64
     if beta_schedule == "linear":
-        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+        return linspace(beta_start, beta_end, n)
     if beta_schedule == "scaled_linear":
-        return np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64) ** 2
+        return linspace(beta_start**0.5, beta_end**0.5, n) ** 2
     if beta_schedule == "squaredcos_cap_v2":
-        return _cosine_betas(n)
+        return _cosine_betas(n).astype(precision)
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
+def _linspace_float64(start: float, end: float, n: int) -> np.ndarray:
+    return np.linspace(start, end, n, dtype=np.float64)
+
+
+def _torch_linspace_float32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32) on CPU, bit for bit, (n,) float32.
+
+    torch rounds the ends and the step to float32, fills the first half as
+    start + step * i and the second as end - step * (n - 1 - i), each a fused
+    multiply-add (one rounding). The float64 products and sums below are exact for
+    schedule-sized ranges (24-bit step times i < 2**24), so rounding them to float32
+    once reproduces the fused result.
+    """
+    first, last = np.float32(start), np.float32(end)
+    if n == 1:
+        return np.array([first], np.float32)
+    step = np.float64((last - first) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    half = n // 2
+    values = np.where(i < half, np.float64(first) + step * i, np.float64(last) - step * (n - 1 - i))
+    return values.astype(np.float32)
+
+
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    """Betas discretising abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), s in [0, 1]."""
-    s = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
-    alpha_bar = np.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta)
+    """Betas discretising abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), s in [0, 1], (N,) float64.
+
+    diffusers' Python loop (math.cos, not numpy's vectorised cos, which may differ by an
+    ulp), so the float32 rounding of these equals diffusers' float32 betas.
+    """
+    def alpha_bar(s):
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
 
 
-def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+def _cumprod(alphas: np.ndarray) -> np.ndarray:
+    """Cumulative product in alphas' dtype; float32 as torch's CPU cumprod does it (a float64
+    running product rounded to float32 per element; numpy's float32 cumprod differs)."""
+    return np.cumprod(alphas.astype(np.float64)).astype(alphas.dtype)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray, sqrt=np.sqrt) -> np.ndarray:
     """Rescale betas so that the last timestep has SNR exactly 0 (Lin et al. 2023, Alg. 1).
 
     Shifts and scales sqrt(abar) so that sqrt(abar_0) is unchanged and sqrt(abar_T) = 0.
-    Args: betas (N,). Returns: (N,) betas (float64), the last one equal to 1.
+    Args: betas (N,) float32 (diffusers' arithmetic, op for op) or float64; sqrt: the
+    square root (correctly rounded; torch's float32 CPU sqrt is not, it is off by one ulp
+    for ~1/4 of the values on MKL builds, so diffusers' rescaled table differs from this
+    one by a few ulps; tests pass torch's sqrt to check the rest bit for bit).
+    Returns: (N,) betas of the same dtype, the last one equal to 1.
     """
-    sqrt_alpha_bar = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    betas = np.asarray(betas)
+    betas = betas if betas.dtype in (np.float32, np.float64) else betas.astype(np.float64)
+    one = betas.dtype.type(1)
+    sqrt_alpha_bar = sqrt(_cumprod(one - betas))
     first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
     sqrt_alpha_bar = (sqrt_alpha_bar - last) * (first / (first - last))
     alpha_bar = sqrt_alpha_bar**2
     alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
-    return 1.0 - alphas
+    return one - alphas
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown schedule precision {precision!r}; expected one of {PRECISIONS}")
 
 
 @struct.dataclass
@@ -88,8 +146,9 @@ class NoiseSchedule:
                     rescaling abar_{N-1} is exactly 0 (as in diffusers' DDPM/DDIM; the
                     DPM-Solver and Euler samplers clamp it to 2**-24 themselves).
     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: (N,) sqrt(abar_t), sqrt(1 - abar_t),
-                    evaluated in float64: 1 - abar computed from a float32 abar near 1
-                    loses up to 4e-4 relative at t ~ 0 (it is what diffusers does).
+                    evaluated in the construction's precision (float32: as diffusers'
+                    add_noise does; float64: 1 - abar without the float32 cancellation
+                    near t = 0).
     beta_schedule:  the schedule's name (static metadata; "trained" for explicit betas).
                     Samplers need it for one diffusers rule (Karras timesteps are not
                     rounded for squaredcos_cap_v2).
@@ -108,44 +167,60 @@ class NoiseSchedule:
     @classmethod
     def create(cls, beta_schedule: str = "scaled_linear", beta_start: float = 0.00085,
                beta_end: float = 0.012, num_train_timesteps: int = 1000,
-               rescale_betas_zero_snr: bool = False, trained_betas=None) -> "NoiseSchedule":
+               rescale_betas_zero_snr: bool = False, trained_betas=None,
+               precision: str = "float32") -> "NoiseSchedule":
         """Build a schedule (defaults: SD-1.5's scaled_linear 0.00085 .. 0.012, 1000 steps).
 
-        The tables are computed in float64 and cast to float32 once, so they are at
-        least as accurate as diffusers' (which accumulates its cumprod in float32).
+        precision: "float32" (default) builds every table with diffusers' float32
+        arithmetic, bit for bit; "float64" computes them in float64 and rounds once (more
+        accurate near t = 0, where diffusers' float32 abar carries ~1e-6 relative error).
         `trained_betas` (N,), when given, replaces the named schedule.
         """
+        _check_precision(precision)
         if trained_betas is not None:
-            betas = np.asarray(trained_betas, np.float64)
+            betas = np.asarray(trained_betas, np.float64).astype(precision)
             beta_schedule = "trained"
         else:
-            betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
+            betas = make_betas(beta_schedule, beta_start, beta_end, num_train_timesteps, precision)
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         # With zero-SNR rescaling the last beta is exactly 1, so abar_{N-1} is exactly 0.
-        schedule = cls.from_alphas_cumprod(np.cumprod(1.0 - betas), beta_schedule)
+        alphas_cumprod = _cumprod(betas.dtype.type(1) - betas)
+        schedule = cls.from_alphas_cumprod(alphas_cumprod, beta_schedule, precision)
         return schedule.replace(betas=jnp.asarray(betas, jnp.float32))
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod, beta_schedule: str = "trained") -> "NoiseSchedule":
-        """Build from an explicit abar table (N,), e.g. another implementation's float32 one."""
-        alphas_cumprod = np.asarray(alphas_cumprod, np.float64)
+    def from_alphas_cumprod(cls, alphas_cumprod, beta_schedule: str = "trained",
+                            precision: str = "float32") -> "NoiseSchedule":
+        """Build from an explicit abar table (N,), e.g. another implementation's float32 one.
+
+        The derived tables (betas, square roots) use `precision`'s arithmetic; "float32"
+        rounds the table to float32 first.
+        """
+        _check_precision(precision)
+        alphas_cumprod = np.asarray(alphas_cumprod, np.float64).astype(precision)
+        one = alphas_cumprod.dtype.type(1)
+        previous = np.concatenate([[one], alphas_cumprod[:-1]]).astype(precision)
         with np.errstate(divide="ignore", invalid="ignore"):
-            alphas = alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
+            alphas = alphas_cumprod / previous
         f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-        return cls(betas=f32(1.0 - alphas), alphas_cumprod=f32(alphas_cumprod),
+        return cls(betas=f32(one - alphas), alphas_cumprod=f32(alphas_cumprod),
                    sqrt_alphas_cumprod=f32(np.sqrt(alphas_cumprod)),
-                   sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - alphas_cumprod)),
+                   sqrt_one_minus_alphas_cumprod=f32(np.sqrt(one - alphas_cumprod)),
                    beta_schedule=beta_schedule)
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
-        """Build from a diffusers scheduler_config.json dict (missing keys: diffusers' defaults)."""
+    def from_diffusers_config(cls, config: Mapping[str, Any], precision: str = "float32") -> "NoiseSchedule":
+        """Build from a diffusers scheduler_config.json dict (missing keys: diffusers' defaults).
+
+        With the default precision the tables equal those of the diffusers scheduler
+        built from the same config, bit for bit.
+        """
         cfg = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
         return cls.create(beta_schedule=cfg["beta_schedule"], beta_start=cfg["beta_start"],
                           beta_end=cfg["beta_end"], num_train_timesteps=cfg["num_train_timesteps"],
                           rescale_betas_zero_snr=cfg["rescale_betas_zero_snr"],
-                          trained_betas=cfg["trained_betas"])
+                          trained_betas=cfg["trained_betas"], precision=precision)
 
 
 # ----------------------------------------------------------------------------------
