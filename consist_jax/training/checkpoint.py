@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -174,6 +175,21 @@ def check_tree_matches(saved: Any, abstract_state: Any, where: str) -> None:
 # ------------------------------------------------------------------ the run's checkpointer
 
 
+class _SaveErrorEchoes(logging.Filter):
+    """Drops the tracebacks that orbax's writer threads and asyncio log for every array of a
+    failed save (over a thousand for one full disk): they all name the step's temporary
+    folder, and the Checkpointer raises the failure once, as one CheckpointSaveError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return ".orbax-checkpoint-tmp" not in text
+
+
+_SAVE_ERROR_ECHOES = _SaveErrorEchoes()
+
+
 class Checkpointer:
     """Save every ``every_steps`` steps, keep the last ``keep``; restore the newest intact one.
 
@@ -193,6 +209,8 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self._pending: Optional[int] = None  # the step being written in the background
         self._failed = False
+        for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports lost tasks
+            logging.getLogger(name).addFilter(_SAVE_ERROR_ECHOES)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -221,9 +239,10 @@ class Checkpointer:
             )
 
     def check_for_errors(self) -> None:
-        """Raises CheckpointSaveError if a background save has already failed (does not block)."""
-        with self._save_errors():
-            self.manager.check_for_errors()
+        """Raises CheckpointSaveError if the background save has failed; does not block (a
+        finished save is waited for at once, which also records its file sizes)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Blocks until the pending save is written, then records its file sizes."""
@@ -246,6 +265,8 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - the failure was already raised once, with its step
                 if not self._failed:
                     raise
+
+
 
     @contextlib.contextmanager
     def _save_errors(self):
