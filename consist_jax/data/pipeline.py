@@ -132,20 +132,21 @@ class ClipBatchIterator:
                     break
                 raise
             if isinstance(clip, BadExample):
-                self._handle_bad(clip)
+                self._handle_bad(clip, pending=len(clips))
             else:
                 clips.append(clip)
         self._counts["batches"] += 1
         self._counts["examples"] += len(clips)
         return collate_clips(clips)
 
-    def _handle_bad(self, bad: BadExample) -> None:
+    def _handle_bad(self, bad: BadExample, pending: int) -> None:
+        """Raises, or counts and maybe prints the skip; ``pending``: clips of the batch being built."""
         if self._on_bad_example == "error":
             raise BadExampleError(bad.message())
         self._counts["skipped"] += 1
         self._last_skipped = bad.message()
         skipped = self._counts["skipped"]
-        read = skipped + self._counts["examples"]  # clips of the batch being built not counted yet
+        read = skipped + self._counts["examples"] + pending
         if len(self._first_skipped) < SKIPS_NAMED:
             self._first_skipped.append(bad.message())
             more = "; further skips are only counted" if skipped == SKIPS_NAMED else ""
