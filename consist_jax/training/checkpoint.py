@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -177,17 +178,40 @@ def check_tree_matches(saved: Any, abstract_state: Any, where: str) -> None:
 
 class _SaveErrorEchoes(logging.Filter):
     """Drops the tracebacks that orbax's writer threads and asyncio log for every array of a
-    failed save (over a thousand for one full disk): they all name the step's temporary
-    folder, and the Checkpointer raises the failure once, as one CheckpointSaveError."""
+    failed save (over a thousand for one full disk): they name the step's temporary folder,
+    or come after the failure was raised, and the Checkpointer raises the failure once, as
+    one CheckpointSaveError."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False  # once a failed save was raised, orbax's errors are its echoes
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
+        if self.failed and (record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname):
+            return False
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
         return ".orbax-checkpoint-tmp" not in text
 
 
 _SAVE_ERROR_ECHOES = _SaveErrorEchoes()
+
+
+def _drop_closed_loop_echoes() -> None:
+    """After a failed save, tensorstore's writes still in flight call back into orbax's
+    closed event loops, each printing an 'Event loop is closed' traceback through
+    sys.excepthook; they echo the failure already raised, so they are dropped."""
+    previous = sys.excepthook
+    if getattr(previous, "drops_closed_loop_echoes", False):
+        return
+
+    def hook(kind, error, traceback):
+        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
+            previous(kind, error, traceback)
+
+    hook.drops_closed_loop_echoes = True
+    sys.excepthook = hook
 
 
 class Checkpointer:
@@ -276,7 +300,8 @@ class Checkpointer:
         except CheckpointSaveError:
             raise
         except Exception as e:  # noqa: BLE001 - OSError from tensorstore arrives wrapped
-            self._failed = True
+            self._failed = _SAVE_ERROR_ECHOES.failed = True
+            _drop_closed_loop_echoes()
             step = self._pending
             last_good = [s for s in finished_steps(self.directory) if s != step]
             kept = f"step {last_good[-1]}" if last_good else "none yet"
