@@ -214,6 +214,16 @@ def _drop_closed_loop_echoes() -> None:
     sys.excepthook = hook
 
 
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, except that only the training loop asks JAX's preemption sync point."""
+
+    def reached_preemption(self, step: int) -> bool:
+        # orbax asks too, from its finalize thread with the step of the save being finished:
+        # that call overwrites the step the sync protocol reads, so a process could be told
+        # a sync point it has already passed, and the others would wait for it forever.
+        return False
+
+
 class Checkpointer:
     """Save every ``every_steps`` steps, keep the last ``keep``; restore the newest intact one.
 
@@ -230,7 +240,7 @@ class Checkpointer:
             enable_async_checkpointing=bool(async_save),
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
         self._pending: Optional[int] = None  # the step being written in the background
         self._failed = False
         for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports lost tasks
@@ -358,6 +368,17 @@ class Checkpointer:
         return restored.state, states[jax.process_index()].encode(), meta
 
 
+def read_state(state_dir: str) -> dict:
+    """A saved train state (dict) on this host's first device, whatever mesh and number of
+    processes wrote it (orbax would otherwise lay it out as saved, and fail on another topology)."""
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(state_dir).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    dict(saved))
+    return checkpointer.restore(state_dir, target)
+
+
 def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
     """(params, run config dict, step) from a train.py workdir's checkpoint ``step``, verified
     (a damaged one is an error naming the file), or by default the newest intact one (damaged
@@ -379,7 +400,7 @@ def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = Tru
     if "config" not in meta:
         raise CheckpointDamagedError(f"{where}: meta/metadata has no 'config' (keys: {sorted(meta)})")
     try:
-        state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+        state = read_state(os.path.join(directory, str(step), "state"))
     except Exception as e:  # noqa: BLE001 - any read failure is a damaged step
         raise _read_failure(where, e) from None
     params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
