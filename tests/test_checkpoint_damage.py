@@ -130,14 +130,12 @@ def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir,
     result = subprocess.run(train_cmd(workdir), cwd=REPO, env=run_env(data_dir), capture_output=True, text=True,
                             timeout=1200, preexec_fn=_file_size_limit(largest // 2))
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("consist_jax.")]
+    errors = [line for line in result.stderr.splitlines() if "CheckpointSaveError:" in line]
     assert len(errors) == 1, result.stderr[-3000:]
     step_dir = os.path.join(workdir, "checkpoints", "6")
-    assert errors[0].startswith(f"consist_jax.training.checkpoint.CheckpointSaveError: saving checkpoint step 6 "
-                                f"to {step_dir} failed:")
-    assert "The last good checkpoint (step 4) is kept" in errors[0]
-    assert "File too large" in errors[0]
-    assert result.stderr.count("Error writing") < 20  # not one traceback per array
+    assert f"CheckpointSaveError: saving checkpoint step 6 to {step_dir} failed:" in errors[0]
+    assert "File too large" in errors[0] and "The last good checkpoint (step 4) is kept" in errors[0]
+    assert result.stderr.count("Traceback (most recent call last)") <= 2, result.stderr[-3000:]  # not one per array
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [2, 4]
     verify_step(os.path.join(workdir, "checkpoints"), 4)

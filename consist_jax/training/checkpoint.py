@@ -199,19 +199,23 @@ _SAVE_ERROR_ECHOES = _SaveErrorEchoes()
 
 
 def _drop_closed_loop_echoes() -> None:
-    """After a failed save, tensorstore's writes still in flight call back into orbax's
-    closed event loops, each printing an 'Event loop is closed' traceback through
-    sys.excepthook; they echo the failure already raised, so they are dropped."""
-    previous = sys.excepthook
+    """When a save fails, tensorstore's writes still in flight call back into orbax's closed
+    event loops, each reported as an unraisable 'Event loop is closed' (possibly before the
+    failure is noticed), and at exit every unfinished orbax write coroutine is reported too;
+    they echo the failure the Checkpointer raises, so sys.unraisablehook drops them."""
+    previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_echoes", False):
         return
 
-    def hook(kind, error, traceback):
-        if not (kind is RuntimeError and str(error) == "Event loop is closed"):
-            previous(kind, error, traceback)
+    def hook(report):
+        code = getattr(report.object, "cr_code", None)
+        closed_loop = report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+        orbax_write = _SAVE_ERROR_ECHOES.failed and code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_write):
+            previous(report)
 
     hook.drops_closed_loop_echoes = True
-    sys.excepthook = hook
+    sys.unraisablehook = hook
 
 
 class _Manager(ocp.CheckpointManager):
@@ -245,6 +249,7 @@ class Checkpointer:
         self._failed = False
         for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports lost tasks
             logging.getLogger(name).addFilter(_SAVE_ERROR_ECHOES)
+        _drop_closed_loop_echoes()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -311,7 +316,6 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 - OSError from tensorstore arrives wrapped
             self._failed = _SAVE_ERROR_ECHOES.failed = True
-            _drop_closed_loop_echoes()
             step = self._pending
             last_good = [s for s in finished_steps(self.directory) if s != step]
             kept = f"step {last_good[-1]}" if last_good else "none yet"
