@@ -2,10 +2,9 @@
 clear error naming the file, leaf or step, and a damaged latest step gives way to the
 newest intact one without being deleted."""
 import os
-import resource
 import shutil
-import signal
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -112,11 +111,11 @@ def test_resume_passes_over_a_damaged_latest_step(uninterrupted_run, data_dir, t
     verify_step(os.path.join(workdir, "checkpoints"), 8)
 
 
-def _file_size_limit(limit):
-    def set_limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return set_limit
+# Runs argv[2:] with files limited to argv[1] bytes; SIGXFSZ ignored (it survives exec) makes a
+# write past the limit fail with EFBIG instead of killing the process.
+_WITH_FILE_SIZE_LIMIT = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+                         "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); "
+                         "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir, tmp_path):
@@ -127,8 +126,8 @@ def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir,
     for step in (6, 8):
         shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
     _, largest = _cut_in_half(_copy(workdir, tmp_path, "probe"), 4)
-    result = subprocess.run(train_cmd(workdir), cwd=REPO, env=run_env(data_dir), capture_output=True, text=True,
-                            timeout=1200, preexec_fn=_file_size_limit(largest // 2))
+    result = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(largest // 2), *train_cmd(workdir)],
+                            cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=1200)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "CheckpointSaveError:" in line]
     assert len(errors) == 1, result.stderr[-3000:]

@@ -305,8 +305,6 @@ class Checkpointer:
                 if not self._failed:
                     raise
 
-
-
     @contextlib.contextmanager
     def _save_errors(self):
         """Any error of a save -> one CheckpointSaveError naming the pending step and its folder."""
