@@ -23,10 +23,9 @@ from tests.runs import REPO, run_env, script_cmd, train_cmd
 
 def final_params(workdir, step, which="params"):
     """The params (or ``which="ema_params"``) of checkpoint ``step`` as numpy arrays."""
-    import orbax.checkpoint as ocp
+    from consist_jax.training.checkpoint import read_state
 
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    restored = ocp.StandardCheckpointer().restore(path)
+    restored = read_state(os.path.join(workdir, "checkpoints", str(step), "state"))
     return jax.tree_util.tree_map(np.asarray, restored[which])
 
 

@@ -7,8 +7,9 @@
             and reference frame, decode only those frames, crop/resize/flip frames,
             masks and keypoints together, render the pose images from the keypoints
             at the output resolution (consist_jax.poses.render)
-      -> ClipBatchIterator (this process): raise on or skip bad examples, stack,
-         normalise, and carry the checkpointable state.
+      -> ClipBatchIterator (this process): raise on or skip bad examples (the first
+         few skips are printed, more than max_skipped_fraction of them is an error),
+         stack, normalise, and carry the checkpointable state.
 
 Batches are assembled here rather than in grain's workers so that a skipped example
 is counted exactly (in this process) and the iterator state is always the state of
@@ -42,6 +43,12 @@ from consist_jax.data.clips import BadExample, ClipOptions, make_clip
 from consist_jax.data.source import RawVideoRecord, VideoRecordSource
 
 ON_BAD_EXAMPLE = ("error", "skip")
+# Skips printed by name; the rest are counted (the training progress line and TensorBoard
+# show the running count).
+SKIPS_NAMED = 5
+# max_skipped_fraction is judged only after this many examples: a few bad records among
+# the first ones say little about the dataset.
+MIN_EXAMPLES_FOR_FRACTION = 100
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -68,6 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
         "read_threads": 2,               # threads reading records ahead (main process)
         "read_prefetch": 8,              # records read ahead
         "on_bad_example": "error",       # "error" | "skip"
+        "max_skipped_fraction": 0.25,    # with "skip": more bad examples than this is an error
     })
 
 
@@ -89,19 +97,27 @@ class ClipBatchIterator:
     """Batches of clips; checkpointable with get_state()/set_state().
 
     stats(): {"batches": batches yielded, "examples": clips yielded,
-              "skipped": bad examples skipped, "last_skipped": message of the latest}.
+              "skipped": bad examples skipped, "last_skipped": message of the latest,
+              "first_skipped": messages of the first SKIPS_NAMED}.
+
+    With on_bad_example="skip", once MIN_EXAMPLES_FOR_FRACTION examples were read, more
+    than ``max_skipped_fraction`` of them bad raises BadExampleError.
     """
 
     def __init__(self, loader: grain.DataLoader, *, batch_size: int, on_bad_example: str,
-                 drop_remainder: bool):
+                 drop_remainder: bool, max_skipped_fraction: float = 0.25):
         if on_bad_example not in ON_BAD_EXAMPLE:
             raise ValueError(f"on_bad_example must be one of {ON_BAD_EXAMPLE}, got {on_bad_example!r}")
+        if not 0.0 <= max_skipped_fraction <= 1.0:
+            raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction}")
         self._examples = iter(loader)
         self._batch_size = batch_size
         self._on_bad_example = on_bad_example
         self._drop_remainder = drop_remainder
+        self._max_skipped_fraction = max_skipped_fraction
         self._counts = {"batches": 0, "examples": 0, "skipped": 0}
         self._last_skipped = None
+        self._first_skipped = []
 
     def __iter__(self):
         return self
@@ -116,27 +132,39 @@ class ClipBatchIterator:
                     break
                 raise
             if isinstance(clip, BadExample):
-                self._handle_bad(clip)
+                self._handle_bad(clip, pending=len(clips))
             else:
                 clips.append(clip)
         self._counts["batches"] += 1
         self._counts["examples"] += len(clips)
         return collate_clips(clips)
 
-    def _handle_bad(self, bad: BadExample) -> None:
+    def _handle_bad(self, bad: BadExample, pending: int) -> None:
+        """Raises, or counts and maybe prints the skip; ``pending``: clips of the batch being built."""
         if self._on_bad_example == "error":
             raise BadExampleError(bad.message())
         self._counts["skipped"] += 1
         self._last_skipped = bad.message()
+        skipped = self._counts["skipped"]
+        read = skipped + self._counts["examples"] + pending
+        if len(self._first_skipped) < SKIPS_NAMED:
+            self._first_skipped.append(bad.message())
+            more = "; further skips are only counted" if skipped == SKIPS_NAMED else ""
+            print(f"skipped {bad.message()} ({skipped} skipped of {read} examples read){more}", flush=True)
+        if read >= MIN_EXAMPLES_FOR_FRACTION and skipped > self._max_skipped_fraction * read:
+            raise BadExampleError(
+                f"{skipped} of {read} examples read were bad ({skipped / read:.0%}), more than "
+                f"max_skipped_fraction={self._max_skipped_fraction}; the first: {self._first_skipped}")
 
     def stats(self) -> dict:
-        return dict(self._counts, last_skipped=self._last_skipped)
+        return dict(self._counts, last_skipped=self._last_skipped, first_skipped=list(self._first_skipped))
 
     def get_state(self) -> bytes:
         """JSON bytes: grain's loader state (at this batch boundary) plus the counters."""
         return json.dumps({
             "grain": self._examples.get_state().decode("utf-8"),
             "counts": self._counts, "last_skipped": self._last_skipped,
+            "first_skipped": self._first_skipped,
         }).encode("utf-8")
 
     def set_state(self, state: bytes) -> None:
@@ -144,6 +172,7 @@ class ClipBatchIterator:
         self._examples.set_state(state["grain"].encode("utf-8"))
         self._counts = dict(state["counts"])
         self._last_skipped = state["last_skipped"]
+        self._first_skipped = list(state.get("first_skipped", []))  # absent in older checkpoints
 
 
 def collate_clips(clips: list[dict]) -> dict:
@@ -254,4 +283,5 @@ def make_pipeline(config, split: str, *, seed: int, process_index: int | None = 
                                        prefetch_buffer_size=int(config["read_prefetch"])))
     return ClipBatchIterator(loader, batch_size=int(config["batch_size"]),
                              on_bad_example=config["on_bad_example"],
-                             drop_remainder=bool(config["drop_remainder"]))
+                             drop_remainder=bool(config["drop_remainder"]),
+                             max_skipped_fraction=float(config["max_skipped_fraction"]))

@@ -1,14 +1,23 @@
 """Orbax checkpoints of a training run: the train state, every process's data-iterator
 state and the run's metadata, saved together so a killed run resumes exactly.
 
-Layout: ``{workdir}/checkpoints/{step}/{state,meta}``. Saves are asynchronous (the
-step loop goes on while arrays are written); a checkpoint becomes visible only when
-complete, so a run killed mid-save resumes from the previous one.
+Layout: ``{workdir}/checkpoints/{step}/{state,meta,file_sizes.json}``. Saves are
+asynchronous (the step loop goes on while arrays are written); a checkpoint becomes
+visible only when complete, so a run killed mid-save resumes from the previous one.
+
+Once a save has finished, process 0 records the size of every file it wrote
+(``file_sizes.json``): a step is verified against it before use, so a file cut short
+(a write interrupted on a network disk) is named instead of failing deep in orbax.
+A damaged latest step is passed over for the newest intact one, never deleted: a
+resumed run moves it to ``{workdir}/checkpoints_damaged/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -17,6 +26,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
+
+ITEMS = ("state", "meta")
+FILE_SIZES = "file_sizes.json"
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint step is incomplete, cut short or unreadable; the message names the file."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's train state does not fit this run's model (a workdir from another config)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (e.g. a full disk); the last good checkpoint is kept."""
 
 
 def gather_process_states(state: bytes) -> list[str]:
@@ -31,42 +55,311 @@ def gather_process_states(state: bytes) -> list[str]:
     return [bytes(row[: int(n)]).decode() for row, n in zip(everyone, lengths.reshape(-1))]
 
 
+# ------------------------------------------------------------------ verifying a step
+
+
+def finished_steps(directory: str) -> list[int]:
+    """The steps orbax finished writing under ``directory`` (unfinished ones are temp folders)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+
+
+def record_file_sizes(step_dir: str) -> None:
+    """Writes ``step_dir/file_sizes.json``: every file of the finished step's items and its
+    size (orbax's own bookkeeping files next to them may be rewritten later)."""
+    sizes = {}
+    for item in ITEMS:
+        for root, _, names in os.walk(os.path.join(step_dir, item)):
+            for name in names:
+                path = os.path.join(root, name)
+                sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
+    tmp = os.path.join(step_dir, FILE_SIZES + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(dict(sorted(sizes.items())), f, indent=0)
+    os.replace(tmp, os.path.join(step_dir, FILE_SIZES))  # a reader never sees half a list
+
+
+def _read_json(path: str, where: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointDamagedError(f"{where}: {path} is unreadable ({e})") from e
+
+
+def verify_step(directory: str, step: int) -> None:
+    """Raises CheckpointDamagedError naming the first missing, unreadable or cut-short file of
+    checkpoint ``step``. Sizes are checked where the step has a file_sizes.json (steps saved
+    before it existed, or by a run killed just after the save, are checked for structure only;
+    their read errors are still caught when restoring)."""
+    step_dir = os.path.join(directory, str(step))
+    where = f"checkpoint step {step} in {directory}"
+    for item in ITEMS:
+        if not os.path.isdir(os.path.join(step_dir, item)):
+            raise CheckpointDamagedError(f"{where} lacks its {item!r} item ({os.path.join(step_dir, item)} is missing)")
+    _read_json(os.path.join(step_dir, "meta", "metadata"), where)
+    sizes_path = os.path.join(step_dir, FILE_SIZES)
+    if not os.path.isfile(sizes_path):
+        return
+    for name, size in _read_json(sizes_path, where).items():
+        path = os.path.join(step_dir, name)
+        actual = os.path.getsize(path) if os.path.isfile(path) else None
+        if actual is None:
+            raise CheckpointDamagedError(f"{where}: {path} is missing ({size} bytes were written)")
+        if actual != size:
+            raise CheckpointDamagedError(f"{where}: {path} is {actual} bytes, {size} were written (cut short?)")
+
+
+def newest_intact_step(directory: str) -> Optional[int]:
+    """The newest step that passes verify_step (None when there is no checkpoint). Damaged
+    newer steps are named on the console and left on disk; all damaged is an error."""
+    steps = finished_steps(directory)
+    damaged = []
+    for step in reversed(steps):
+        try:
+            verify_step(directory, step)
+        except CheckpointDamagedError as e:
+            damaged.append(str(e))
+            continue
+        for message in damaged:
+            print(f"{message}; using step {step}, the newest intact one", flush=True)
+        return step
+    if damaged:
+        raise CheckpointDamagedError(f"every checkpoint in {directory} is damaged, e.g. {damaged[0]}")
+    return None
+
+
+def _innermost(error: BaseException) -> str:
+    """An orbax/tensorstore error chain as one line: its innermost cause names the array and file."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines() or [""]
+    return f"{type(error).__name__}: {lines[0]}"
+
+
+def _read_failure(where: str, error: BaseException) -> CheckpointDamagedError:
+    return CheckpointDamagedError(f"{where} could not be read: {_innermost(error)}")
+
+
+def _path_name(path) -> str:
+    """A tree path as "params/conv_in/kernel", the same for a TrainState and its saved dict."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def check_tree_matches(saved: Any, abstract_state: Any, where: str) -> None:
+    """Raises CheckpointMismatchError naming the first leaf path (in the run's order) that the
+    checkpoint lacks or holds in another shape, else the first leaf only the checkpoint has."""
+    saved_shapes = {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+    ours = [(_path_name(p), tuple(x.shape)) for p, x in jax.tree_util.tree_leaves_with_path(abstract_state)]
+    for name, shape in ours:
+        if name not in saved_shapes:
+            problem = f"{name} {shape} is not in the checkpoint"
+        elif saved_shapes[name] != shape:
+            problem = f"{name} is {saved_shapes[name]} in the checkpoint, {shape} in this run"
+        else:
+            continue
+        raise CheckpointMismatchError(f"{where} does not fit this run's config: {problem} (a workdir from another config?)")
+    extra = [name for name in saved_shapes if name not in dict(ours)]
+    if extra:
+        raise CheckpointMismatchError(
+            f"{where} does not fit this run's config: {extra[0]} is in the checkpoint only "
+            f"({len(extra)} such leaves; a workdir from another config?)")
+
+
+# ------------------------------------------------------------------ the run's checkpointer
+
+
+class _SaveErrorEchoes(logging.Filter):
+    """Drops the tracebacks that orbax's writer threads and asyncio log for every array of a
+    failed save (over a thousand for one full disk): they name the step's temporary folder,
+    or come after the failure was raised, and the Checkpointer raises the failure once, as
+    one CheckpointSaveError."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False  # once a failed save was raised, orbax's errors are its echoes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if self.failed and (record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname):
+            return False
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return ".orbax-checkpoint-tmp" not in text
+
+
+_SAVE_ERROR_ECHOES = _SaveErrorEchoes()
+
+
+def _drop_closed_loop_echoes() -> None:
+    """When a save fails, tensorstore's writes still in flight call back into orbax's closed
+    event loops, each reported as an unraisable 'Event loop is closed' (possibly before the
+    failure is noticed), and at exit every unfinished orbax write coroutine is reported too;
+    they echo the failure the Checkpointer raises, so sys.unraisablehook drops them."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_echoes", False):
+        return
+
+    def hook(report):
+        code = getattr(report.object, "cr_code", None)
+        closed_loop = report.exc_type is RuntimeError and str(report.exc_value) == "Event loop is closed"
+        orbax_write = _SAVE_ERROR_ECHOES.failed and code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (closed_loop or orbax_write):
+            previous(report)
+
+    hook.drops_closed_loop_echoes = True
+    sys.unraisablehook = hook
+
+
+class _Manager(ocp.CheckpointManager):
+    """orbax's manager, except that only the training loop asks JAX's preemption sync point."""
+
+    def reached_preemption(self, step: int) -> bool:
+        # orbax asks too, from its finalize thread with the step of the save being finished:
+        # that call overwrites the step the sync protocol reads, so a process could be told
+        # a sync point it has already passed, and the others would wait for it forever.
+        return False
+
+
 class Checkpointer:
-    """Save every ``every_steps`` steps, keep the last ``keep``; restore the latest."""
+    """Save every ``every_steps`` steps, keep the last ``keep``; restore the newest intact one.
+
+    A failed save (a full disk, a lost network mount) raises CheckpointSaveError naming the
+    step and its folder: at once for a synchronous save, else at the next check_for_errors(),
+    save(), wait() or close()."""
 
     def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, "checkpoints")
         self.every_steps = int(every_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=int(keep),
             enable_async_checkpointing=bool(async_save),
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
+        self._pending: Optional[int] = None  # the step being written in the background
+        self._failed = False
+        for name in ("absl", "asyncio"):  # orbax logs through absl; asyncio reports lost tasks
+            logging.getLogger(name).addFilter(_SAVE_ERROR_ECHOES)
+        _drop_closed_loop_echoes()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def resume_step(self) -> Optional[int]:
+        """The newest intact step (None without checkpoints). Damaged newer steps are moved
+        aside, kept, so that the resumed run can write those steps anew."""
+        step = newest_intact_step(self.directory)
+        for damaged in [s for s in finished_steps(self.directory) if step is not None and s > step]:
+            print(f"moved damaged checkpoint step {damaged} to {self.set_aside(damaged)}", flush=True)
+        return step
 
     def should_save(self, step: int) -> bool:
         return self.every_steps > 0 and step % self.every_steps == 0
 
     def save(self, step: int, state: Any, data_state: bytes, meta: dict) -> None:
         """Saves (asynchronously) the state at ``step`` with every process's iterator state."""
+        self.wait()  # the previous save's errors and its file sizes come first
         meta = dict(meta, step=int(step), data_states=gather_process_states(data_state))
-        self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        self._pending = int(step)
+        with self._save_errors():
+            self.manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+
+    def check_for_errors(self) -> None:
+        """Raises CheckpointSaveError if the background save has failed; does not block (a
+        finished save is waited for at once, which also records its file sizes)."""
+        if self._pending is not None and not self.manager.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        """Blocks until the pending save is written, then records its file sizes."""
+        with self._save_errors():
+            self.manager.wait_until_finished()
+        if self._pending is not None and jax.process_index() == 0:
+            step_dir = os.path.join(self.directory, str(self._pending))
+            if os.path.isdir(step_dir):  # max_to_keep may have removed it already
+                record_file_sizes(step_dir)
+        self._pending = None
+
+    def close(self) -> None:
+        """Finishes the pending save; after a failed save, only releases orbax's threads."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - the failure was already raised once, with its step
+                if not self._failed:
+                    raise
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """Any error of a save -> one CheckpointSaveError naming the pending step and its folder."""
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError from tensorstore arrives wrapped
+            self._failed = _SAVE_ERROR_ECHOES.failed = True
+            step = self._pending
+            last_good = [s for s in finished_steps(self.directory) if s != step]
+            kept = f"step {last_good[-1]}" if last_good else "none yet"
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed: "
+                f"{_innermost(e)}; stopping. The last good checkpoint ({kept}) is kept."
+            ) from None
+
+    def set_aside(self, step: int) -> str:
+        """Moves a damaged ``step`` out of orbax's sight (so the run can write it anew) into
+        ``{workdir}/checkpoints_damaged/``; returns where. Process 0 moves, all wait."""
+        target = os.path.join(self.workdir, "checkpoints_damaged", str(step))
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(self.workdir, "checkpoints_damaged", f"{step}.{n}")
+            n += 1
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"damaged checkpoint {step} set aside")
+        self.manager.reload()
+        return target
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, bytes, dict]:
-        """(state laid out as ``abstract_state`` says, this process's iterator state, meta)."""
-        restored = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
+        """(state laid out as ``abstract_state`` says, this process's iterator state, meta).
+
+        The step is verified first; a damaged step raises CheckpointDamagedError and one
+        from another config CheckpointMismatchError, each naming the file or leaf."""
+        verify_step(self.directory, step)
+        where = f"checkpoint step {step} in {self.directory}"
+        state_dir = os.path.join(self.directory, str(step), "state")
+        try:
+            saved = ocp.StandardCheckpointer().metadata(state_dir)
+        except Exception as e:  # noqa: BLE001 - any read failure is a damaged step
+            raise _read_failure(where, e) from None
+        check_tree_matches(getattr(saved, "item_metadata", saved), abstract_state, where)
+        try:
+            restored = self.manager.restore(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:  # noqa: BLE001
+            raise _read_failure(where, e) from None
         meta = restored.meta
         states = meta["data_states"]
         if len(states) != jax.process_count():
@@ -76,28 +369,42 @@ class Checkpointer:
             )
         return restored.state, states[jax.process_index()].encode(), meta
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+def read_state(state_dir: str) -> dict:
+    """A saved train state (dict) on this host's first device, whatever mesh and number of
+    processes wrote it (orbax would otherwise lay it out as saved, and fail on another topology)."""
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(state_dir).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    dict(saved))
+    return checkpointer.restore(state_dir, target)
 
 
 def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
-    """(params, run config dict, step) from a train.py workdir's checkpoint (latest by default)."""
+    """(params, run config dict, step) from a train.py workdir's checkpoint ``step``, verified
+    (a damaged one is an error naming the file), or by default the newest intact one (damaged
+    newer steps are named on the console and passed over)."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} has no checkpoints/ folder (is it a train.py workdir?)")
-    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    steps = finished_steps(directory)
     if not steps:
         raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is None:
+        step = newest_intact_step(directory)
+    elif step not in steps:
         raise FileNotFoundError(f"no checkpoint {step} in {directory!r}; have {steps}")
-    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"))
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    state = ocp.StandardCheckpointer().restore(os.path.join(directory, str(step), "state"))
+    else:
+        verify_step(directory, step)
+    where = f"checkpoint step {step} in {directory}"
+    meta = _read_json(os.path.join(directory, str(step), "meta", "metadata"), where)
+    if "config" not in meta:
+        raise CheckpointDamagedError(f"{where}: meta/metadata has no 'config' (keys: {sorted(meta)})")
+    try:
+        state = read_state(os.path.join(directory, str(step), "state"))
+    except Exception as e:  # noqa: BLE001 - any read failure is a damaged step
+        raise _read_failure(where, e) from None
     params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
     return jax.tree_util.tree_map(jnp.asarray, params), json.loads(meta["config"]), step
 

@@ -75,17 +75,33 @@ def preflight(config: Any) -> sharding.Mesh:
 
 
 class _Preemption:
-    """SIGTERM (cloud preemption) sets a flag; the loop saves a checkpoint and exits."""
+    """SIGTERM (cloud preemption): every process saves the same step, then the loop exits.
+
+    One process: a SIGTERM handler sets a flag. Several: hosts see the signal at different
+    steps (or only one sees it) while a save is a collective that all must join, so each
+    asks JAX's preemption sync manager (started by jax.distributed.initialize, with its own
+    SIGTERM notifier) whether ``step`` is the step all processes agreed on through the
+    coordination service; no per-step collective, and no Python handler to mask the notifier.
+    """
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._distributed = jax.process_count() > 1
+        self._requested = False
+        if not self._distributed:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to save at ``step`` and exit; call once per step, steps increasing."""
+        if self._distributed:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._distributed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _global_batch(batch: dict, batch_sharding) -> dict:
@@ -141,7 +157,7 @@ def train(config: Any, workdir: str) -> dict:
                                 config.checkpoint.async_save)
     data_cfg = dict(config.data.pipeline, batch_size=config.train.global_batch_size // jax.process_count())
     data = data_pipeline.make_pipeline(data_cfg, "train", seed=config.seed)
-    start = checkpointer.latest_step() if config.resume else None
+    start = checkpointer.resume_step() if config.resume else None
     if start is not None:
         target = jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding
@@ -169,9 +185,10 @@ def train(config: Any, workdir: str) -> dict:
             if step > start:
                 batch = _global_batch(next(data), batch_sharding)
             state, metrics = compiled(state, batch, jax.random.fold_in(train_rng, step), frozen)
+            checkpointer.check_for_errors()  # a failed background save stops the run now
             done = step + 1
             final = done == config.train.num_steps
-            preempted = preemption.requested  # read once: the signal may land at any moment
+            preempted = preemption.reached(done)  # read once: the signal may land at any moment
             save_now = checkpointer.should_save(done) or final or preempted
             if done % config.log.every_steps == 0 or final or save_now:
                 # A host sync: also guarantees no non-finite state is ever saved.
@@ -183,6 +200,7 @@ def train(config: Any, workdir: str) -> dict:
                     )
                 now = time.perf_counter()
                 last = _rates(host, (now - timer) / (done - logged_step), config, flops)
+                last["data/skipped"] = float(data.stats()["skipped"])
                 logged_step, timer = done, now
                 writer.write(done, last)
                 print(_progress_line(done, config.train.num_steps, last), flush=True)
@@ -223,4 +241,6 @@ def _progress_line(step: int, total: int, m: dict) -> str:
              f"lr {m['lr']:.2e}", f"{m['step_time_s']:.2f} s/step", f"{m['samples_per_s']:.1f} samples/s"]
     if "mfu" in m:
         parts.append(f"MFU {100 * m['mfu']:.1f}%")
+    if m.get("data/skipped"):
+        parts.append(f"{int(m['data/skipped'])} bad examples skipped")
     return " | ".join(parts)
