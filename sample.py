@@ -72,7 +72,7 @@ def check_flags() -> None:
     """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
     from consist_jax import checks
     from consist_jax.sampling import io
-    from consist_jax.training.validate import check_sample_settings
+    from consist_jax.checks import check_sample_settings
 
     check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, window=FLAGS.window,
                           overlap=FLAGS.overlap, seed=FLAGS.seed)

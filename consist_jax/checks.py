@@ -91,3 +91,29 @@ def positive_ints(name: str, values) -> tuple:
     for i, v in enumerate(values):
         positive_int(f"{name}[{i}]", v)
     return tuple(values)
+
+
+_seed_in_range = seed  # check_sample_settings' ``seed`` argument shadows the check
+
+
+def check_sample_settings(prefix: str, *, steps: int, guidance: float, window: Optional[int] = None,
+                          overlap: Optional[int] = None, seed: Optional[int] = None,
+                          guidance_rescale: float = 0.0) -> None:
+    """Sampling numbers: steps >= 1, a finite guidance, 0 <= overlap < window, a seed in
+    range. ``prefix`` names them: "sample" gives "sample.steps", "--" gives "--steps", ""
+    gives "steps"."""
+
+    def name(key):
+        return f"{prefix}{key}" if prefix.startswith("-") or not prefix else f"{prefix}.{key}"
+
+    positive_int(name("steps"), steps)
+    finite_number(name("guidance"), guidance)
+    probability(name("guidance_rescale"), guidance_rescale)
+    if window is not None:
+        positive_int(name("window"), window)
+    if overlap is not None:
+        non_negative_int(name("overlap"), overlap)
+        if window is not None and overlap >= window:
+            raise ValueError(f"{name('overlap')}={overlap}: must be in [0, {name('window')}={window})")
+    if seed is not None:
+        _seed_in_range(name("seed"), seed)

@@ -137,3 +137,9 @@ def test_pipeline_samples_a_full_rule_model_jointly(rng):
     poses = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     frames = pipe(reference, poses, reference_pose=reference, steps=2, guidance=3.0, window=2, overlap=1)
     assert frames.shape == (3, 16, 16, 3) and frames.dtype == np.uint8 and frames.std() > 0
+    # Settings that make no sense are refused before anything compiles, naming the argument.
+    for bad, message in [(dict(steps=0), "steps=0"), (dict(guidance=float("nan")), "guidance=nan"),
+                         (dict(window=2, overlap=2), "overlap=2")]:
+        kwargs = dict(reference_pose=reference, steps=2, guidance=3.0, window=2, overlap=1) | bad
+        with pytest.raises(ValueError, match=message):
+            pipe(reference, poses, **kwargs)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from consist_jax.checks import check_sample_settings
 from consist_jax.convert.build import build_model
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
@@ -109,6 +110,8 @@ class SCDPipeline:
             reference_pose = _as_pose_images(reference_pose, "reference pose")
             reference_pose = reference_pose[0] if reference_pose.ndim == 4 else reference_pose
         self.check_inputs(reference_image, target_poses, reference_pose)
+        check_sample_settings("", steps=steps, guidance=guidance, window=window, overlap=overlap,
+                              seed=seed, guidance_rescale=guidance_rescale)
         generate = self._compiled(len(target_poses), steps, sampler, timestep_spacing,
                                   float(guidance_rescale), window, overlap, progress)
         if progress:

@@ -1,7 +1,7 @@
 """Numeric ranges of a run config, checked before anything is built or compiled.
 
     check_run_config(config)   # train.py, trainer.preflight
-    check_sample_settings(...) # sample.py, evaluate.py flags and config.sample
+    checks.check_sample_settings(...)  # sample.py, evaluate.py flags and config.sample
 
 A value that makes no sense (a negative learning rate trains by gradient ascent, a
 batch of 0 has nothing to stack) raises ValueError with one line naming the key, the
@@ -10,7 +10,7 @@ business; names of enums (schedules, samplers) are checked where they are used.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from consist_jax import checks
 
@@ -99,27 +99,5 @@ def check_run_config(config: Any) -> None:
                             d.num_train_timesteps - 1)
     if "sample" in config:
         s = config.sample
-        check_sample_settings("sample", steps=s.steps, guidance=s.guidance, window=s.window,
+        checks.check_sample_settings("sample", steps=s.steps, guidance=s.guidance, window=s.window,
                               overlap=s.overlap, guidance_rescale=s.get("guidance_rescale", 0.0))
-
-
-def check_sample_settings(prefix: str, *, steps: int, guidance: float, window: Optional[int] = None,
-                          overlap: Optional[int] = None, seed: Optional[int] = None,
-                          guidance_rescale: float = 0.0) -> None:
-    """Sampling numbers: steps >= 1, a finite guidance, 0 <= overlap < window, a seed in
-    range. ``prefix`` names them: "sample" gives "sample.steps", "--" gives "--steps"."""
-
-    def name(key):
-        return f"{prefix}{key}" if prefix.startswith("-") else f"{prefix}.{key}"
-
-    checks.positive_int(name("steps"), steps)
-    checks.finite_number(name("guidance"), guidance)
-    checks.probability(name("guidance_rescale"), guidance_rescale)
-    if window is not None:
-        checks.positive_int(name("window"), window)
-    if overlap is not None:
-        checks.non_negative_int(name("overlap"), overlap)
-        if window is not None and overlap >= window:
-            raise ValueError(f"{name('overlap')}={overlap}: must be in [0, {name('window')}={window})")
-    if seed is not None:
-        checks.seed(name("seed"), seed)
