@@ -148,7 +148,7 @@ def test_user_errors_and_bugs(capsys, monkeypatch):
     ({"data.pipeline.crop_scale": (0.9, 0.5)}, "data.pipeline.crop_scale"),
     ({"data.pipeline.flip_probability": float("nan")}, "data.pipeline.flip_probability"),
     ({"sample.overlap": 8, "sample.window": 8}, "sample.overlap"),
-    ({"checkpoint.every_steps": 0}, "checkpoint.every_steps"),
+    ({"checkpoint.every_steps": -1}, "checkpoint.every_steps"),
     ({"log.every_steps": -1}, "log.every_steps"),
 ])
 def test_run_config_ranges(override, key):

@@ -79,7 +79,8 @@ PIPELINE_RULES = {
     "read_threads": checks.positive_int,
     "read_prefetch": checks.positive_int,
 }
-CHECKPOINT_RULES = {"every_steps": checks.positive_int, "keep": checks.positive_int}
+# every_steps=0: no periodic saves (the final and preemption saves still happen).
+CHECKPOINT_RULES = {"every_steps": checks.non_negative_int, "keep": checks.positive_int}
 LOG_RULES = {"every_steps": checks.positive_int, "peak_tflops_per_device": checks.non_negative_number}
 
 
