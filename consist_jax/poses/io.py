@@ -446,7 +446,21 @@ def load_poses(path, *, height: int | None = None, width: int | None = None,
     Returns a ``PoseSequence`` in pixel coordinates, layout ``openpose18`` or
     ``dwpose134``. Raises ValueError naming the file (and frame) on bad input.
     """
-    path = Path(path)
+    source = str(Path(path))
+    try:
+        return _load_poses(Path(path), height, width, coordinates, person, default_size)
+    except ValueError as error:  # every refusal names the file, also those raised below us
+        if source in str(error):
+            raise
+        raise ValueError(f"{source}: {error}") from None
+    except (TypeError, AttributeError, KeyError, IndexError) as error:
+        # A field of the wrong kind deep in a hand-edited or foreign file (a number where a
+        # person's dict belongs): the file's structure is not one of the formats above.
+        raise ValueError(f"{source}: not a pose file of a known structure "
+                         f"({type(error).__name__}: {error})") from None
+
+
+def _load_poses(path: Path, height, width, coordinates, person, default_size) -> PoseSequence:
     source = str(path)
     file_size: tuple = (None, None)
     declared_layout = None
@@ -508,8 +522,8 @@ def _read_json(path: Path):
     try:
         with open(path, encoding="utf-8") as stream:
             return json.load(stream)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+        raise ValueError(f"{path}: invalid JSON ({type(error).__name__}: {error})") from None
 
 
 def _read_npz(path: Path) -> dict:
@@ -524,7 +538,11 @@ def _read_npz(path: Path) -> dict:
                     raise ValueError(f"{path}: '{key}' is not a plain numeric array (pickled "
                                      f"objects are never loaded: {error})") from None
             return data
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+        if str(path) in str(error):
+            raise
+        # np.load takes what is not a zip archive for a pickle, and refuses it; zipfile raises
+        # NotImplementedError / RuntimeError for damaged flags (encryption, unknown versions).
         raise ValueError(f"{path}: not a readable .npz archive ({error})") from None
 
 
