@@ -45,7 +45,7 @@ def main(argv):
     else:
         frames = FLAGS.frames or int(config.data.pipeline.clip_length)
         report = cr.sample_report(config, FLAGS.topology, frames, FLAGS.steps)
-    report["config"] = os.path.basename(FLAGS["config"].value if isinstance(FLAGS["config"].value, str) else "")
+    report["config"] = config_flags.get_config_filename(FLAGS["config"])
     os.makedirs(FLAGS.out, exist_ok=True)
     path = os.path.join(FLAGS.out, f"{FLAGS.program}_{FLAGS.topology}x{FLAGS.num_slices}.json")
     with open(path, "w") as f:

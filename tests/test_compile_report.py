@@ -94,3 +94,16 @@ def test_out_of_memory_compiles_are_read():
                          "memory space hbm. Used 20.81G of 15.48G hbm. Exceeded hbm capacity by 5.33G.")
     assert cr.hbm_exceeded(error) == int(20.81 * 2**30)
     assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
+
+
+def test_two_stage_sampler_compiles_for_tpu_with_kernels():
+    """Reference pass + the guided loop over two temporal windows + decode, one v5e chip."""
+    from tests.configs.tiny import get_config
+
+    config = get_config()
+    config.model.unet.attention_impl = "auto"
+    config.sample.update(window=2, overlap=1)
+    report = cr.sample_report(config, "v5e-4", num_frames=3, steps=2)
+    assert REPORT_KEYS <= set(report) and report["program"] == "sampler"
+    assert report["num_devices"] == 1 and report["frames"] == 3
+    assert report["tpu_attention_kernels"] > 0 and report["fits"]

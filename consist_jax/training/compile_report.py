@@ -17,9 +17,15 @@ image-variations architecture), compiles it, and writes ``{workdir}/compile_repo
   peaks, ``TPU_CHIPS``), estimated_mfu, tpu_attention_kernels (compiled Mosaic kernel
   calls in the executable: 0 means the attention fell back to XLA).
 
+``sample_report`` (``bench/compile_tpu.py --program=sample``) does the same for the
+two-stage sampler (reference pass, the whole guided loop over the temporal windows, VAE
+decode) on one chip.
+
 Caveats: XLA's cost analysis does not see inside Mosaic kernels (attention FLOPs are not
-in flops_per_step) and the roofline ignores communication and overlap, so the step time
-is a lower bound and the MFU an upper bound; the memory figures are XLA's own.
+in flops_per_step) and counts a loop's body once (the sampler's steps, gradient
+accumulation); the roofline ignores communication and overlap. So the times are lower
+bounds and the MFU an upper bound; the memory figures are XLA's own. A program XLA:TPU
+refuses for lack of HBM is reported with ``fits: false`` and the size it asked for.
 """
 from __future__ import annotations
 
@@ -324,7 +330,7 @@ def format_table(report: dict) -> str:
                             f"(args {b['arguments'] / GIB:.2f}, out {b['outputs'] / GIB:.2f}, "
                             f"temp {b['temp'] / GIB:.2f})"),
         ("fits", f"{report['fits']} ({100 * report['hbm_headroom']:.0f}% headroom)"),
-        ("step (roofline)", f"{report['estimated_step_seconds'] * 1e3:.1f} ms, "
+        ("time (roofline)", f"{report['estimated_step_seconds'] * 1e3:.1f} ms, "
                             f"MFU <= {100 * report['estimated_mfu']:.0f}%"),
         ("TFLOP / step", f"{report['flops_per_step'] / 1e12:.1f}"),
         ("TPU attention kernels", report["tpu_attention_kernels"]),
