@@ -93,6 +93,9 @@ def test_out_of_memory_compiles_are_read():
     error = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
                          "memory space hbm. Used 20.81G of 15.48G hbm. Exceeded hbm capacity by 5.33G.")
     assert cr.hbm_exceeded(error) == int(20.81 * 2**30)
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                         "HLO temporaries (36.00G) exceeds available HBM (15.75G).")
+    assert cr.hbm_exceeded(error) == 36 * 2**30
     assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
 
 

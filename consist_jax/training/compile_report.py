@@ -347,16 +347,24 @@ def write_report(workdir: str, report: dict) -> str:
     return path
 
 
-_HBM_EXCEEDED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# XLA:TPU's two ways of saying a program does not fit (libtpu 0.0.42).
+_HBM_EXCEEDED = (
+    re.compile(r"Used ([\d.]+)([KMGT]?) of [\d.]+[KMGT]? hbm"),
+    re.compile(r"required for [\w ]+\(([\d.]+)([KMGT]?)\) exceeds available HBM"),
+)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def hbm_exceeded(error: Exception) -> Optional[int]:
     """Bytes XLA:TPU says a program needs when its compile ran out of HBM, else None."""
-    match = _HBM_EXCEEDED.search(str(error))
-    if "RESOURCE_EXHAUSTED" not in str(error) or not match:
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
         return None
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    for pattern in _HBM_EXCEEDED:
+        match = pattern.search(text)
+        if match:
+            return int(float(match.group(1)) * _UNITS[match.group(2)])
+    return None
 
 
 def _does_not_fit_report(needed: int, devices: list, config: Any, topology: str, num_slices: int,
