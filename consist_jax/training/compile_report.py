@@ -327,8 +327,8 @@ def format_table(report: dict) -> str:
                      f"{report['device_kind']}, mesh {report['mesh']}"),
         ("global batch", report["global_batch_size"]),
         ("per-device peak", f"{b['peak'] / GIB:.2f} GiB of {report['device_memory_bytes'] / GIB:.0f} GiB HBM "
-                            f"(args {b['arguments'] / GIB:.2f}, out {b['outputs'] / GIB:.2f}, "
-                            f"temp {b['temp'] / GIB:.2f})"),
+                            + (f"(args {b['arguments'] / GIB:.2f}, out {b['outputs'] / GIB:.2f}, "
+                               f"temp {b['temp'] / GIB:.2f})" if b["temp"] else f"({report.get('note', '')})")),
         ("fits", f"{report['fits']} ({100 * report['hbm_headroom']:.0f}% headroom)"),
         ("time (roofline)", f"{report['estimated_step_seconds'] * 1e3:.1f} ms, "
                             f"MFU <= {100 * report['estimated_mfu']:.0f}%"),
