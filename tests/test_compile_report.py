@@ -75,13 +75,13 @@ def test_train_step_compiles_for_tpu_with_kernels(tiny_report):
 
 
 def test_a_batch_past_the_chip_memory_does_not_fit(tiny_report):
-    """The same step at 1024x the batch: far beyond a v5e's 16 GiB per device."""
+    """The same step at 4096x the batch (8192 examples a chip): past a v5e's 16 GiB."""
     from tests.configs.tiny import get_config
 
     config = get_config()
     config.model.unet.attention_impl = "auto"
     config.mesh.shape = (1, -1)
-    big = tiny_report["global_batch_size"] * 1024
+    big = tiny_report["global_batch_size"] * 4096  # 1024x measured 6.6 GiB of temporaries
     report = cr.train_report(config, "v5e-4", global_batch_size=big)
     assert REPORT_KEYS <= set(report) and report["global_batch_size"] == big
     assert not report["fits"], report["per_device_bytes"]
