@@ -85,7 +85,8 @@ def test_a_batch_past_the_chip_memory_does_not_fit(tiny_report):
     report = cr.train_report(config, "v5e-4", global_batch_size=big)
     assert REPORT_KEYS <= set(report) and report["global_batch_size"] == big
     assert not report["fits"], report["per_device_bytes"]
-    assert report["per_device_bytes"]["peak"] > report["device_memory_bytes"]
+    # XLA:TPU refuses past its usable HBM (15.75 of a v5e's 16 GiB) or reports the peak.
+    assert report["per_device_bytes"]["peak"] > (1 - report["hbm_headroom"]) * report["device_memory_bytes"]
 
 
 def test_out_of_memory_compiles_are_read():
