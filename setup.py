@@ -34,6 +34,9 @@ EXTRAS = {
         # The TFDS wrappers' test builds a dataset (no TensorFlow needed for that).
         "tensorflow-datasets>=4.9.10",
         "importlib_resources>=6.0",
+        # Ahead-of-time TPU compiles from a CPU host (test_compile_report.py): libtpu
+        # describes TPU topologies; jax 0.10.2's tpu extra pins libtpu 0.0.42.
+        "jax[tpu]==0.10.2",
     ],
     # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion;
     # tensorflow_datasets writes array_record without TensorFlow.

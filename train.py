@@ -28,7 +28,19 @@ flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_string("compile_topology", None,
+                    "Compile the train step ahead of time for a Cloud TPU accelerator type (v4-8, v5e-16, "
+                    "v5p-128, ...) from this host, write {workdir}/compile_report.json and exit; no training.")
+flags.DEFINE_integer("compile_topology_num_slices", 1, "Slices of --compile_topology (multislice, over DCN).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def compile_for_topology(config) -> None:
+    """--compile_topology: the report, no training (exits non-zero when it cannot compile)."""
+    from consist_jax.training import compile_report
+
+    compile_report.use_cpu_host()
+    compile_report.run(config, FLAGS.workdir, FLAGS.compile_topology, FLAGS.compile_topology_num_slices)
 
 
 def initialize_distributed() -> None:
@@ -76,6 +88,8 @@ def main(argv):
         with config.unlocked():
             config.resume = FLAGS.resume
     check_flags(config)
+    if FLAGS.compile_topology:
+        return compile_for_topology(config)
     initialize_distributed()
     from consist_jax.training.trainer import train
 

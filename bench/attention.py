@@ -8,8 +8,8 @@
 One SD-1.5 self-attention layer, batch 1: N_r = N_t = h*w latent tokens (64x64 ->
 4096 + 4096), ``--frames`` target frames, 8 heads. Forms (``attention_impl``):
 joint = ``xla_joint`` (one masked joint sequence), decomposed = ``xla``, and the
-kernels ``pallas``, ``splash``, ``cudnn`` (on CPU, Pallas kernels run in interpret
-mode). Every form is compiled ahead of time; the timed calls exclude compilation.
+kernels ``pallas``, ``splash``, ``cudnn`` (off their platform, the Pallas kernels
+run as ``*_interpret``). Every form is compiled ahead of time; the timed calls exclude compilation.
 
 Printed per form: model FLOPs (4 H D x the score count of the form: joint
 (N_r + F N_t)^2, decomposed N_r^2 + F N_t (N_r + N_t)), the compiled temporaries
@@ -40,6 +40,17 @@ FORM_IMPLS = {
     "splash": "splash",
     "cudnn": "cudnn",
 }
+KERNEL_PLATFORMS = {"pallas": "gpu", "splash": "tpu", "cudnn": "gpu"}
+
+
+def form_impl(form: str) -> str:
+    """The form's ``attention_impl``; a Pallas kernel off its platform runs interpreted."""
+    impl = FORM_IMPLS[form]
+    if form in ("pallas", "splash") and KERNEL_PLATFORMS[form] != jax.default_backend():
+        return f"{impl}_interpret"
+    return impl
+
+
 DEFAULT_FORMS = {
     "cpu": ["joint", "decomposed", "pallas", "splash"],
     "gpu": ["joint", "decomposed", "cudnn", "pallas"],
@@ -100,7 +111,7 @@ def compile_form(form, n_ref, n_tgt, frames, heads, head_dim, dtype, chunk):
         tuple(jax.ShapeDtypeStruct((1, n_ref, heads, head_dim), dtype) for _ in range(3)),
         tuple(jax.ShapeDtypeStruct((1, frames, n_tgt, heads, head_dim), dtype) for _ in range(3)),
     )
-    return jax.jit(head_chunked(FORM_IMPLS[form], chunk)).lower(*shapes).compile()
+    return jax.jit(head_chunked(form_impl(form), chunk)).lower(*shapes).compile()
 
 
 def time_calls(compiled, args, warmup: int, runs: int) -> float:

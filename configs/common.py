@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
             use_mid_block=True,
             max_seq_length=32,
             norm_num_groups=32,
+            # A mesh axis (or axes) the frames are split over, e.g. "frames" with mesh axes
+            # ("data", "fsdp", "frames"); None keeps each clip's frames on one device.
+            frames_axis=None,
         )
     )
     c.model.motion_adapter = ""  # AnimateDiff motion modules to start from (folder or .safetensors)
@@ -112,11 +115,16 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # shape: within a slice (ICI); dcn_shape: slices per axis (DCN), e.g. (2, 1) for data
+    # parallelism over 2 slices; param_rules: ordered (path regex, spec) pairs, e.g.
+    # ((r"motion_modules", "fsdp"), (r".*", "replicated")); empty: param_sharding for all.
     c.mesh = ml_collections.ConfigDict(
-        dict(axes=("data", "fsdp"), shape=(-1, 1), param_sharding="fsdp", fsdp_min_size=2**14)
+        dict(axes=("data", "fsdp"), shape=(-1, 1), dcn_shape=(1, 1), param_sharding="fsdp",
+             fsdp_min_size=2**14, param_rules=())
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-    c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_tflops_per_device=0.0))
+    # profile_steps: 0-based steps traced with jax.profiler into {workdir}/tensorboard, e.g. (10, 12)
+    c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_tflops_per_device=0.0, profile_steps=()))
 
     c.sample = ml_collections.ConfigDict(
         dict(sampler="ddim", steps=25, guidance=3.5, guidance_rescale=0.0, timestep_spacing="",

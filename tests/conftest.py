@@ -6,6 +6,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # tests import tests.configs.* and configs.*
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# libtpu is installed for the ahead-of-time TPU compiles (test_compile_report.py), which
+# only describe TPUs; jax itself stays on the CPU (export JAX_PLATFORMS= on a TPU or GPU
+# host to run the accelerator tests there), and test processes may load libtpu together.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 # Compiled programs are cached on disk, so subprocesses (train.py runs, multi-device
 # scripts) that build the same program skip XLA's compile.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".cache", "jax"))

@@ -1,20 +1,25 @@
 """Kernel backends of the causal rule (cudnn, splash, pallas, auto) agree with ``xla``.
 
-On CPU, splash and the Pallas flash kernel run in Pallas interpret mode, and the cuDNN
-backend's decomposition (key layout, key lengths) runs through jax's XLA attention;
-the compiled kernels are checked only where their accelerator is present.
+On CPU, splash and the Pallas flash kernel run in Pallas interpret mode (asked for by
+name: ``*_interpret``), and the cuDNN backend's decomposition (key layout, key lengths)
+runs through jax's XLA attention; the compiled kernels are checked only where their
+accelerator is present (and for TPU, compiled ahead of time in test_compile_report.py).
 """
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from parity import relative_error
 
+from consist_jax.models import attention
 from consist_jax.models import attention_kernels as kernels
 from consist_jax.models.attention import (
     ATTENTION_IMPLS,
     CACHE_COLLECTION,
     XLA_BACKEND,
+    KernelUnavailableError,
     ReferenceLayout,
     SelfAttention,
     attention_backend,
@@ -31,8 +36,8 @@ needs_tpu = pytest.mark.skipif(not ON_TPU, reason="needs a TPU (compiled splash 
 
 # Backends testable here: on CPU "cudnn_layout" is the cuDNN decomposition on XLA.
 CPU_BACKENDS = {
-    "splash": kernels.SPLASH,
-    "pallas": kernels.PALLAS,
+    "splash": kernels.SPLASH_INTERPRET,
+    "pallas": kernels.PALLAS_INTERPRET,
     "cudnn_layout": kernels.cudnn_backend("xla"),
 }
 
@@ -151,28 +156,75 @@ def test_kernels_never_materialise_the_score_matrix():
 
     one_head_scores = n * (2 * n) * 4  # the target block of one head, float32
     assert temp_bytes("xla") > heads * one_head_scores
-    for impl in ("pallas", "splash"):
+    for impl in ("pallas_interpret", "splash_interpret"):
         assert temp_bytes(impl) < one_head_scores / 8, impl
 
 
-def test_impls_and_auto():
-    assert set(ATTENTION_IMPLS) == {"xla", "xla_joint", "cudnn", "splash", "pallas", "auto"}
-    assert kernels.auto_backend("tpu") is kernels.SPLASH
-    assert kernels.auto_backend("gpu") is kernels.CUDNN_OR_XLA
-    assert kernels.auto_backend("cpu") is XLA_BACKEND
+def test_impls_and_auto(caplog):
+    assert set(ATTENTION_IMPLS) == {
+        "xla", "xla_joint", "cudnn", "splash", "pallas", "splash_interpret", "pallas_interpret", "auto"
+    }
+    with caplog.at_level(logging.WARNING):
+        assert kernels.auto_backend("tpu") is kernels.SPLASH
+        assert kernels.auto_backend("gpu") is kernels.CUDNN_OR_XLA
+        assert kernels.auto_backend("cpu") is XLA_BACKEND
+        assert kernels.auto_backend("tpu") is kernels.SPLASH
     with pytest.raises(ValueError, match="attention_impl"):
         attention_backend("flash")
 
 
-def test_cudnn_falls_back_to_xla_where_cudnn_cannot(rng):
-    """float32 (cuDNN takes fp16/bf16 only), or no cuDNN at all as on this CPU."""
+def test_auto_logs_its_pick_once(rng, caplog):
+    """``auto`` says what it picked for the targeted platform, once per process."""
+    attention._LOGGED.clear()
+    q, k, v = _qkv(rng, 1, 5)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            jax.jit(lambda *a: attention_backend("auto").plain(*a))(q, k, v)
+            jax.jit(lambda *a: attention_backend("auto").plain(*a) * 2)(q, k, v)
+    picks = [r.getMessage() for r in caplog.records if "attention_impl='auto'" in r.getMessage()]
+    platform = jax.default_backend()
+    assert len(picks) == 1 and repr(platform) in picks[0], picks
+
+
+@pytest.mark.parametrize("impl, needs", [("splash", "TPU"), ("pallas", "GPU"), ("cudnn", "GPU")])
+def test_named_kernel_that_cannot_run_is_an_error(rng, impl, needs):
+    """No silent interpreter or XLA: the error names the kernel and the platforms."""
+    if needs.lower() == jax.default_backend():
+        pytest.skip(f"{impl} runs here")  # only on the accelerator it is for
+    ref, tgt = _qkv(rng, 1, 6), _qkv(rng, 1, 2, 5)
+    platform = jax.default_backend()
+    message = f"attention_impl='{impl}' needs a {needs}, but this computation targets '{platform}'"
+    layer = SelfAttention(HEADS, DIM, impl=impl)
+    x = jnp.zeros((3, 6, HEADS * DIM))
+    with pytest.raises(KernelUnavailableError, match=message):
+        jax.jit(lambda r, t: reference_target_attention(r, t, impl=impl))(ref, tgt)
+    with pytest.raises(KernelUnavailableError, match=message):
+        layer.init(jax.random.PRNGKey(0), x, ReferenceLayout("joint", 2))
+
+
+def test_kernel_partition_over_mesh_axes():
+    """Batch first, heads where the batch does not divide, else computed whole."""
+
+    class Mesh:
+        def __init__(self, **shape):
+            self.shape = shape
+
+    assert kernels._kernel_partition(Mesh(data=2, fsdp=4), 16, 8) == (("data", "fsdp"), ())
+    assert kernels._kernel_partition(Mesh(data=1, fsdp=8), 2, 8) == ((), ("fsdp",))
+    assert kernels._kernel_partition(Mesh(data=2, fsdp=4), 2, 8) == (("data",), ("fsdp",))
+    assert kernels._kernel_partition(Mesh(data=2, fsdp=3), 1, 8) == ((), ("data",))
+
+
+def test_cudnn_falls_back_to_xla_where_cudnn_cannot(rng, caplog):
+    """float32 (cuDNN takes fp16/bf16 only), or no GPU at all as on this CPU: ``auto``'s
+    cuDNN computes with XLA and says why."""
     ref, tgt = _qkv(rng, 2, 6), _qkv(rng, 2, 2, 5)
     mask = jnp.asarray([True, False])
-    out = jax.jit(lambda r, t: kernels.CUDNN_OR_XLA.rule(r, t, "causal", mask, False))(ref, tgt)
+    attention._LOGGED.clear()
+    with caplog.at_level(logging.WARNING):
+        out = jax.jit(lambda r, t: kernels.CUDNN_OR_XLA.rule(r, t, "causal", mask, False))(ref, tgt)
     _assert_close(out, XLA_BACKEND.rule(ref, tgt, "causal", mask, False), 1e-6)
-    if not ON_GPU:
-        with pytest.raises(RuntimeError, match="cuDNN"):
-            jax.jit(lambda r, t: kernels.CUDNN.rule(r, t, "causal", mask, False))(ref, tgt)
+    assert any("cuDNN cannot run this attention" in r.getMessage() for r in caplog.records)
 
 
 def _layer_outputs(rng, impl):
@@ -196,7 +248,7 @@ def test_self_attention_layer_selects_the_kernel(rng):
     """``SelfAttention.impl`` (UNetConfig.attention_impl) reaches every mode."""
     seed = int(rng.integers(2**31))
     expected = _layer_outputs(np.random.default_rng(seed), "xla")
-    _assert_close(_layer_outputs(np.random.default_rng(seed), "pallas"), expected, 1e-5)
+    _assert_close(_layer_outputs(np.random.default_rng(seed), "pallas_interpret"), expected, 1e-5)
 
 
 @needs_gpu

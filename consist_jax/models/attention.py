@@ -24,11 +24,15 @@ same numbers:
     with a block mask built from segment ids.
   * ``"cudnn"``: the decomposed form on cuDNN flash attention (GPU).
   * ``"splash"``: the joint form on the Pallas splash kernel, masked blocks skipped
-    (TPU; Pallas interpret mode elsewhere, for tests).
-  * ``"pallas"``: a Pallas flash kernel for the decomposed form (GPU via Triton;
-    interpret mode elsewhere).
-  * ``"auto"``: by platform: TPU -> splash, GPU -> cudnn (xla where cuDNN cannot
-    take the dtype / head dim), otherwise xla.
+    (TPU only).
+  * ``"pallas"``: a Pallas flash kernel for the decomposed form (GPU only, via Triton).
+  * ``"splash_interpret"``, ``"pallas_interpret"``: the same kernels in the Pallas
+    interpreter, on any device (slow: for tests). Interpret mode is never chosen
+    for you: a kernel named for a platform the computation does not target raises
+    ``KernelUnavailableError``.
+  * ``"auto"``: by the platform the computation targets (``target_platform``):
+    TPU -> splash, GPU -> cudnn (xla where cuDNN cannot take the dtype / head dim),
+    otherwise xla; it logs once what it picked and why.
 The kernels live in ``attention_kernels.py``, imported on first use. A backend is
 three entry points (``AttentionBackend``): plain self-attention (no reference), the
 target half (the reference cache) and the whole rule.
@@ -45,6 +49,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 Dtype = Any
 
@@ -224,6 +229,31 @@ XLA_BACKEND = AttentionBackend(_xla_plain, target_attention, _decomposed_attenti
 XLA_JOINT_BACKEND = AttentionBackend(_xla_plain, target_attention, _joint_attention)
 
 
+class KernelUnavailableError(ValueError):
+    """An attention kernel named in the config cannot run on the targeted devices."""
+
+
+def target_platform() -> str:
+    """The platform ("tpu", "gpu", "cpu") of the devices the traced computation targets.
+
+    That is the device of the mesh set with ``jax.set_mesh`` (the trainer and the
+    compile tool set it, so an ahead-of-time compile for a TPU from a CPU host targets
+    "tpu"); without one, jax's default backend, where an unsharded ``jit`` runs.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    """Logs ``message`` the first time only (backends are resolved at every trace)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logging.warning(message)
+
+
 def _kernels():
     from consist_jax.models import attention_kernels  # Pallas: import on first use.
 
@@ -236,6 +266,8 @@ _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     "cudnn": lambda: _kernels().CUDNN,
     "splash": lambda: _kernels().SPLASH,
     "pallas": lambda: _kernels().PALLAS,
+    "splash_interpret": lambda: _kernels().SPLASH_INTERPRET,
+    "pallas_interpret": lambda: _kernels().PALLAS_INTERPRET,
     "auto": lambda: _kernels().auto_backend(),
 }
 ATTENTION_IMPLS = tuple(_BACKENDS)
@@ -243,7 +275,7 @@ ATTENTION_IMPLS = tuple(_BACKENDS)
 
 def attention_backend(impl: str) -> AttentionBackend:
     """The backend called ``impl`` (one of ``ATTENTION_IMPLS``); ``auto`` resolves by
-    ``jax.default_backend()`` when traced."""
+    ``target_platform()`` when traced."""
     _check_choice("attention_impl", impl, ATTENTION_IMPLS)
     return _BACKENDS[impl]()
 

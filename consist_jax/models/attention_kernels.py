@@ -18,12 +18,20 @@ Backends:
   * ``SPLASH``: the Pallas TPU splash-attention kernel over the joint sequence with a
     static block mask built from the segment layout (``SegmentLayoutMask``); blocks
     the rule masks out are skipped, the dropped branch rides on dynamic segment ids.
-    Compiled on TPU, Pallas interpret mode elsewhere (slow, for tests).
+    TPU only.
   * ``PALLAS``: a small flash-attention kernel for the decomposed form: each query
     block streams its own K/V then the shared (reference) K/V with an online softmax,
-    reading the reference once per example (never tiled over frames). Compiled with
-    Triton on GPU, interpret mode elsewhere. Forward kernel; its gradient is that of
-    the ``xla`` form (recomputed), so it is an inference kernel first.
+    reading the reference once per example (never tiled over frames). GPU only
+    (Triton). Forward kernel; its gradient is that of the ``xla`` form (recomputed),
+    so it is an inference kernel first.
+  * ``SPLASH_INTERPRET``, ``PALLAS_INTERPRET``: the same kernels in the Pallas
+    interpreter on any device (slow; what the CPU tests run).
+
+The platform is the one the computation targets (``attention.target_platform``: the
+mesh set with ``jax.set_mesh``), never a guess from the host: a compiled kernel asked
+for on another platform raises ``KernelUnavailableError``. Under a mesh of several
+devices, compiled kernels run inside ``shard_map`` over the batch (and, where the
+batch does not divide, head) axes: Mosaic kernels cannot be partitioned by XLA.
 
 None of them materialises an (N x N) score matrix on its accelerator. Kernels always
 compute scores and the softmax in float32, so ``upcast`` is satisfied by construction.
@@ -37,13 +45,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from consist_jax.models.attention import (
     XLA_BACKEND,
     AttentionBackend,
+    KernelUnavailableError,
     dot_product_attention,
+    log_once,
+    target_platform,
 )
 
 # Finite, so a fully masked key block gives exp(MASK - m) = 0 rather than inf - inf = NaN.
@@ -74,6 +86,72 @@ def _flatten_frames(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def require_platform(impl: str, platform: str) -> None:
+    """Raises unless the traced computation targets ``platform`` (``impl`` names the kernel)."""
+    targeted = target_platform()
+    if targeted != platform:
+        raise KernelUnavailableError(
+            f"attention_impl={impl!r} needs a {platform.upper()}, but this computation targets "
+            f"{targeted!r}; use 'auto' or 'xla' there ('{impl}_interpret' runs the kernel in "
+            f"the Pallas interpreter, for tests)"
+        )
+
+
+def _kernel_partition(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Mesh axes over which a kernel call is split: (batch axes, head axes).
+
+    Each axis of size > 1 takes the batch while it divides, else the heads; an axis
+    that divides neither computes the call whole on each of its devices.
+    """
+    batch_axes, head_axes = [], []
+    for axis, size in mesh.shape.items():
+        if size == 1:
+            continue
+        if batch % size == 0:
+            batch_axes.append(axis)
+            batch //= size
+        elif heads % size == 0:
+            head_axes.append(axis)
+            heads //= size
+    return tuple(batch_axes), tuple(head_axes)
+
+
+def per_device(kernel: Callable, *args):
+    """``kernel(*args)`` under ``shard_map`` over the mesh set with ``jax.set_mesh``.
+
+    args: arrays with a leading batch axis (or None); the (B, N, H, D) ones also split
+    their heads. The output is (B, N, H, D). Without a multi-device mesh (or already
+    inside ``shard_map``) the kernel is called as it is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or mesh._any_axis_manual:
+        return kernel(*args)
+    arrays = [a for a in args if a is not None]
+    batch = min(a.shape[0] for a in arrays)
+    heads = next(a.shape[2] for a in arrays if a.ndim == 4)
+    batch_axes, head_axes = _kernel_partition(mesh, batch, heads)
+    batch_spec, head_spec = batch_axes or None, head_axes or None
+
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def on_shard(*shards):  # the absent (None) arguments stay None
+        full = list(args)
+        for i, shard in zip(present, shards):
+            full[i] = shard
+        return kernel(*full)
+
+    def spec(a):
+        return P(batch_spec, None, head_spec, None) if a.ndim == 4 else P(batch_spec)
+
+    return jax.shard_map(
+        on_shard,
+        mesh=mesh,
+        in_specs=tuple(spec(a) for a in arrays),
+        out_specs=P(batch_spec, None, head_spec, None),
+        check_vma=False,
+    )(*arrays)
+
+
 # --------------------------------------------------------------------------- cuDNN
 
 
@@ -85,6 +163,8 @@ def cudnn_backend(implementation: str = "cudnn") -> AttentionBackend:
     """
 
     def attend(q, k, v, key_lengths=None):
+        if implementation == "cudnn":
+            require_platform("cudnn", "gpu")
         return jax.nn.dot_product_attention(
             q, k, v, key_value_seq_lengths=key_lengths, implementation=implementation
         )
@@ -124,15 +204,19 @@ def cudnn_backend(implementation: str = "cudnn") -> AttentionBackend:
 CUDNN = cudnn_backend("cudnn")
 
 # cuDNN signals an unsupported dtype / head dim / GPU with NotImplementedError, and a
-# missing cuDNN with RuntimeError, both while tracing: ``auto`` then takes ``xla``.
-_CUDNN_UNAVAILABLE = (NotImplementedError, RuntimeError)
+# missing cuDNN with RuntimeError, both while tracing: ``auto`` then takes ``xla``
+# for that call and says so.
+_CUDNN_UNAVAILABLE = (NotImplementedError, RuntimeError, KernelUnavailableError)
 
 
 def _cudnn_or(fallback: Callable, kernel: Callable) -> Callable:
     def call(*args, **kwargs):
         try:
             return kernel(*args, **kwargs)
-        except _CUDNN_UNAVAILABLE:
+        except _CUDNN_UNAVAILABLE as error:
+            reason = str(error).splitlines()[0] if str(error) else ""
+            log_once(f"attention_impl='auto': cuDNN cannot run this attention "
+                     f"({type(error).__name__}: {reason}); 'xla' computes it")
             return fallback(*args, **kwargs)
 
     return call
@@ -214,9 +298,10 @@ def _dropped_segment_ids(q_runs, kv_runs, dropped: jax.Array) -> splash.SegmentI
     return splash.SegmentIds(q=per_example(q_ids), kv=per_example(kv_ids))
 
 
-def _splash_attention(q, k, v, q_runs, kv_runs, full_rule, segment_ids=None):
+def _splash_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, segment_ids=None):
     """Splash over a segment layout. q (B, Nq, H, D), k/v (B, Nk, H, D), lengths already
-    padded to multiples of 128 and described by the runs -> (B, Nq, H, D)."""
+    padded to multiples of 128 and described by the runs; segment_ids (B, Nq), (B, Nk)
+    -> (B, Nq, H, D)."""
     heads, head_dim = q.shape[2], q.shape[3]
     mask = SegmentLayoutMask(q_runs, kv_runs, full_rule)
     block_q, block_kv = _splash_block(q.shape[1]), _splash_block(k.shape[1])
@@ -235,17 +320,21 @@ def _splash_attention(q, k, v, q_runs, kv_runs, full_rule, segment_ids=None):
         block_sizes=blocks,
         head_shards=1,
         q_seq_shards=1,
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )
     q = q * jnp.asarray(head_dim**-0.5, q.dtype)  # splash does not scale the scores.
-    heads_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]  # (B, H, N, D)
-    if segment_ids is None:
-        out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_))(*heads_major)
-    else:
-        out = jax.vmap(lambda q_, k_, v_, s: kernel(q_, k_, v_, segment_ids=s))(
-            *heads_major, segment_ids
-        )
-    return jnp.swapaxes(out, 1, 2)
+
+    def attend(q, k, v, q_ids=None, kv_ids=None):  # one device's share
+        heads_major = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]  # (B, H, N, D)
+        if q_ids is None:
+            out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_))(*heads_major)
+        else:
+            ids = splash.SegmentIds(q=q_ids, kv=kv_ids)
+            out = jax.vmap(lambda q_, k_, v_, s: kernel(q_, k_, v_, segment_ids=s))(*heads_major, ids)
+        return jnp.swapaxes(out, 1, 2)
+
+    ids = (None, None) if segment_ids is None else (segment_ids.q, segment_ids.kv)
+    return attend(q, k, v, *ids) if interpret else per_device(attend, q, k, v, *ids)
 
 
 def _padded_runs(runs, multiple: int = 128):
@@ -254,22 +343,22 @@ def _padded_runs(runs, multiple: int = 128):
     return tuple(runs) + ((PAD_SEGMENT, _round_up(n, multiple) - n),)
 
 
-def _splash_layout_attention(q, k, v, q_runs, kv_runs, full_rule, dropped=None):
+def _splash_layout_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, dropped=None):
     """Pad to the runs, run splash, cut the padding. dropped (B,) bool or None."""
     q_runs, kv_runs = _padded_runs(q_runs), _padded_runs(kv_runs)
     n_q = q.shape[1]
     q = _pad_to(q, 1, sum(n for _, n in q_runs))
     k, v = (_pad_to(x, 1, sum(n for _, n in kv_runs)) for x in (k, v))
     segment_ids = None if dropped is None else _dropped_segment_ids(q_runs, kv_runs, dropped)
-    return _splash_attention(q, k, v, q_runs, kv_runs, full_rule, segment_ids)[:, :n_q]
+    return _splash_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, segment_ids)[:, :n_q]
 
 
-def _splash_plain(q, k, v, *, upcast=False):
+def _splash_plain(q, k, v, *, upcast=False, interpret=False):
     del upcast
-    return _splash_layout_attention(q, k, v, ((1, q.shape[1]),), ((1, k.shape[1]),), False)
+    return _splash_layout_attention(q, k, v, ((1, q.shape[1]),), ((1, k.shape[1]),), False, interpret)
 
 
-def _splash_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False):
+def _splash_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False, interpret=False):
     """Each frame's queries against its own ``[R ; T_f]`` (the cached-reference case)."""
     b, f, n_t, h, d = q_t.shape
     n_r = k_r.shape[1]
@@ -285,12 +374,13 @@ def _splash_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False
         ((1, n_t),),
         ((0, n_r), (1, n_t)),
         False,
+        interpret,
         dropped,
     )
     return out.reshape(b, f, n_t, h, d)
 
 
-def _splash_rule(ref, tgt, rule, reference_mask, upcast):
+def _splash_rule(ref, tgt, rule, reference_mask, upcast, interpret=False):
     """The rule as one block-sparse attention over ``[R ; T_1 ; ... ; T_F]``."""
     (q_r, _, _), (q_t, _, _) = ref, tgt
     b, f, n_t, h, d = q_t.shape
@@ -299,16 +389,32 @@ def _splash_rule(ref, tgt, rule, reference_mask, upcast):
     runs = ((0, n_r),) + tuple((frame, n_t) for frame in range(1, f + 1))
     full_rule = rule == "full"
     dropped = None if reference_mask is None else ~reference_mask
-    out = _splash_layout_attention(*joint, runs, runs, full_rule, dropped)
+    out = _splash_layout_attention(*joint, runs, runs, full_rule, interpret, dropped)
     out_ref = out[:, :n_r]
     if full_rule and dropped is not None:
         # Equal-id segments cannot say "the reference reads the targets that do not
         # read it", so the reference rows of the full rule come from a second pass.
-        out_ref = _splash_layout_attention(q_r, *joint[1:], runs[:1], runs, True)
+        out_ref = _splash_layout_attention(q_r, *joint[1:], runs[:1], runs, True, interpret)
     return out_ref, out[:, n_r:].reshape(b, f, n_t, h, d)
 
 
-SPLASH = AttentionBackend(plain=_splash_plain, target=_splash_target, rule=_splash_rule)
+def _kernel_backend(impl: str, platform: str, plain, target, rule, interpret: bool) -> AttentionBackend:
+    """The three entry points of a Pallas kernel, compiled (checked to target
+    ``platform``) or in the interpreter."""
+
+    def checked(fn):
+        def call(*args, **kwargs):
+            if not interpret:
+                require_platform(impl, platform)
+            return fn(*args, **kwargs, interpret=interpret)
+
+        return call
+
+    return AttentionBackend(plain=checked(plain), target=checked(target), rule=checked(rule))
+
+
+SPLASH = _kernel_backend("splash", "tpu", _splash_plain, _splash_target, _splash_rule, False)
+SPLASH_INTERPRET = _kernel_backend("splash", "tpu", _splash_plain, _splash_target, _splash_rule, True)
 
 
 # --------------------------------------------------------------------------- Pallas flash
@@ -380,13 +486,21 @@ def _flash_blocks(n_q: int, n_k: int) -> tuple[int, int]:
     return block_q, block_k
 
 
-def _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group):
+def _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group, interpret):
+    """The kernel on each device's share (compiled) or whole (interpreted)."""
+    if interpret:
+        return _flash_call(q, k, v, k_shared, v_shared, shared_visible, group, interpret)
+    call = functools.partial(_flash_call, group=group, interpret=interpret)
+    return per_device(call, q, k, v, k_shared, v_shared, shared_visible)
+
+
+def _flash_call(q, k, v, k_shared, v_shared, shared_visible, group, interpret):
     """Pad, run the kernel, cut. Shapes as in ``flash_attention``."""
     g, n_q, heads, head_dim = q.shape
     n_own = k.shape[1]
     has_shared = k_shared is not None
     block_q, block_k = _flash_blocks(n_q, max(n_own, k_shared.shape[1] if has_shared else 0))
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = not interpret  # compiled means Triton: ``PALLAS`` runs on GPUs only
     # Triton tensors need power-of-two extents; interpret mode does not.
     padded_dim = pl.next_power_of_2(head_dim) if on_gpu else head_dim
 
@@ -434,7 +548,7 @@ def _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group):
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block_q, None, padded_dim), lambda i, b, h: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct((g, n_q_padded, heads, padded_dim), q.dtype),
-        interpret=not on_gpu,
+        interpret=interpret,
         name="reference_target_flash_attention",
         **extra,
     )(*operands)
@@ -457,17 +571,17 @@ def _two_source_reference(q, k, v, k_shared, v_shared, shared_visible, group):
     return dot_product_attention(q, keys, values, mask, upcast=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash_with_reference_gradient(q, k, v, k_shared, v_shared, shared_visible, group):
-    return _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash_with_reference_gradient(q, k, v, k_shared, v_shared, shared_visible, group, interpret):
+    return _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group, interpret)
 
 
-def _flash_fwd(q, k, v, k_shared, v_shared, shared_visible, group):
-    out = _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group)
+def _flash_fwd(q, k, v, k_shared, v_shared, shared_visible, group, interpret):
+    out = _flash_forward(q, k, v, k_shared, v_shared, shared_visible, group, interpret)
     return out, (q, k, v, k_shared, v_shared, shared_visible)
 
 
-def _flash_bwd(group, residuals, cotangent):
+def _flash_bwd(group, interpret, residuals, cotangent):
     q, k, v, k_shared, v_shared, shared_visible = residuals
     differentiable = (q, k, v, k_shared, v_shared)
     _, pullback = jax.vjp(
@@ -479,7 +593,7 @@ def _flash_bwd(group, residuals, cotangent):
 _flash_with_reference_gradient.defvjp(_flash_fwd, _flash_bwd)
 
 
-@functools.partial(jax.jit, static_argnames="group")
+@functools.partial(jax.jit, static_argnames=("group", "interpret"))
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -489,6 +603,7 @@ def flash_attention(
     shared_visible: Optional[jax.Array] = None,
     *,
     group: int = 1,
+    interpret: bool = False,
 ) -> jax.Array:
     """Attention of each row over its own keys and, optionally, shared keys.
 
@@ -496,39 +611,55 @@ def flash_attention(
     H, D), row g reads shared row g // group (the one reference of a video's frames,
     read in place, never tiled); shared_visible (G // group,) bool hides the shared
     keys where False (CFG's dropped reference) -> (G, Nq, H, D).
-    Scores never exceed one (block_q, block_k) tile; softmax in float32.
+    Scores never exceed one (block_q, block_k) tile; softmax in float32. Compiled
+    (GPU, Triton) unless ``interpret``.
     """
-    return _flash_with_reference_gradient(q, k, v, k_shared, v_shared, shared_visible, group)
-
-
-def _pallas_plain(q, k, v, *, upcast=False):
-    del upcast
-    return flash_attention(q, k, v)
-
-
-def _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False):
-    b, f, n_t, h, d = q_t.shape
-    out = flash_attention(
-        *(_frames_to_batch(x) for x in (q_t, k_t, v_t)), k_r, v_r, reference_mask, group=f
+    return _flash_with_reference_gradient(
+        q, k, v, k_shared, v_shared, shared_visible, group, interpret
     )
+
+
+def _pallas_plain(q, k, v, *, upcast=False, interpret=False):
+    del upcast
+    return flash_attention(q, k, v, interpret=interpret)
+
+
+def _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False, interpret=False):
+    b, f, n_t, h, d = q_t.shape
+    frames = (_frames_to_batch(x) for x in (q_t, k_t, v_t))
+    out = flash_attention(*frames, k_r, v_r, reference_mask, group=f, interpret=interpret)
     return out.reshape(b, f, n_t, h, d)
 
 
-def _pallas_rule(ref, tgt, rule, reference_mask, upcast):
+def _pallas_rule(ref, tgt, rule, reference_mask, upcast, interpret=False):
     (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
     if rule == "causal":
-        out_ref = flash_attention(q_r, k_r, v_r)
+        out_ref = flash_attention(q_r, k_r, v_r, interpret=interpret)
     else:  # full: the reference also reads all frames, as its shared keys.
-        out_ref = flash_attention(q_r, k_r, v_r, _flatten_frames(k_t), _flatten_frames(v_t))
-    return out_ref, _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask)
+        shared = (_flatten_frames(k_t), _flatten_frames(v_t))
+        out_ref = flash_attention(q_r, k_r, v_r, *shared, interpret=interpret)
+    target = _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask, interpret=interpret)
+    return out_ref, target
 
 
-PALLAS = AttentionBackend(plain=_pallas_plain, target=_pallas_target, rule=_pallas_rule)
+PALLAS = _kernel_backend("pallas", "gpu", _pallas_plain, _pallas_target, _pallas_rule, False)
+PALLAS_INTERPRET = _kernel_backend("pallas", "gpu", _pallas_plain, _pallas_target, _pallas_rule, True)
 
 BACKENDS = {"cudnn": CUDNN, "splash": SPLASH, "pallas": PALLAS}
 
+# What ``auto`` picks per targeted platform, and why (logged once).
+_AUTO = {
+    "tpu": ("splash", "the Pallas TPU kernel, masked blocks skipped"),
+    "gpu": ("cudnn", "cuDNN flash attention; 'xla' where cuDNN cannot take the dtype / head dim"),
+}
+
 
 def auto_backend(platform: Optional[str] = None) -> AttentionBackend:
-    """TPU -> splash, GPU -> cuDNN (XLA where cuDNN cannot), anything else -> XLA."""
-    platform = platform or jax.default_backend()
+    """TPU -> splash, GPU -> cuDNN (XLA where cuDNN cannot), anything else -> XLA.
+
+    platform: default ``target_platform()``, the platform the traced computation targets.
+    """
+    platform = platform or target_platform()
+    name, why = _AUTO.get(platform, ("xla", "no attention kernel for this platform"))
+    log_once(f"attention_impl='auto' on {platform!r} targets: {name!r} ({why})")
     return {"tpu": SPLASH, "gpu": CUDNN_OR_XLA}.get(platform, XLA_BACKEND)

@@ -16,6 +16,7 @@ PEAK_TFLOPS = {
     "TPU v5e": 197.0,
     "TPU v5p": 459.0,
     "TPU v6 lite": 918.0,
+    "TPU v5": 459.0,  # v5p's device kind; last, as it is a prefix of "TPU v5 lite"
 }
 
 

@@ -5,37 +5,77 @@ Mesh axes are named; the batch is split over every data-like axis (``data`` and
 is either replicated or split over ``fsdp`` along its largest dimension that the
 axis size divides; small parameters stay replicated (their all-gathers cost more
 than they save).
+
+Pods (config ``mesh``):
+  * ``dcn_shape``: per-axis sizes across slices (over the data-centre network), the
+    ``shape`` being within one slice (over ICI), as MaxDiffusion's ``dcn_*`` /
+    ``ici_*`` parallelism: e.g. axes ("data", "fsdp"), shape (1, -1), dcn_shape (2, 1)
+    is data parallel across 2 slices and FSDP within each.
+  * ``param_rules``: an ordered list of (parameter-path regex, spec), as big_vision
+    does; the first rule whose regex matches (``re.search``) a leaf's path
+    ("params/down_blocks.0/resnets.1/conv1/kernel", "opt_state/.../mu/...") decides.
+    A spec is "fsdp" (the largest dimension ``fsdp`` divides), "replicated", or one
+    entry per dimension (an axis name, a tuple of names, or None). A leaf no rule
+    matches, or whose spec does not divide it, is replicated and logged.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int], devices: Optional[Sequence[Any]] = None) -> Mesh:
-    """A mesh of ``devices`` (default: all) with named ``axes``; one size may be -1 (the rest)."""
-    devices = list(jax.devices() if devices is None else devices)
-    axes, shape = tuple(axes), [int(s) for s in shape]
-    if len(axes) != len(shape):
-        raise ValueError(f"mesh axes {axes} and shape {tuple(shape)} differ in length")
+def _resolve_shape(shape: Sequence[int], count: int, what: str) -> list[int]:
+    """Fills the one -1 of ``shape`` so that it holds ``count`` devices."""
+    shape = [int(s) for s in shape]
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {tuple(shape)}: at most one -1")
+        raise ValueError(f"{what} {tuple(shape)}: at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {tuple(shape)} does not divide {len(devices)} devices")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+        if count % known:
+            raise ValueError(f"{what} {tuple(shape)} does not divide {count} devices")
+        shape[shape.index(-1)] = count // known
+    if math.prod(shape) != count:
+        raise ValueError(f"{what} {tuple(shape)} needs {math.prod(shape)} devices, but {count} are present")
+    return shape
+
+
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices: Optional[Sequence[Any]] = None,
+              dcn_shape: Optional[Sequence[int]] = None) -> Mesh:
+    """A mesh of ``devices`` (default: all) with named ``axes``; one size may be -1 (the rest).
+
+    With ``dcn_shape`` (per-axis slice counts, product = the number of slices) ``shape``
+    is one slice's and the mesh is their product, each slice an ICI block.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    axes = tuple(axes)
+    if len(axes) != len(shape):
+        raise ValueError(f"mesh axes {axes} and shape {tuple(shape)} differ in length")
+    if dcn_shape is None or math.prod(dcn_shape) == 1:
+        return Mesh(np.asarray(devices).reshape(_resolve_shape(shape, len(devices), "mesh shape")), axes)
+    dcn = [int(s) for s in dcn_shape]
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if len(dcn) != len(axes) or math.prod(dcn) != slices:
         raise ValueError(
-            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} are present"
+            f"mesh.dcn_shape {tuple(dcn)} must give each of the axes {axes} a slice count, "
+            f"multiplying to the {slices} slice(s) present"
         )
-    return Mesh(np.asarray(devices).reshape(shape), axes)
+    ici = _resolve_shape(shape, len(devices) // slices, "mesh shape (one slice)")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+    return Mesh(grid, axes)
+
+
+def mesh_from_config(mesh_config: Any, devices: Optional[Sequence[Any]] = None) -> Mesh:
+    """The run config's ``mesh`` section -> Mesh."""
+    return make_mesh(mesh_config.axes, mesh_config.shape, devices, mesh_config.get("dcn_shape"))
 
 
 def data_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -66,10 +106,18 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
     return P()
 
 
-def param_shardings(tree: Any, mesh: Mesh, rule: str = "fsdp", min_size: int = 2**14) -> Any:
-    """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs) by ``rule``."""
+def param_shardings(tree: Any, mesh: Mesh, rule: str = "fsdp", min_size: int = 2**14,
+                    rules: Optional[Sequence[tuple[str, Any]]] = None) -> Any:
+    """NamedSharding per leaf of ``tree`` (arrays or ShapeDtypeStructs) by ``rule``, or by
+    the ordered ``rules`` [(path regex, spec), ...] when given (module doc)."""
     if rule not in ("fsdp", "replicated"):
         raise ValueError(f"mesh.param_sharding={rule!r}: expected 'fsdp' or 'replicated'")
+    if rules:
+        compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: NamedSharding(mesh, _ruled_spec(leaf_path(path), leaf, compiled, mesh, min_size)),
+            tree,
+        )
     fsdp_size = mesh.shape.get("fsdp", 1) if rule == "fsdp" else 1
 
     def spec(leaf):
@@ -77,6 +125,57 @@ def param_shardings(tree: Any, mesh: Mesh, rule: str = "fsdp", min_size: int = 2
         return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, min_size))
 
     return jax.tree_util.tree_map(spec, tree)
+
+
+def shardings_from_config(tree: Any, mesh: Mesh, mesh_config: Any) -> Any:
+    """``param_shardings`` as the run config's ``mesh`` section says."""
+    return param_shardings(tree, mesh, mesh_config.param_sharding, mesh_config.fsdp_min_size,
+                           mesh_config.get("param_rules"))
+
+
+def leaf_path(path) -> str:
+    """A pytree key path as 'params/down_blocks.0/resnets.1/conv1/kernel'."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return "/".join(name(k) for k in path)
+
+
+def _ruled_spec(path: str, leaf: Any, rules, mesh: Mesh, min_size: int) -> P:
+    """The first matching rule's spec for one leaf; replication (logged) where it cannot apply."""
+    shape = tuple(getattr(leaf, "shape", ()))
+    for pattern, spec in rules:
+        if pattern.search(path):
+            break
+    else:
+        return _replicated_because(path, shape, "no mesh.param_rules entry matches")
+    if spec == "replicated":
+        return P()
+    if spec == "fsdp":
+        fsdp_size = mesh.shape.get("fsdp", 1)
+        out = fsdp_spec(shape, fsdp_size, min_size)
+        if out == P() and fsdp_size > 1 and math.prod(shape) >= min_size:
+            return _replicated_because(path, shape, f"no dimension divides by fsdp={fsdp_size}")
+        return out
+    entries = tuple(spec)
+    if len(entries) != len(shape):
+        return _replicated_because(path, shape, f"rule {pattern.pattern!r} spec {entries} has another rank")
+    for size, axes in zip(shape, entries):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        unknown = [a for a in names if a not in mesh.shape]
+        if unknown:
+            raise ValueError(f"mesh.param_rules {pattern.pattern!r}: axes {unknown} are not mesh axes {mesh.axis_names}")
+        if size % math.prod(mesh.shape[a] for a in names):
+            return _replicated_because(path, shape, f"rule {pattern.pattern!r} spec {entries} does not divide it")
+    return P(*(tuple(a) if isinstance(a, list) else a for a in entries))
+
+
+def _replicated_because(path: str, shape: tuple, reason: str) -> P:
+    logging.warning("sharding: %s %s is replicated: %s", path, shape, reason)
+    return P()
 
 
 def check_batch_divides(global_batch: int, mesh: Mesh, process_count: int) -> None:

@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +64,7 @@ def preflight(config: Any) -> sharding.Mesh:
     """Checks paths, mesh and batch divisibility; returns the mesh. No compile happens here."""
     validate.check_run_config(config)
     check_paths(config.model)
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+    mesh = sharding.mesh_from_config(config.mesh)
     sharding.check_batch_divides(config.train.global_batch_size, mesh, jax.process_count())
     accum = int(config.optim.grad_accum_steps)
     if accum < 1 or config.train.global_batch_size % accum:
@@ -104,6 +104,32 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Profile:
+    """``log.profile_steps``: a ``jax.profiler`` trace of those steps (0-based, the first
+    to the last listed) in ``{workdir}/tensorboard`` (TensorBoard's profile tab)."""
+
+    def __init__(self, steps, workdir: str):
+        steps = sorted(int(s) for s in (steps or ()))
+        self.first, self.last = (steps[0], steps[-1]) if steps else (None, None)
+        self.directory = os.path.join(workdir, "tensorboard")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.last:
+            jax.block_until_ready(outputs)  # the trace holds the steps' device work
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _global_batch(batch: dict, batch_sharding) -> dict:
     """This process's part of the batch -> global jax.Arrays laid out over the mesh.
 
@@ -123,26 +149,29 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
 TRAIN_KEYS = ("reference", "reference_pose", "target", "target_pose", "region_mask")
 
 
-def train(config: Any, workdir: str) -> dict:
-    """Trains as ``config`` says, checkpointing under ``workdir``; resumes from its latest
-    checkpoint when ``config.resume`` is set. Returns the last logged metrics."""
-    mesh = preflight(config)
-    ensure_dataset(config.data)
-    rng = jax.random.key(config.seed)
-    model_rng, train_rng = jax.random.split(rng)
-    model, params, frozen = build_model(config.model, model_rng)
-    schedule = noise_schedule(config)
+class TrainProgram(NamedTuple):
+    """The jitted train step as training runs it, and the shardings of its arguments."""
+
+    step: Any  # jit(train_step)(state, batch, rng, frozen) -> (state, metrics); state donated
+    optimizer: Any
+    abstract_state: Any  # TrainState of ShapeDtypeStructs
+    state_sharding: Any
+    frozen_sharding: Any
+    batch_sharding: Any
+
+
+def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh: sharding.Mesh) -> TrainProgram:
+    """The exact train step of ``config`` on ``mesh`` (shardings, donation, remat, dtype,
+    optimiser, accumulation). params / frozen: arrays or ShapeDtypeStructs (only their
+    shapes are read), so ``train`` and the ahead-of-time compile report share it."""
     optimizer = make_optimizer(config.optim, params)
     loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
-    step_fn = make_train_step(model, schedule, loss_cfg, optimizer, config.optim)
-
+    step_fn = make_train_step(model, noise_schedule(config), loss_cfg, optimizer, config.optim)
     abstract_state = jax.eval_shape(
         lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0), params
     )
-    state_sharding = sharding.param_shardings(
-        abstract_state, mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size
-    )
-    frozen_sharding = sharding.param_shardings(frozen, mesh, config.mesh.param_sharding, config.mesh.fsdp_min_size)
+    state_sharding = sharding.shardings_from_config(abstract_state, mesh, config.mesh)
+    frozen_sharding = sharding.shardings_from_config(frozen, mesh, config.mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     jitted = jax.jit(
@@ -151,7 +180,21 @@ def train(config: Any, workdir: str) -> dict:
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
     )
-    frozen = jax.device_put(frozen, frozen_sharding)
+    return TrainProgram(jitted, optimizer, abstract_state, state_sharding, frozen_sharding, batch_sharding)
+
+
+def train(config: Any, workdir: str) -> dict:
+    """Trains as ``config`` says, checkpointing under ``workdir``; resumes from its latest
+    checkpoint when ``config.resume`` is set. Returns the last logged metrics."""
+    mesh = preflight(config)
+    ensure_dataset(config.data)
+    rng = jax.random.key(config.seed)
+    model_rng, train_rng = jax.random.split(rng)
+    model, params, frozen = build_model(config.model, model_rng)
+    program = build_train_program(config, model, params, frozen, mesh)
+    optimizer, abstract_state, state_sharding = program.optimizer, program.abstract_state, program.state_sharding
+    batch_sharding = program.batch_sharding
+    frozen = jax.device_put(frozen, program.frozen_sharding)
 
     checkpointer = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                 config.checkpoint.async_save)
@@ -174,18 +217,22 @@ def train(config: Any, workdir: str) -> dict:
     del params
 
     batch = _global_batch(next(data), batch_sharding)
-    compiled = jitted.lower(state, batch, jax.random.fold_in(train_rng, start), frozen).compile()
+    with jax.set_mesh(mesh):  # the attention kernels read the targeted devices from it
+        compiled = program.step.lower(state, batch, jax.random.fold_in(train_rng, start), frozen).compile()
     flops = _flops(compiled)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     preemption = _Preemption()
+    profile = _Profile(config.log.get("profile_steps"), workdir)
     meta = {"config": config.to_json_best_effort()}
     last, logged_step, timer = {}, start, time.perf_counter()
     try:
         for step in range(start, config.train.num_steps):
             if step > start:
                 batch = _global_batch(next(data), batch_sharding)
+            profile.before(step)
             state, metrics = compiled(state, batch, jax.random.fold_in(train_rng, step), frozen)
             checkpointer.check_for_errors()  # a failed background save stops the run now
+            profile.after(step, metrics)
             done = step + 1
             final = done == config.train.num_steps
             preempted = preemption.reached(done)  # read once: the signal may land at any moment
@@ -211,6 +258,7 @@ def train(config: Any, workdir: str) -> dict:
                 print(f"SIGTERM: saved a checkpoint at step {checkpointer.latest_step()}; exiting", flush=True)
                 break
     finally:
+        profile.stop()
         checkpointer.close()
         writer.close()
         preemption.restore()

@@ -1,0 +1,60 @@
+"""Ahead-of-time TPU compiles from a CPU host: the figures of BENCHMARKS.md ("TPU").
+
+    python bench/compile_tpu.py --config=configs/sd15_image.py --topology=v5p-8 --out=DIR
+        [--num_slices=2] [--program=train|sample] [--frames=24] [--largest_batch]
+        [--config.train.global_batch_size=...]
+
+``--program=train`` compiles the train step exactly as ``train.py --compile_topology``
+does (``compile_report.train_report``); ``sample`` compiles the two-stage sampler
+(reference pass, the whole guided loop over the temporal windows, VAE decode) for
+``--frames`` frames on one chip. ``--largest_batch`` also finds the largest global
+batch whose train step fits (doubling, then bisecting: several compiles). Each report
+goes to ``DIR/{program}_{topology}x{slices}.json`` and a summary table is printed.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).", lock_config=True)
+flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v4-8, v5e-16, v5p-128, ...")
+flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN); train only.")
+flags.DEFINE_enum("program", "train", ["train", "sample"], "What to compile.")
+flags.DEFINE_integer("frames", None, "Sampled frames (default: the config's clip length).")
+flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.steps).")
+flags.DEFINE_bool("largest_batch", False, "Also search the largest global batch that fits (train).")
+flags.DEFINE_string("out", "compile_reports", "Folder for the JSON reports.")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv):
+    del argv
+    from consist_jax.training import compile_report as cr
+
+    cr.use_cpu_host()
+    config = FLAGS.config
+    if FLAGS.program == "train":
+        report = cr.train_report(config, FLAGS.topology, FLAGS.num_slices)
+        if FLAGS.largest_batch:
+            report["largest_fitting_global_batch"] = cr.largest_fitting_batch(config, FLAGS.topology, FLAGS.num_slices)
+    else:
+        frames = FLAGS.frames or int(config.data.pipeline.clip_length)
+        report = cr.sample_report(config, FLAGS.topology, frames, FLAGS.steps)
+    report["config"] = config_flags.get_config_filename(FLAGS["config"])
+    os.makedirs(FLAGS.out, exist_ok=True)
+    path = os.path.join(FLAGS.out, f"{FLAGS.program}_{FLAGS.topology}x{FLAGS.num_slices}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(cr.format_table(report))
+    if "largest_fitting_global_batch" in report:
+        print(f"largest fitting global batch: {report['largest_fitting_global_batch']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
