@@ -5,7 +5,7 @@
 Sized from measurements on 2 cores: 32x32 frames, pixel-unshuffled by 2 to 16x16x12
 "latents", batch 8, ~0.18 s a step, 2400 steps in about 7.5 minutes. Choices that
 the measurements (BENCHMARKS.md, "The demo") showed matter at this budget:
-  * x0 ("sample") prediction, which learns far faster than epsilon (CALIBRATION.md);
+  * x0 ("sample") prediction, which learns far faster than epsilon at this budget;
   * reference/target attention at 16x16 and 8x8 (not only at the coarse levels): the
     target copies the reference's background and clothes texture through it;
   * lr 1e-3 with an EMA of the weights (0.998), sampled with guidance 3.

@@ -1,5 +1,5 @@
 """Virtual try-on (VTON-HD style): the garment image is the reference; the person image
-is noised and scored only inside the garment region mask (SCD.md, "Applications").
+is noised and scored only inside the garment region mask (docs/method.md, "Training").
 
     python train.py --config=configs/tryon.py --workdir=runs/tryon \
         --config.data.pipeline.data_dir=/data/vton_array_record ...

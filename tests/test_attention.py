@@ -27,7 +27,7 @@ def _softmax_attend(q, k, v):
 
 
 def _rule_written_out(ref, tgt, rule, reference_mask):
-    """SCD.md's equations, one example and one frame at a time, in float64."""
+    """The rule's equations (docs/method.md), one example and one frame at a time, in float64."""
     (q_r, k_r, v_r), (q_t, k_t, v_t) = [[np.asarray(a, np.float64) for a in x] for x in (ref, tgt)]
     b, f = q_t.shape[:2]
     out_r, out_t = np.zeros(q_r.shape), np.zeros(q_t.shape)

@@ -1,7 +1,7 @@
 """The causal reference/target attention of SCD: the one home of the rule.
 
 Reference tokens R and target tokens T share the projections of a self-attention
-layer. Under the **causal** rule (SCD.md, "The causal attention rule")
+layer. Under the **causal** rule (docs/method.md, "The causal rule")
 
     out_R = softmax(Q_R K_R^T / sqrt(d)) V_R                    # reference sees itself
     out_T = softmax(Q_T [K_R ; K_T]^T / sqrt(d)) [V_R ; V_T]     # target sees R and itself

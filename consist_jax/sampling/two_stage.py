@@ -54,7 +54,7 @@ jax.tree_util.register_dataclass(Reference, data_fields=["cache", "context", "la
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceConfig:
-    scale: float = 3.5  # 1.0: no guidance (one branch, half the cost)
+    scale: float = 3.5  # 1.0: the conditional prediction (both branches still run)
     rescale: float = 0.0  # diffusers' guidance_rescale
 
 

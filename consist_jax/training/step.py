@@ -1,6 +1,6 @@
 """The SCD training loss and the pure train step.
 
-Loss (SCD.md, "Timesteps and loss"): noise the target latents only; the reference
+Loss (docs/method.md, "Training"): noise the target latents only; the reference
 latent stays clean and runs at its own timestep; the UNet predicts the noise (or v,
 or x0) of the targets, and the mean squared error is taken over target tokens only,
 optionally min-SNR weighted. For classifier-free guidance the reference branch
