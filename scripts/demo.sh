@@ -4,6 +4,9 @@
 # check that sample.py reproduces one of the evaluated videos bit for bit.
 # Outputs: runs/demo (checkpoints, TensorBoard), outputs/demo (GIFs, metrics.json, examples/).
 set -euo pipefail
+# A CPU demo: with the test extra installed (it carries libtpu for the ahead-of-time TPU
+# compiles) JAX would otherwise probe for a TPU first and print libtpu's warnings.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
