@@ -74,9 +74,8 @@ def test_examples(data_dir, split, videos, frames, first, stride, resolution):
 def check_flags() -> None:
     """The protocol's numbers and the output folder, before the checkpoint is loaded."""
     from consist_jax import checks, files
-    from consist_jax.checks import check_sample_settings
 
-    check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, seed=FLAGS.seed)
+    checks.check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, seed=FLAGS.seed)
     checks.non_negative_int("--videos", FLAGS.videos)
     checks.positive_int("--frames", FLAGS.frames)
     checks.non_negative_int("--first_target", FLAGS.first_target)

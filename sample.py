@@ -72,10 +72,9 @@ def check_flags() -> None:
     """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
     from consist_jax import checks
     from consist_jax.sampling import io
-    from consist_jax.checks import check_sample_settings
 
-    check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, window=FLAGS.window,
-                          overlap=FLAGS.overlap, seed=FLAGS.seed)
+    checks.check_sample_settings("--", steps=FLAGS.steps, guidance=FLAGS.guidance, window=FLAGS.window,
+                                 overlap=FLAGS.overlap, seed=FLAGS.seed)
     if FLAGS.step is not None:
         checks.non_negative_int("--step", FLAGS.step)
     io.check_output(FLAGS.out, FLAGS.fps, fps_name="--fps")

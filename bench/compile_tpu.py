@@ -11,7 +11,6 @@ does (``compile_report.train_report``); ``sample`` compiles the two-stage sample
 batch whose train step fits (doubling, then bisecting: several compiles). Each report
 goes to ``DIR/{program}_{topology}x{slices}.json`` and a summary table is printed.
 """
-import json
 import os
 import sys
 
@@ -34,6 +33,7 @@ flags.mark_flags_as_required(["config", "topology"])
 
 def main(argv):
     del argv
+    from consist_jax import files
     from consist_jax.training import compile_report as cr
 
     cr.use_cpu_host()
@@ -46,10 +46,8 @@ def main(argv):
         frames = FLAGS.frames or int(config.data.pipeline.clip_length)
         report = cr.sample_report(config, FLAGS.topology, frames, FLAGS.steps)
     report["config"] = config_flags.get_config_filename(FLAGS["config"])
-    os.makedirs(FLAGS.out, exist_ok=True)
     path = os.path.join(FLAGS.out, f"{FLAGS.program}_{FLAGS.topology}x{FLAGS.num_slices}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    files.write_json(path, report)
     print(cr.format_table(report))
     if "largest_fitting_global_batch" in report:
         print(f"largest fitting global batch: {report['largest_fitting_global_batch']}")

@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from consist_jax import files
+
 ITEMS = ("state", "meta")
 FILE_SIZES = "file_sizes.json"
 
@@ -74,10 +76,8 @@ def record_file_sizes(step_dir: str) -> None:
             for name in names:
                 path = os.path.join(root, name)
                 sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
-    tmp = os.path.join(step_dir, FILE_SIZES + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(dict(sorted(sizes.items())), f, indent=0)
-    os.replace(tmp, os.path.join(step_dir, FILE_SIZES))  # a reader never sees half a list
+    # Written atomically and checked: a reader never sees half a list.
+    files.write_json(os.path.join(step_dir, FILE_SIZES), dict(sorted(sizes.items())), indent=0)
 
 
 def _read_json(path: str, where: str) -> Any:

@@ -30,7 +30,6 @@ refuses for lack of HBM is reported with ``fits: false`` and the size it asked f
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -39,6 +38,9 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from consist_jax import files
+from consist_jax.training.metrics import PEAK_TFLOPS, cost_analysis
 
 REPORT_NAME = "compile_report.json"
 # The runtime, fragmentation and the input pipeline's device buffers need room besides
@@ -59,10 +61,10 @@ class Chip(NamedTuple):
 # Sources: Cloud TPU system architecture pages, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}
 # ("Peak compute per chip (bf16)", "HBM2 capacity / bandwidth"), read 2026-12.
 TPU_CHIPS = {
-    "TPU v4": Chip(275.0, 32.0, 1228.0),
-    "TPU v5 lite": Chip(197.0, 16.0, 819.0),  # v5e
-    "TPU v5": Chip(459.0, 95.0, 2765.0),  # v5p
-    "TPU v6 lite": Chip(918.0, 32.0, 1640.0),  # v6e (Trillium)
+    "TPU v4": Chip(PEAK_TFLOPS["TPU v4"], 32.0, 1228.0),
+    "TPU v5 lite": Chip(PEAK_TFLOPS["TPU v5 lite"], 16.0, 819.0),  # v5e
+    "TPU v5": Chip(PEAK_TFLOPS["TPU v5"], 95.0, 2765.0),  # v5p
+    "TPU v6 lite": Chip(PEAK_TFLOPS["TPU v6 lite"], 32.0, 1640.0),  # v6e (Trillium)
 }
 
 
@@ -265,13 +267,6 @@ def compile_train_step(config: Any, devices: list, global_batch_size: Optional[i
         return lowered.compile(), mesh
 
 
-def _cost(compiled: Any) -> dict:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older JAX: one dict per device
-        analysis = analysis[0]
-    return analysis or {}
-
-
 def make_report(compiled: Any, mesh: Any, topology: str, num_slices: int, global_batch_size: int,
                 **extra) -> dict:
     """The report of one compiled program (keys in the module doc)."""
@@ -292,7 +287,7 @@ def make_report(compiled: Any, mesh: Any, topology: str, num_slices: int, global
     summed = sum(per_device.values()) - int(memory.alias_size_in_bytes)
     per_device["peak"] = max(int(getattr(memory, "peak_memory_in_bytes", 0)), summed)
     hbm = int(chip.hbm_gib * GIB)
-    cost = _cost(compiled)
+    cost = cost_analysis(compiled)
     flops, traffic = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     seconds = max(flops / (chip.peak_tflops * 1e12), traffic / (chip.hbm_gbps * 1e9))
     n = mesh.devices.size
@@ -340,10 +335,8 @@ def format_table(report: dict) -> str:
 
 
 def write_report(workdir: str, report: dict) -> str:
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, REPORT_NAME)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+    files.write_json(path, report)
     return path
 
 

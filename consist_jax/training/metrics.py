@@ -20,6 +20,15 @@ PEAK_TFLOPS = {
 }
 
 
+def cost_analysis(compiled) -> dict:
+    """XLA's cost analysis of a compiled program (one device's share) as a dict, {} when
+    the backend gives none."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older JAX returned one dict per device
+        analysis = analysis[0]
+    return analysis or {}
+
+
 def peak_flops_per_device(override_tflops: Optional[float] = None) -> Optional[float]:
     """FLOP/s of one device: the config's value, else the table's entry for this device kind."""
     if override_tflops:

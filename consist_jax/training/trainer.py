@@ -24,7 +24,7 @@ from consist_jax.data import pipeline as data_pipeline
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.training import sharding, validate
 from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
-from consist_jax.training.metrics import MetricWriter, peak_flops_per_device
+from consist_jax.training.metrics import MetricWriter, cost_analysis, peak_flops_per_device
 from consist_jax.training.state import TrainState, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
 
@@ -267,9 +267,7 @@ def train(config: Any, workdir: str) -> dict:
 
 def _flops(compiled) -> Optional[float]:
     """FLOPs of one compiled step (one device's share) from XLA's cost analysis."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older JAX returned one dict per device
-        analysis = analysis[0]
+    analysis = cost_analysis(compiled)
     return float(analysis.get("flops", 0.0)) if analysis else None
 
 
