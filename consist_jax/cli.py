@@ -3,8 +3,8 @@
     app.run(cli.reports_user_errors(main))
 
 A user error is a bad flag, config key, input or output path, or a write that failed
-(``USER_ERRORS`` and the project's named errors); anything else is a bug and keeps its
-traceback. ``CONSIST_TRACEBACK=1`` or ``--verbosity>=1`` shows the traceback of a user
+(``USER_ERRORS`` and the project's named errors, e.g. a checkpoint the disk did not
+take); anything else is a bug and keeps its traceback. ``CONSIST_TRACEBACK=1`` or ``--verbosity>=1`` shows the traceback of a user
 error too.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 NAMED_ERRORS = {
     "consist_jax.training.trainer": "NonFiniteLossError",
     "consist_jax.data.pipeline": "BadExampleError",
+    "consist_jax.training.checkpoint": "CheckpointSaveError",
 }
 
 

@@ -1,6 +1,7 @@
 """Damaged and mismatched checkpoints, and a save that fails (issue 19.7, 20.1): each is one
 clear error naming the file, leaf or step, and a damaged latest step gives way to the
 newest intact one without being deleted."""
+import logging
 import os
 import shutil
 import subprocess
@@ -128,13 +129,35 @@ def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir,
     _, largest = _cut_in_half(_copy(workdir, tmp_path, "probe"), 4)
     result = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(largest // 2), *train_cmd(workdir)],
                             cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=1200)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-3000:]  # the CLIs' exit code for a user's error
     errors = [line for line in result.stderr.splitlines() if "CheckpointSaveError:" in line]
     assert len(errors) == 1, result.stderr[-3000:]
     step_dir = os.path.join(workdir, "checkpoints", "6")
     assert f"CheckpointSaveError: saving checkpoint step 6 to {step_dir} failed:" in errors[0]
     assert "File too large" in errors[0] and "The last good checkpoint (step 4) is kept" in errors[0]
-    assert result.stderr.count("Traceback (most recent call last)") <= 2, result.stderr[-3000:]  # not one per array
+    # orbax's writer threads log the failure too (which thread first varies from run to run):
+    # their lines stay, their tracebacks (one per array or per thread) do not.
+    assert "Traceback (most recent call last)" not in result.stderr, result.stderr[-3000:]
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [2, 4]
     verify_step(os.path.join(workdir, "checkpoints"), 4)
+
+
+def test_orbax_error_lines_keep_their_message_not_their_traceback():
+    """Which of orbax's writer threads logs a failed save first varies from run to run; each
+    such line keeps its message (nothing silent) and loses the traceback that the one
+    CheckpointSaveError would repeat; lines of other libraries are untouched."""
+    from consist_jax.training.checkpoint import _SaveErrorEchoes
+
+    try:
+        raise OSError(27, "File too large")
+    except OSError:
+        exc_info = sys.exc_info()
+
+    def record(pathname):
+        return logging.LogRecord("absl", logging.ERROR, pathname, 1, "writer thread failed: %s", ("x",), exc_info)
+
+    orbax = record(os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "future.py"))
+    assert _SaveErrorEchoes().filter(orbax) and orbax.exc_info is None and orbax.getMessage().endswith("x")
+    other = record(os.path.join(os.sep, "site-packages", "tensorboardX", "writer.py"))
+    assert _SaveErrorEchoes().filter(other) and other.exc_info is exc_info

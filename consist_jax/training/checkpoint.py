@@ -189,10 +189,18 @@ class _SaveErrorEchoes(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
             return True
-        if self.failed and (record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname):
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        if self.failed and (from_orbax or record.name == "asyncio"):
             return False
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-        return ".orbax-checkpoint-tmp" not in text
+        if ".orbax-checkpoint-tmp" in text:
+            return False
+        if from_orbax:
+            # orbax keeps the exception and raises it again from wait_until_finished, where
+            # it becomes the one CheckpointSaveError: its line stays, its traceback would
+            # be a second copy of that error (one per writer thread).
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 _SAVE_ERROR_ECHOES = _SaveErrorEchoes()
