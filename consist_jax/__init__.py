@@ -12,6 +12,7 @@ _EXPORTS = {
     "load_unet": "consist_jax.convert.unet",
     "load_vae": "consist_jax.models.vae",
     "load_image_encoder": "consist_jax.models.clip_vision",
+    "load_transformer": "consist_jax.convert.wan",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,7 +8,7 @@ children named ``"resnets.0"`` and so on, so a parameter path joined with dots
     ("down_blocks.0", "resnets.1", "conv1", "kernel")  <->  "down_blocks.0.resnets.1.conv1.weight"
 
 Leaf rules: ``kernel`` <-> ``weight`` (transposed: linear (O, I) -> (I, O), conv
-(O, I, kh, kw) -> (kh, kw, I, O)), ``scale`` / ``embedding`` <-> ``weight``,
+(O, I, *k) -> (*k, I, O) for 1-, 2- and 3-d kernels), ``scale`` / ``embedding`` <-> ``weight``,
 anything else keeps its name. Checkpoints whose names differ (for example the
 original AnimateDiff files) are mapped first by ``rename_rules``: ordered
 ``(regex, replacement)`` pairs applied to every key in the file.
@@ -271,10 +271,8 @@ def torch_to_flax_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
         return tensor
     if tensor.ndim == 2:  # Linear (O, I) -> Dense (I, O)
         return tensor.T
-    if tensor.ndim == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
-        return tensor.transpose(2, 3, 1, 0)
-    if tensor.ndim == 3:  # Conv1d (O, I, k) -> (k, I, O)
-        return tensor.transpose(2, 1, 0)
+    if tensor.ndim in (3, 4, 5):  # Conv1d/2d/3d (O, I, *k) -> (*k, I, O)
+        return tensor.transpose(*range(2, tensor.ndim), 1, 0)
     raise CheckpointError(f"cannot map a {tensor.ndim}-d kernel at {'.'.join(path)}")
 
 
@@ -379,10 +377,8 @@ def params_to_state_dict(params: Any) -> dict[str, np.ndarray]:
         if path[-1] == "kernel":
             if value.ndim == 2:
                 value = value.T
-            elif value.ndim == 4:
-                value = value.transpose(3, 2, 0, 1)
-            elif value.ndim == 3:
-                value = value.transpose(2, 1, 0)
+            elif value.ndim in (3, 4, 5):  # (*k, I, O) -> (O, I, *k)
+                value = value.transpose(value.ndim - 1, value.ndim - 2, *range(value.ndim - 2))
         out[torch_key(path)] = np.ascontiguousarray(value)
     return out
 
