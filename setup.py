@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "array-record>=0.8.6",
     "ml-collections>=1.1.0",
     "safetensors>=0.8.0",
+    "ml-dtypes>=0.7.0",  # bfloat16 safetensors weights (convert/loading.py)
     "numpy>=2.0",
     "pillow>=10.0",
     "imageio>=2.38",

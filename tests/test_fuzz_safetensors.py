@@ -8,6 +8,7 @@ import math
 import os
 import struct
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given
@@ -22,6 +23,9 @@ NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": 
                 "U64": np.uint64, "I32": np.int32, "U32": np.uint32, "I16": np.int16,
                 "U16": np.uint16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
                 "C64": np.complex64}
+# What a header's dtype means (the oracle): safetensors' numpy writer has no bfloat16, so
+# only mutated headers declare BF16; our reader maps it to ml_dtypes.bfloat16.
+DECLARED_DTYPES = {**NUMPY_DTYPES, "BF16": ml_dtypes.bfloat16}
 _names = itertools.count()
 
 
@@ -111,7 +115,7 @@ def _declared_arrays(data: bytes) -> dict:
     out = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        out[name] = (NUMPY_DTYPES[entry["dtype"]], tuple(entry["shape"]), payload[begin:end])
+        out[name] = (DECLARED_DTYPES[entry["dtype"]], tuple(entry["shape"]), payload[begin:end])
     return out
 
 

@@ -8,14 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+from flax import traverse_util
 from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from parity import assert_within_rounding, relative_error
 from safetensors.numpy import load_file, save_file
 
 from consist_jax import load_transformer
-from consist_jax.convert.loading import CheckpointError, params_to_state_dict, torch_key
+from consist_jax.convert.loading import CheckpointError, params_to_state_dict, torch_key, torch_to_flax_layout
 from consist_jax.convert.wan import transformer_param_shapes
 from consist_jax.models.wan_transformer import WanTransformerConfig, rotary_angles, rotary_table
 
@@ -140,8 +142,8 @@ def _folder_with(folder, out, state, config_edit=None):
     return str(out)
 
 
-def test_sharded_fp16_checkpoint(saved_transformers, tmp_path):
-    """fp16 weights in two shards with an index load (cast to the requested dtype)."""
+def test_sharded_fp16_and_bf16_checkpoints(saved_transformers, tmp_path):
+    """fp16 weights in two shards with an index load (cast to the requested dtype); so do bf16 ones."""
     _, folder = saved_transformers["i2v"]
     state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     sharded = _folder_with(folder, tmp_path / "sharded", None)
@@ -160,6 +162,14 @@ def test_sharded_fp16_checkpoint(saved_transformers, tmp_path):
         for key, value in state.items():
             expected = value.astype(np.float16).astype(dtype)
             np.testing.assert_array_equal(exported[key], expected, err_msg=key)
+    # A bfloat16 file (as most checkpoints now are) reads exactly.
+    bf16 = _folder_with(folder, tmp_path / "bf16", None)
+    safetensors.torch.save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in state.items()},
+                                os.path.join(bf16, "diffusion_pytorch_model.safetensors"))
+    exported = params_to_state_dict(load_transformer(bf16)[1])
+    for key, value in state.items():
+        np.testing.assert_array_equal(exported[key], torch.from_numpy(value).to(torch.bfloat16).float().numpy(),
+                                      err_msg=key)
     # The bf16 model computes in bf16 (shapes only: no compile).
     inputs = _random_inputs("i2v", np.random.default_rng(0))
     out = jax.eval_shape(module.apply, {"params": params}, **inputs)
@@ -235,12 +245,11 @@ def test_named_configs_match_diffusers_shapes(name):
     with torch.device("meta"):
         model = WanTransformer3DModel(**WAN21_CONFIGS[name])
     theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ours = {torch_key(path): leaf.shape for path, leaf in
-            jax.tree_util.tree_flatten_with_path(transformer_param_shapes(config))[0]
-            for path in [tuple(k.key for k in path)]}
-    assert set(ours) == set(theirs)
-    count = sum(math.prod(s) for s in ours.values())
+    ours = traverse_util.flatten_dict(transformer_param_shapes(config))
+    assert {torch_key(path) for path in ours} == set(theirs)
+    for path, leaf in ours.items():  # their shape in our layout (a zero-stride view: no memory)
+        layout = torch_to_flax_layout(path, np.broadcast_to(np.float32(0), theirs[torch_key(path)]))
+        assert leaf.shape == layout.shape, torch_key(path)
+    count = sum(math.prod(leaf.shape) for leaf in ours.values())
     assert count == sum(p.numel() for p in model.parameters())
     print(f"{name}: {count / 1e9:.3f}B parameters")
-    for key, shape in theirs.items():  # same element count (our kernels are transposed)
-        assert math.prod(ours[key]) == math.prod(shape), key
