@@ -191,7 +191,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- layers
 
 
-class LayerNorm(nn.Module):
+class FP32LayerNorm(nn.Module):
     """diffusers' FP32LayerNorm over the last axis (two-pass variance): x (..., C) -> float32."""
 
     epsilon: float
@@ -323,15 +323,15 @@ class WanBlock(nn.Module):
         table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (1, 6, dim), jnp.float32)
         shift, scale, gate, c_shift, c_scale, c_gate = modulation(table, temb6)
 
-        h = modulate(x, LayerNorm(c.eps, name="norm1"), shift, scale, dtype)
+        h = modulate(x, FP32LayerNorm(c.eps, name="norm1"), shift, scale, dtype)
         h = WanAttention(dim, c.num_attention_heads, c.eps, dtype=dtype, name="attn1")(h, rotary=rotary)
         x = (x.astype(jnp.float32) + h * gate).astype(dtype)
 
-        h = LayerNorm(c.eps, affine=True, name="norm2")(x).astype(dtype) if c.cross_attn_norm else x
+        h = FP32LayerNorm(c.eps, affine=True, name="norm2")(x).astype(dtype) if c.cross_attn_norm else x
         attn2 = WanAttention(dim, c.num_attention_heads, c.eps, c.image_dim is not None, dtype, name="attn2")
         x = x + attn2(h, context, image_context=image_context)
 
-        h = modulate(x, LayerNorm(c.eps, name="norm3"), c_shift, c_scale, dtype)
+        h = modulate(x, FP32LayerNorm(c.eps, name="norm3"), c_shift, c_scale, dtype)
         h = FeedForward(c.ffn_dim, dim, dtype=dtype, name="ffn")(h)
         return (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
 
@@ -356,9 +356,9 @@ class ImageEmbedding(nn.Module):
                                  f"needs pairs of images of {c.pos_embed_seq_len // 2} tokens each")
             pos = self.param("pos_embed", nn.initializers.zeros, (1, c.pos_embed_seq_len, width), jnp.float32)
             x = x.reshape(n // 2, 2 * length, width) + pos.astype(x.dtype)
-        x = LayerNorm(IMAGE_EMBEDDER_EPS, affine=True, name="norm1")(x).astype(c.dtype)
+        x = FP32LayerNorm(IMAGE_EMBEDDER_EPS, affine=True, name="norm1")(x).astype(c.dtype)
         x = FeedForward(c.image_dim, c.inner_dim, approximate=False, dtype=c.dtype, name="ff")(x)
-        return LayerNorm(IMAGE_EMBEDDER_EPS, affine=True, name="norm2")(x).astype(c.dtype)
+        return FP32LayerNorm(IMAGE_EMBEDDER_EPS, affine=True, name="norm2")(x).astype(c.dtype)
 
 
 class TextProjection(nn.Module):
@@ -444,6 +444,6 @@ class WanTransformer(nn.Module):
         table = self.param("scale_shift_table", nn.initializers.normal(c.inner_dim ** -0.5),
                            (1, 2, c.inner_dim), jnp.float32)
         shift, scale = modulation(table, temb[:, None])
-        x = modulate(x, LayerNorm(c.eps, name="norm_out"), shift, scale, c.dtype)
+        x = modulate(x, FP32LayerNorm(c.eps, name="norm_out"), shift, scale, c.dtype)
         x = nn.Dense(c.out_channels * math.prod(c.patch_size), dtype=c.dtype, name="proj_out")(x)
         return unpatchify(x, grid, c.patch_size)
