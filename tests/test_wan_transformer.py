@@ -201,10 +201,12 @@ def test_unused_query_norm_of_old_i2v_files_is_ignored(saved_transformers, tmp_p
 
 def test_config_errors_are_one_line(saved_transformers, tmp_path):
     _, folder = saved_transformers["t2v"]
-    for edit, message in [({"window_size": [-1, -1]}, r"unknown WanTransformer3DModel config key\(s\) \['window_size'\]"),
-                          ({"num_layers": 0}, r"num_layers=0: must be an integer >= 1"),
-                          ({"patch_size": [1, 2]}, r"patch_size=\(1, 2\): must be 3 integers"),
-                          ({"image_dim": 8}, r"image_dim=8, added_kv_proj_dim=None")]:
+    for edit, message in [
+        ({"window_size": [-1, -1]}, r"unknown WanTransformer3DModel config key\(s\) \['window_size'\]"),
+        ({"num_layers": 0}, r"num_layers=0: must be an integer >= 1"),
+        ({"patch_size": [1, 2]}, r"patch_size=\(1, 2\): must be 3 integers"),
+        ({"image_dim": 8}, r"image_dim=8, added_kv_proj_dim=None"),
+    ]:
         out = _folder_with(folder, tmp_path / "cfg", None, edit)
         with pytest.raises(ValueError, match=message) as info:
             load_transformer(out)
