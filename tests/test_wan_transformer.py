@@ -1,5 +1,6 @@
 """Wan2.1 transformer: parity with diffusers' WanTransformer3DModel, checkpoint loading,
 the 1.3B / 14B configs (shapes only, nothing allocated)."""
+import copy
 import json
 import math
 import os
@@ -132,6 +133,44 @@ def test_rotary_table_matches_diffusers(rng):
         assert_within_rounding(ours, theirs[:, 0::2], 1.0, 1, "rotary table")
 
 
+def _bf16_like_from_pretrained(model):
+    """What ``from_pretrained(torch_dtype=torch.bfloat16)`` builds (it needs accelerate for the
+    float32 modules): parameters under a ``_keep_in_fp32_modules`` component stay float32."""
+    model16 = copy.deepcopy(model)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    with torch.no_grad():
+        for name, param in model16.named_parameters():
+            fp32 = any(m in name.split(".") for m in keep)
+            param.data = param.data.to(torch.float32 if fp32 else torch.bfloat16)
+    return model16.eval()
+
+
+def test_bf16_like_diffusers(saved_transformers, rng):
+    """In bf16 the same parameters stay float32 as in diffusers' bf16 model,
+    and our bf16 output is as close to the float32 one as diffusers' bf16 output is."""
+    model, folder = saved_transformers["t2v"]
+    theirs16 = _bf16_like_from_pretrained(model)
+    module, params = load_transformer(folder, dtype=jnp.bfloat16)
+    ours_dtypes = {k: v.dtype for k, v in params_to_state_dict(params).items()}
+    their_dtypes = {k: v.dtype for k, v in theirs16.state_dict().items()}
+    assert {k for k, d in ours_dtypes.items() if d == np.float32} == {
+        k for k, d in their_dtypes.items() if d == torch.float32}
+    assert {d for d in ours_dtypes.values()} == {np.dtype(np.float32), np.dtype(jnp.bfloat16)}
+    inputs = _random_inputs("t2v", rng)
+    ours = jax.jit(module.apply)({"params": params}, **inputs)
+    assert ours.dtype == jnp.bfloat16
+    torch_inputs = (torch.from_numpy(inputs["sample"]).permute(0, 4, 1, 2, 3),
+                    torch.from_numpy(inputs["timesteps"]), torch.from_numpy(inputs["context"]))
+    with torch.no_grad():
+        exact = model(*torch_inputs).sample.permute(0, 2, 3, 4, 1).numpy()
+        sample, timesteps, context = torch_inputs  # (the pipeline keeps the timesteps float32)
+        theirs = theirs16(sample.to(torch.bfloat16), timesteps, context.to(torch.bfloat16)).sample
+        theirs = theirs.float().permute(0, 2, 3, 4, 1).numpy()
+    ours_err, their_err = relative_error(np.asarray(ours, np.float32), exact), relative_error(theirs, exact)
+    print(f"bf16 relative error: ours {ours_err:.2e}, diffusers {their_err:.2e}")
+    assert ours_err <= 2 * their_err
+
+
 def _folder_with(folder, out, state, config_edit=None):
     """A copy of a checkpoint folder with other weights (and config edits); returns its path."""
     os.makedirs(out, exist_ok=True)
@@ -160,7 +199,8 @@ def test_sharded_fp16_and_bf16_checkpoints(saved_transformers, tmp_path):
         exported = params_to_state_dict(params)
         assert set(exported) == set(state)
         for key, value in state.items():
-            expected = value.astype(np.float16).astype(dtype)
+            # (diffusers' float32 modules stay float32: test_bf16_like_diffusers checks which)
+            expected = value.astype(np.float16).astype(exported[key].dtype)
             np.testing.assert_array_equal(exported[key], expected, err_msg=key)
     # A bfloat16 file (as most checkpoints now are) reads exactly.
     bf16 = _folder_with(folder, tmp_path / "bf16", None)

@@ -334,6 +334,7 @@ def state_dict_to_params(
     may_be_missing: Sequence[str] = (),
     ignore_unexpected: Sequence[str] = (),
     dtype: Any = np.float32,
+    float32_keys: Sequence[str] = (),
 ) -> dict:
     """Maps a PyTorch state dict onto the structure of ``reference_params``.
 
@@ -349,6 +350,8 @@ def state_dict_to_params(
       ignore_unexpected: regexes over torch keys that may be present and unused
         (for example buffers such as ``position_ids``).
       dtype: parameter dtype; fp16 / bf16 checkpoints are cast.
+      float32_keys: regexes over torch keys that stay float32 whatever ``dtype`` (diffusers'
+        ``_keep_in_fp32_modules``: modulation tables, norms, time embedders).
 
     Returns:
       A nested params dict with numpy arrays.
@@ -359,6 +362,7 @@ def state_dict_to_params(
     flat_ref = traverse_util.flatten_dict(reference_params)
     missing_ok = [re.compile(p) for p in may_be_missing]
     unexpected_ok = [re.compile(p) for p in ignore_unexpected]
+    float32_ok = [re.compile(p) for p in float32_keys]
     flat_out, used, missing, misshapen = {}, set(), [], []
     for path, ref in flat_ref.items():
         key = torch_key(path)
@@ -373,6 +377,7 @@ def state_dict_to_params(
             missing.append(key)
             continue
         used.add(key)
+        key_dtype = np.float32 if any(p.search(key) for p in float32_ok) else dtype
         value = torch_to_flax_layout(path, np.asarray(state[key]))
         if tuple(value.shape) != tuple(ref.shape):
             misshapen.append(
@@ -381,7 +386,7 @@ def state_dict_to_params(
             )
             continue
         # copy=False: a layout view of the file's array, not a second copy of the model.
-        flat_out[path] = value.astype(dtype, copy=False)
+        flat_out[path] = value.astype(key_dtype, copy=False)
     unexpected = [
         k for k in state if k not in used and not any(p.search(k) for p in unexpected_ok)
     ]
@@ -420,6 +425,7 @@ def load_params_from_folder(
     may_be_missing: Sequence[str] = (),
     ignore_unexpected: Sequence[str] = (),
     dtype: Any = np.float32,
+    float32_keys: Sequence[str] = (),
 ) -> dict:
     """Reads ``folder``'s safetensors weights and maps them onto ``reference_params``."""
     paths = find_weight_files(folder, weights_name)
@@ -431,6 +437,7 @@ def load_params_from_folder(
         may_be_missing=may_be_missing,
         ignore_unexpected=ignore_unexpected,
         dtype=dtype,
+        float32_keys=float32_keys,
     )
 
 

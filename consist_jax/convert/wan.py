@@ -12,6 +12,9 @@ from consist_jax.models.wan_transformer import WanTransformer, WanTransformerCon
 
 # diffusers' _keys_to_ignore_on_load_unexpected: early I2V files carry an unused query norm.
 IGNORED_KEYS = (r"\.norm_added_q\.",)
+# diffusers' _keep_in_fp32_modules (any dotted component of the key): these stay float32
+# when the model is loaded in bf16 / fp16. ("rope" has no parameters.)
+FLOAT32_KEYS = (r"(^|\.)(time_embedder|scale_shift_table|norm1|norm2|norm3)(\.|$)",)
 
 
 def example_inputs(config: WanTransformerConfig) -> dict:
@@ -43,8 +46,9 @@ def load_transformer(folder: str, dtype: Any = jnp.float32, **overrides):
     diffusion_pytorch_model[.fp16].safetensors or a sharded index) into
     ``(WanTransformer module, params)``.
 
-    ``dtype`` is the parameter dtype and the compute dtype (norms, rotary and the
-    modulation still run in float32); fp32 / fp16 files are cast to it. ``overrides``
+    ``dtype`` is the compute dtype and the dtype of the parameters, except those diffusers
+    keeps in float32 (``FLOAT32_KEYS``: the time embedder, modulation tables and block norms);
+    norms, rotary and the modulation run in float32. fp32 / bf16 / fp16 files are cast. ``overrides``
     set our options (``remat``). Every tensor of the file is used and every parameter
     is read from it; a missing, unexpected or misshapen key is a CheckpointError
     naming it.
@@ -56,5 +60,6 @@ def load_transformer(folder: str, dtype: Any = jnp.float32, **overrides):
         transformer_param_shapes(config),
         ignore_unexpected=IGNORED_KEYS,
         dtype=np.dtype(jnp.dtype(dtype)),
+        float32_keys=FLOAT32_KEYS,
     )
     return WanTransformer(config), to_jax_params(params)
