@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from consist_jax import load_transformer
 from consist_jax.convert.loading import CheckpointError, params_to_state_dict, torch_key, torch_to_flax_layout
 from consist_jax.convert.wan import transformer_param_shapes
-from consist_jax.models.wan_transformer import WanTransformerConfig, rotary_angles, rotary_table
+from consist_jax.models.wan_transformer import WanTransformerConfig, apply_rotary, rotary_angles, rotary_table
 
 torch.set_num_threads(2)
 
@@ -169,6 +169,26 @@ def test_bf16_like_diffusers(saved_transformers, rng):
     ours_err, their_err = relative_error(np.asarray(ours, np.float32), exact), relative_error(theirs, exact)
     print(f"bf16 relative error: ours {ours_err:.2e}, diffusers {their_err:.2e}")
     assert ours_err <= 2 * their_err
+
+
+def test_rotary_scores_depend_on_frame_offsets_only(rng):
+    """Shifting every frame position by the same amount leaves q.k unchanged (up to float32
+    rounding): why a reference at a fixed frame position serves every window (docs/wan.md)."""
+    config = WanTransformerConfig(**TORCH_CONFIGS["t2v"]["config"])
+    grid, shift = (3, 2, 2), float(rng.integers(1, 100))
+    n, heads, dim = math.prod(grid), config.num_attention_heads, config.attention_head_dim
+    q, k = (rng.standard_normal((1, n, heads, dim)).astype(np.float32) for _ in range(2))
+    positions = rng.integers(0, 20, size=grid[0]).astype(np.float64)
+
+    def scores(frame_positions):
+        cos, sin = rotary_table(rotary_angles(config, grid, frame_positions))
+        q_rot, k_rot = (np.asarray(apply_rotary(jnp.asarray(x), cos, sin), np.float64) for x in (q, k))
+        return np.einsum("bqhd,bkhd->bhqk", q_rot, k_rot)
+
+    # Each rotated pair rounds 3 times (table, product, sum) on |x1| + |x2|, in q and in k.
+    pair = lambda x: np.abs(x).reshape(1, n, heads, -1, 2).sum(-1)  # noqa: E731
+    scale = np.einsum("bqhd,bkhd->bhqk", pair(q), pair(k))
+    assert_within_rounding(scores(positions + shift), scores(positions), 2 * scale, 6, "rotary scores")
 
 
 def _folder_with(folder, out, state, config_edit=None):
