@@ -185,9 +185,11 @@ def test_rotary_scores_depend_on_frame_offsets_only(rng):
         q_rot, k_rot = (np.asarray(apply_rotary(jnp.asarray(x), cos, sin), np.float64) for x in (q, k))
         return np.einsum("bqhd,bkhd->bhqk", q_rot, k_rot)
 
+    def pair_sums(x):  # |x1| + |x2| of every rotated pair: (1, n, heads, dim / 2)
+        return np.abs(x).reshape(1, n, heads, -1, 2).sum(-1)
+
     # Each rotated pair rounds 3 times (table, product, sum) on |x1| + |x2|, in q and in k.
-    pair = lambda x: np.abs(x).reshape(1, n, heads, -1, 2).sum(-1)  # noqa: E731
-    scale = np.einsum("bqhd,bkhd->bhqk", pair(q), pair(k))
+    scale = np.einsum("bqhd,bkhd->bhqk", pair_sums(q), pair_sums(k))
     assert_within_rounding(scores(positions + shift), scores(positions), 2 * scale, 6, "rotary scores")
 
 
