@@ -226,6 +226,17 @@ def _run(session, batch: np.ndarray) -> list[np.ndarray]:
     return [np.concatenate(parts) for parts in zip(*outputs)]
 
 
+def _shape_matches(shape, expected) -> bool:
+    """Whether ``shape`` (ints, or names/None for symbolic axes) can be ``expected`` (None:
+    any size)."""
+    return len(shape) == len(expected) and all(
+        e is None or not isinstance(s, int) or s == e for s, e in zip(shape, expected))
+
+
+def _at_least(size, low: int) -> bool:
+    return not isinstance(size, int) or size >= low
+
+
 class WholeBodyExtractor:
     """YOLOX detector + whole-body SimCC pose model, both ONNX files on disk.
 
@@ -243,14 +254,33 @@ class WholeBodyExtractor:
         self.detection_threshold = checks.probability("--detection_threshold",
                                                       detection_threshold)
         self._paths = {"--detector": detector, "--pose_model": pose_model}
+        # The declared shapes, checked before any frame is read (symbolic axes match any size).
+        self._check_detector_output(self.detector.get_outputs()[0].shape)
+        self._check_pose_outputs([o.shape for o in self.pose_model.get_outputs()])
+
+    def _check_detector_output(self, shape):
+        height, width = self.detector_hw
+        anchors = sum((height // s) * (width // s) for s in YOLOX_STRIDES)
+        if not (_shape_matches(shape, (None, anchors, None)) and _at_least(shape[2], 6)):
+            raise ValueError(f"--detector={self._paths['--detector']!r}: output shape "
+                             f"{tuple(shape)}, expected YOLOX's (N, {anchors} anchors, 5 + "
+                             f"classes) for its {height}x{width} input")
+
+    def _check_pose_outputs(self, shapes):
+        height, width = self.pose_hw
+        expected = [(None, NUM_WHOLEBODY_POINTS, round(width * SIMCC_SPLIT_RATIO)),
+                    (None, NUM_WHOLEBODY_POINTS, round(height * SIMCC_SPLIT_RATIO))]
+        if len(shapes) < 2 or not all(_shape_matches(s, e) for s, e in zip(shapes, expected)):
+            raise ValueError(f"--pose_model={self._paths['--pose_model']!r}: outputs "
+                             f"{[tuple(s) for s in shapes]}, expected SimCC x (N, "
+                             f"{expected[0][1]}, {expected[0][2]}) and y (N, {expected[1][1]}, "
+                             f"{expected[1][2]})")
 
     def detect(self, frames: np.ndarray) -> list[np.ndarray]:
         """RGB frames (B, H, W, 3) -> per frame, person boxes (M, 5) best first."""
         inputs, ratios = zip(*(letterbox(f[..., ::-1], *self.detector_hw) for f in frames))
         (output, *_) = _run(self.detector, np.stack(inputs).transpose(0, 3, 1, 2))
-        if output.ndim != 3 or output.shape[-1] < 6:
-            raise ValueError(f"--detector={self._paths['--detector']!r}: output shape "
-                             f"{output.shape}, expected YOLOX's (N, anchors, 5 + classes)")
+        self._check_detector_output(output.shape)
         return [decode_yolox(o, self.detector_hw, r, threshold=self.detection_threshold)
                 for o, r in zip(output, ratios)]
 
@@ -281,14 +311,7 @@ class WholeBodyExtractor:
 
     def _simcc(self, crops: np.ndarray):
         outputs = _run(self.pose_model, crops.astype(np.float32))
-        height, width = self.pose_hw
-        expected = [(NUM_WHOLEBODY_POINTS, round(width * SIMCC_SPLIT_RATIO)),
-                    (NUM_WHOLEBODY_POINTS, round(height * SIMCC_SPLIT_RATIO))]
-        shapes = [o.shape[1:] for o in outputs[:2]]
-        if len(outputs) < 2 or shapes != expected:
-            raise ValueError(f"--pose_model={self._paths['--pose_model']!r}: outputs "
-                             f"{[o.shape for o in outputs]}, expected SimCC x (N, {expected[0][0]},"
-                             f" {expected[0][1]}) and y (N, {expected[1][0]}, {expected[1][1]})")
+        self._check_pose_outputs([o.shape for o in outputs])
         return outputs[0], outputs[1]
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
