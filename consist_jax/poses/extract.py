@@ -376,8 +376,7 @@ def _iter_video(path: str) -> Iterator[np.ndarray]:
         for frame in reader:
             yield np.asarray(frame)[..., :3].astype(np.uint8)
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: undecodable video frame ({' '.join(str(error).split())[:200]})"
-                         ) from None
+        raise ValueError(f"{path}: undecodable video frame ({files._describe(error)})") from None
     finally:
         reader.close()
 
@@ -388,8 +387,7 @@ def _open_video(path: str):
     try:
         return imageio.get_reader(path, format="FFMPEG")
     except (OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable video ({' '.join(str(error).split())[:200]})"
-                         ) from None
+        raise ValueError(f"{path}: not a readable video ({files._describe(error)})") from None
 
 
 def open_frames(path: str, fps: float | None = None) -> FrameSource:
@@ -411,8 +409,7 @@ def open_frames(path: str, fps: float | None = None) -> FrameSource:
         meta = reader.get_meta_data()
         first = next(iter(reader), None)
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: undecodable video ({' '.join(str(error).split())[:200]})"
-                         ) from None
+        raise ValueError(f"{path}: undecodable video ({files._describe(error)})") from None
     finally:
         reader.close()
     if first is None:
@@ -420,7 +417,7 @@ def open_frames(path: str, fps: float | None = None) -> FrameSource:
     first = np.asarray(first)[..., :3]
     video_fps = meta.get("fps")
     frames = meta.get("duration", 0) * video_fps if video_fps else None
-    return FrameSource(path, float(fps or video_fps or DEFAULT_FPS), first.shape[0],
+    return FrameSource(path, float(video_fps or fps or DEFAULT_FPS), first.shape[0],
                        first.shape[1], int(round(frames)) if frames else None)
 
 
