@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consist_jax.data import build_own, records, synthetic
+from consist_jax.data import build_own, synthetic
 from consist_jax.data.source import VideoRecordSource
 from consist_jax.poses import PoseSequence, save_poses
 from tests import pose_models
