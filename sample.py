@@ -23,7 +23,10 @@ flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the checkpoint has them.")
 flags.DEFINE_string("reference", None, "Reference image of the person.")
 flags.DEFINE_string("reference_pose", None, "The reference's pose: a keypoints file or a pose image.")
-flags.DEFINE_string("poses", None, "Target poses: a folder of pose images, a pose video, or a keypoints file.")
+flags.DEFINE_string("poses", None, "Target poses: a folder of pose images, a pose video, or a keypoints file; "
+                    "with --pose_detector and --pose_model, a video (or image folder) of a real person.")
+flags.DEFINE_string("pose_detector", None, "YOLOX ONNX file (yolox_l.onnx): extract --poses from a real video.")
+flags.DEFINE_string("pose_model", None, "Whole-body pose ONNX file (dw-ll_ucoco_384.onnx), with --pose_detector.")
 flags.DEFINE_string("out", "out.mp4", "Output video (.mp4 or .gif) or a folder for PNG frames.")
 flags.DEFINE_integer("steps", 25, "Denoising steps.")
 flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
@@ -57,12 +60,14 @@ def read_inputs(pipe):
     The reference image's size is the canvas: pose images must be drawn on it, and keypoint
     files that record no image size (plain OpenPose JSON) are taken to be on it.
     """
+    from consist_jax.poses import extract
     from consist_jax.sampling import io
 
     reference, canvas = io.read_reference(FLAGS.reference, pipe.resolution)
     reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
         FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
-    poses, _ = io.read_poses(FLAGS.poses, pipe.resolution, reference_keypoints=reference_keypoints,
+    poses_path = extract.poses_for_sampling(FLAGS.poses, FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
+    poses, _ = io.read_poses(poses_path, pipe.resolution, reference_keypoints=reference_keypoints,
                              align=FLAGS.align_poses, canvas=canvas)
     ref_pose = reference_pose_image(FLAGS.reference_pose, pipe.resolution, canvas) if FLAGS.reference_pose else None
     return reference, ref_pose, poses

@@ -38,10 +38,16 @@ EXTRAS = {
         # Ahead-of-time TPU compiles from a CPU host (test_compile_report.py): libtpu
         # describes TPU topologies; jax 0.10.2's tpu extra pins libtpu 0.0.42.
         "jax[tpu]==0.10.2",
+        # Pose extraction's tests build tiny ONNX models and run them (test_pose_extract.py).
+        "onnx>=1.23",
+        "onnxruntime>=1.32",
     ],
     # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion;
     # tensorflow_datasets writes array_record without TensorFlow.
     "data": ["tensorflow-datasets>=4.9.10", "importlib_resources>=6.0"],
+    # Pose extraction from videos (consist_jax.poses.extract, data.build_own): the published
+    # YOLOX + DWPose/RTMW ONNX models run with onnxruntime (onnxruntime-gpu works as well).
+    "pose": ["onnxruntime>=1.32"],
 }
 
 setup(
