@@ -184,15 +184,16 @@ def _read_tensors(path: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
         return {key: f.get_tensor(key) for key in keys}
 
 
-def _load_component(path: str, prefix: str, reference: Any, ldm_key: Callable[[str], str],
-                    dtype: Any, keep: Callable[[str], bool] = lambda key: False) -> dict:
-    """The ``prefix`` part of an LDM file mapped onto ``reference`` (our parameter tree).
+def _load_component(path: str, header: Mapping[str, dict], prefix: str, reference: Any,
+                    ldm_key: Callable[[str], str], dtype: Any,
+                    keep: Callable[[str], bool] = lambda key: False) -> dict:
+    """The ``prefix`` part of an LDM file (``header``: its checked header) mapped onto
+    ``reference`` (our parameter tree).
 
     The reference is renamed to the file's keys, so the one mapping (``state_dict_to_params``)
     checks every key and shape and its errors name the file's keys. Parameters for which
     ``keep(torch key)`` holds are not in the file and keep the reference's values.
     """
-    header = check_single_file(path)
     keys = [key for key in header if key.startswith(prefix)]
     if not keys:
         raise CheckpointError(f"{path!r} holds no {prefix}* keys")
@@ -235,13 +236,14 @@ def load_unet_single_file(path: str, config_folder: str = "", dtype: Any = jnp.f
       rng: initialises the weights SCD adds (the pose encoder), which the file lacks.
       overrides: UNetConfig fields (SCD options such as ``attention_rule``).
     """
+    header = check_single_file(path)  # before any work
     config = _config(UNetConfig.from_diffusers, config_folder, "unet", SD15_UNET_CONFIG,
                      dtype=dtype, **overrides)
     reference = unet_param_shapes(config)
     if config.pose_block_out_channels is not None:
         reference = dict(reference, pose_encoder=init_pose_encoder_params(config, rng))
     new_weights = [re.compile(p) for p in NEW_WEIGHTS]
-    params = _load_component(path, UNET_PREFIX, reference, lambda key: unet_ldm_key(key, config),
+    params = _load_component(path, header, UNET_PREFIX, reference, lambda key: unet_ldm_key(key, config),
                              np.dtype(jnp.dtype(dtype)), keep=lambda key: any(p.search(key) for p in new_weights))
     return UNet(config), to_jax_params(params)
 
@@ -251,8 +253,9 @@ def load_vae_single_file(path: str, config_folder: str = "",
     """The VAE of an LDM single file (``first_stage_model.*`` keys) -> ``(AutoencoderKL, params)``,
     as ``load_vae`` reads it from a diffusers folder; ``config_folder`` as for the UNet
     (its ``vae/config.json``; "" for SD-1.5's)."""
+    header = check_single_file(path)
     config = _config(VAEConfig.from_diffusers, config_folder, "vae", SD15_VAE_CONFIG, dtype=dtype)
-    params = _load_component(path, VAE_PREFIX, vae_param_shapes(config), lambda key: vae_ldm_key(key, config),
+    params = _load_component(path, header, VAE_PREFIX, vae_param_shapes(config), lambda key: vae_ldm_key(key, config),
                              np.dtype(jnp.dtype(dtype)))
     return AutoencoderKL(config), to_jax_params(params)
 
