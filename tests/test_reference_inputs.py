@@ -62,7 +62,7 @@ def test_peers_pair_is_fitted_each_on_its_own(peers_pair, caplog):
             reference_path, video, RESOLUTION, reference_pose_path=reference_pose_path)
     assert reference.shape == RESOLUTION + (3,) and reference_pose.shape == RESOLUTION + (3,)
     assert poses.shape == (2,) + RESOLUTION + (3,)
-    (warning,) = [r.getMessage() for r in caplog.records if "aspect ratios" in r.getMessage()]
+    (warning,) = [r.getMessage() for r in caplog.records if "different canvases of different aspect" in r.getMessage()]
     assert "615x463" in warning and "704x512" in warning and "\n" not in warning
     # The whole person in every pose frame: drawn, and not touching the frame's edge.
     drawn = _drawn(poses)
@@ -190,5 +190,5 @@ def test_sample_py_with_the_peers_pair(peers_pair, uninterrupted_run, data_dir, 
         cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(os.listdir(out)) == 2
-    warnings = [line for line in result.stderr.splitlines() if "different aspect ratios" in line]
+    warnings = [line for line in result.stderr.splitlines() if "different canvases" in line]
     assert len(warnings) == 1, result.stderr[-3000:]

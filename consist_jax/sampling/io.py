@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from consist_jax import checks, files
-from consist_jax.images import to_uint8
+from consist_jax.images import flatten_alpha, has_alpha, to_uint8, upright
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
@@ -98,8 +98,6 @@ def load_image(path: str, what: str = "image", background: int = POSE_FILL) -> n
     whatever its bit depth and colour mode, transparency composited onto ``background``
     (a grey level; said in a warning); errors name ``what`` and the path."""
     from PIL import Image, UnidentifiedImageError
-
-    from consist_jax.images import flatten_alpha, has_alpha, upright
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
@@ -314,6 +312,17 @@ def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return abs(a[0] * b[1] - a[1] * b[0]) > 0.01 * a[0] * b[1]
 
 
+def _person(pose) -> Optional[tuple[int, int, int, int]]:
+    """The person's box on a PoseSequence or on uint8 pose images (F, H, W, 3); None: unknown."""
+    if pose is None:
+        return None
+    return keypoints_person(pose) if isinstance(pose, PoseSequence) else drawn_person(pose)
+
+
+def _canvas(pose) -> tuple[int, int]:
+    return (pose.height, pose.width) if isinstance(pose, PoseSequence) else tuple(pose.shape[1:3])
+
+
 def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[int, int], *,
                        reference_pose_path: Optional[str] = None, align: str = "off"):
     """What sample.py reads -> (reference, reference pose or None, poses): uint8 (H, W, 3),
@@ -324,50 +333,34 @@ def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[i
     Each input is fitted to the model's aspect ratio around its person (``fit_box``: cut
     out, or padded, never squashed). Poses drawn on the reference's canvas (the same video)
     share its box, so they stay in register with it; poses of another canvas are fitted on
-    their own (a warning says so when the aspect ratios differ) and, as keypoints with the
-    reference's keypoints, aligned to the reference person (``align``: off | global |
-    per_limb; "global" when the canvases differ and ``align`` is off).
+    their own (a one-line warning says so) and, as keypoints with the reference's keypoints,
+    aligned to the reference person (``align``: off | global | per_limb; "global" when the
+    canvases differ and ``align`` is off).
     """
     if not os.path.exists(poses_path):
         raise FileNotFoundError(f"poses {poses_path!r} do not exist")
     image = load_image(reference_path, "reference image", REFERENCE_FILL)
     canvas = image.shape[:2]
     reference_pose = _read_reference_pose(reference_pose_path, canvas) if reference_pose_path else None
-    reference_person = (None if reference_pose is None else keypoints_person(reference_pose)
-                        if isinstance(reference_pose, PoseSequence) else drawn_person(reference_pose[None]))
-    if is_keypoints(poses_path):
-        poses = load_poses(poses_path, default_size=canvas)
-        if len(poses) == 0:
-            raise ValueError(f"poses {poses_path!r} hold zero frames")
-        pose_canvas, pose_person = (poses.height, poses.width), keypoints_person(poses)
-    else:
-        if align != "off":
-            raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
-        poses = load_pose_images(poses_path)
-        pose_canvas, pose_person = poses.shape[1:3], drawn_person(poses)
-    whole = (0, 0, canvas[1], canvas[0])
-    if tuple(pose_canvas) == tuple(canvas):  # one canvas: one box keeps them in register
-        reference_box = pose_box = fit_box(*canvas, resolution, _union(reference_person or whole,
-                                                                      pose_person or whole))
+    poses = _read_target_poses(poses_path, canvas, align)
+    reference_person = _person(reference_pose)
+    if _canvas(poses) == tuple(canvas):  # one canvas: one box keeps them in register
+        whole = (0, 0, canvas[1], canvas[0])
+        reference_box = pose_box = fit_box(*canvas, resolution,
+                                           _union(reference_person or whole, _person(poses) or whole))
     else:
         reference_box = fit_box(*canvas, resolution, reference_person)
-        pose_box = fit_box(*pose_canvas, resolution, pose_person)
-        can_align = isinstance(poses, PoseSequence) and isinstance(reference_pose, PoseSequence)
-        align = "global" if align == "off" and can_align else align
-        if _aspect_differs(canvas, pose_canvas):
-            _log.warning("the reference (%dx%d) and the poses (%dx%d, HxW) have different aspect ratios: "
-                         "each is fitted to the model's %dx%d on its own%s", *canvas, *pose_canvas, *resolution,
-                         f" and the poses aligned to the reference person ({align})" if can_align else
-                         " (give --reference_pose and --poses as keypoints to align the poses to the person)")
+        pose_box = fit_box(*_canvas(poses), resolution, _person(poses))
+        align = _warn_other_canvas(canvas, poses, reference_pose, resolution, align)
     check_fit(f"reference image {reference_path!r}", canvas, reference_box, resolution)
-    check_fit(f"poses {poses_path!r}", pose_canvas, pose_box, resolution)
+    check_fit(f"poses {poses_path!r}", _canvas(poses), pose_box, resolution)
     reference = fit_image(image, resolution, box=reference_box, fill=REFERENCE_FILL)
-    reference_pose_image = None
     if isinstance(reference_pose, PoseSequence):
         reference_pose = fit_keypoints(reference_pose, resolution, reference_box)
         reference_pose_image = render(reference_pose)[0]
-    elif reference_pose is not None:
-        reference_pose_image = fit_pose_images(reference_pose[None], resolution, reference_box)[0]
+    else:
+        reference_pose_image = None if reference_pose is None else fit_pose_images(
+            reference_pose, resolution, reference_box)[0]
     if not isinstance(poses, PoseSequence):
         return reference, reference_pose_image, fit_pose_images(poses, resolution, pose_box)
     poses = fit_keypoints(poses, resolution, pose_box)
@@ -378,19 +371,45 @@ def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[i
     return reference, reference_pose_image, render(poses)
 
 
+def _read_target_poses(path: str, canvas: tuple[int, int], align: str):
+    """The target poses on their own canvas: a PoseSequence or uint8 pose images (F, H, W, 3)."""
+    if not is_keypoints(path):
+        if align != "off":
+            raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
+        return load_pose_images(path)
+    poses = load_poses(path, default_size=canvas)
+    if len(poses) == 0:
+        raise ValueError(f"poses {path!r} hold zero frames")
+    return poses
+
+
+def _warn_other_canvas(canvas, poses, reference_pose, resolution, align: str) -> str:
+    """Says (one line) that the poses are fitted on their own; returns the alignment to use:
+    "global" for keypoints with the reference's keypoints when none was asked for."""
+    can_align = isinstance(poses, PoseSequence) and isinstance(reference_pose, PoseSequence)
+    if can_align and align == "off":
+        align, note = "global", " and the poses aligned to the reference person (global)"
+    elif can_align:
+        note = ""
+    else:
+        note = " (give --reference_pose and --poses as keypoints to align the poses to the person)"
+    shapes = " of different aspect ratios" if _aspect_differs(canvas, _canvas(poses)) else ""
+    if shapes or note:
+        _log.warning("the reference (%dx%d) and the poses (%dx%d, HxW) are on different canvases%s: each is "
+                     "fitted to the model's %dx%d on its own%s", *canvas, *_canvas(poses), shapes, *resolution, note)
+    return align
+
+
 def _read_reference_pose(path: str, canvas: tuple[int, int]):
-    """The reference's pose on its own canvas: a PoseSequence (one frame) or uint8 (H, W, 3)."""
+    """The reference's pose on the reference's canvas: a PoseSequence of one frame, or a
+    pose image as uint8 (1, H, W, 3)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"reference pose {path!r} does not exist")
-    if is_keypoints(path):
-        pose = load_poses(path, default_size=canvas).frames(slice(0, 1))
-        size = (pose.height, pose.width)
-    else:
-        pose = load_pose_images(path)[0]
-        size = pose.shape[:2]
-    if tuple(size) != tuple(canvas):
-        raise ValueError(f"reference pose {path!r} is on a {size[0]}x{size[1]} canvas (HxW) but the reference "
-                         f"image is {canvas[0]}x{canvas[1]}: the reference's pose is drawn on the reference")
+    pose = load_poses(path, default_size=canvas).frames(slice(0, 1)) if is_keypoints(path) \
+        else load_pose_images(path)[:1]
+    if _canvas(pose) != tuple(canvas):
+        raise ValueError(f"reference pose {path!r} is on a {_canvas(pose)[0]}x{_canvas(pose)[1]} canvas (HxW) but "
+                         f"the reference image is {canvas[0]}x{canvas[1]}: the reference's pose is drawn on it")
     return pose
 
 
