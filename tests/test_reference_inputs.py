@@ -62,7 +62,8 @@ def test_peers_pair_is_fitted_each_on_its_own(peers_pair, caplog):
             reference_path, video, RESOLUTION, reference_pose_path=reference_pose_path)
     assert reference.shape == RESOLUTION + (3,) and reference_pose.shape == RESOLUTION + (3,)
     assert poses.shape == (2,) + RESOLUTION + (3,)
-    (warning,) = [r.getMessage() for r in caplog.records if "different canvases of different aspect" in r.getMessage()]
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if "different canvases of different aspect ratios" in r.getMessage()]
     assert "615x463" in warning and "704x512" in warning and "\n" not in warning
     # The whole person in every pose frame: drawn, and not touching the frame's edge.
     drawn = _drawn(poses)

@@ -156,6 +156,17 @@ def test_model_factory_reads_the_file(checkpoint, loaded):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen["vae"]), jax.tree.leaves(expected_vae)))
 
 
+def test_fp16_file(checkpoint, loaded, tmp_path):
+    """Shared SD files are mostly fp16: read as the float32 of the fp16 values."""
+    _, _, folder, path = checkpoint
+    half = _edited(path, tmp_path, lambda s: s.update({k: v.astype(np.float16) for k, v in s.items()}))
+    _, params = sf.load_vae_single_file(half, folder)
+    expected = loaded[1][1]
+    for ours, full in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+        assert ours.dtype == np.float32
+        np.testing.assert_array_equal(ours, np.asarray(full).astype(np.float16).astype(np.float32))
+
+
 def _edited(path, tmp_path, edit):
     state = load_file(path)
     edit(state)
