@@ -16,6 +16,7 @@ from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling import io
 from tests.runs import REPO, run_env, script_cmd
+from tests.test_cli_errors import _assert_one_line_refusals, _refusals
 
 # The peers' example pair, (H, W): a 463x615 (WxH) photo and a 512x704 (WxH) pose video.
 REFERENCE_SIZE, POSE_SIZE = (615, 463), (704, 512)
@@ -193,3 +194,17 @@ def test_sample_py_with_the_peers_pair(peers_pair, uninterrupted_run, data_dir, 
     assert len(os.listdir(out)) == 2
     warnings = [line for line in result.stderr.splitlines() if "different canvases" in line]
     assert len(warnings) == 1, result.stderr[-3000:]
+
+
+def test_sample_py_input_refusals_are_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
+    """Refused inputs after the checkpoint load: one line, exit code 2, before any compile."""
+    reference, _, video = peers_pair
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "other.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    base = [f"--checkpoint={uninterrupted_run}", f"--poses={video}", f"--out={tmp_path}/out.mp4"]
+    cases = {
+        f"--reference={reference} --reference_pose={tmp_path}/other.png": "is on a 10x12 canvas (HxW)",
+        f"--reference={tmp_path}/broken.png": "cannot read",
+    }
+    results = _refusals("sample.py", [base + c.split() for c in cases], run_env(data_dir))
+    _assert_one_line_refusals(results, cases.values())

@@ -108,7 +108,7 @@ def load_image(path: str, what: str = "image", background: int = POSE_FILL) -> n
                 _log.warning("%s %r has transparency: composited on %s", what, path,
                              {255: "white", 0: "black"}.get(background, f"grey {background}"))
             return to_uint8(flatten_alpha(image, background), path)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 
 
