@@ -5,7 +5,10 @@
         --steps=25 --guidance=3.0 --seed=0 [--align_poses=per_limb] [--side_by_side]
 
 The same seed gives the same video (``--out`` without a suffix writes lossless PNG
-frames, e.g. to compare runs bit for bit). Everything is checked before any compile: a
+frames, e.g. to compare runs bit for bit). The reference can be any photo (any size,
+phone orientation, transparency, 16-bit); it and the poses are fitted to the model's
+resolution around the person, each on its own when their canvases differ (a warning says
+so when their aspect ratios differ). Everything is checked before any compile: a
 bad flag or input prints one line and exits 2 (CONSIST_TRACEBACK=1 or --verbosity=1
 shows the traceback); a failed write leaves no file and exits 2.
 """
@@ -41,36 +44,16 @@ flags.DEFINE_float("fps", 12.0, "Output frame rate.")
 flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
 
 
-def reference_pose_image(path, resolution, canvas):
-    """The reference's pose: a keypoints file (its first frame; a file without an image size
-    is taken to be on the reference's ``canvas``) or one pose image drawn on that canvas."""
-    from consist_jax.poses.render import render
-    from consist_jax.sampling import io
-
-    if path.lower().endswith(io.KEYPOINT_SUFFIXES):
-        return render(io.read_keypoints(path, resolution, canvas=canvas))[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference pose {path!r} does not exist")
-    return io.read_pose_images(path, resolution, canvas)[0]
-
-
 def read_inputs(pipe):
-    """(reference, reference pose or None, target poses): uint8 at the model's resolution.
-
-    The reference image's size is the canvas: pose images must be drawn on it, and keypoint
-    files that record no image size (plain OpenPose JSON) are taken to be on it.
-    """
+    """(reference, reference pose or None, target poses): uint8 at the model's resolution,
+    each fitted around the person (see sampling.io.read_sample_inputs). A real video given
+    as --poses has its poses extracted first when --pose_detector and --pose_model are set."""
     from consist_jax.poses import extract
     from consist_jax.sampling import io
 
-    reference, canvas = io.read_reference(FLAGS.reference, pipe.resolution)
-    reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
-        FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
     poses_path = extract.poses_for_sampling(FLAGS.poses, FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
-    poses, _ = io.read_poses(poses_path, pipe.resolution, reference_keypoints=reference_keypoints,
-                             align=FLAGS.align_poses, canvas=canvas)
-    ref_pose = reference_pose_image(FLAGS.reference_pose, pipe.resolution, canvas) if FLAGS.reference_pose else None
-    return reference, ref_pose, poses
+    return io.read_sample_inputs(FLAGS.reference, poses_path, pipe.resolution,
+                                 reference_pose_path=FLAGS.reference_pose, align=FLAGS.align_poses)
 
 
 def check_flags() -> None:

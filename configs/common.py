@@ -43,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.pretrained_unet = ""
+    # One SD-1.x .safetensors file in the original LDM layout (instead of pretrained_unet): its
+    # UNet, and its VAE when codec.kind="vae" has no vae_path. pretrained_single_file_config: a
+    # diffusers folder whose unet/ and vae/ config.json give the architecture ("": SD-1.5's).
+    c.model.pretrained_single_file = ""
+    c.model.pretrained_single_file_config = ""
     c.model.unet = ml_collections.ConfigDict(
         dict(
             attention_rule="causal",

@@ -5,6 +5,9 @@
                       UNet only SCD's options apply: attention_rule, attention_impl,
                       reference_pose_injection, pose_block_out_channels, remat, dtype)
     pretrained_unet:  a diffusers UNet folder, or "" for a fresh UNet
+    pretrained_single_file: one SD-1.x .safetensors file in the LDM layout (instead of
+                      pretrained_unet; its VAE too when codec.vae_path is ""), with
+                      pretrained_single_file_config (see convert/single_file.py)
     motion:           the video model's motion modules: ``enabled`` plus MotionConfig fields
     motion_adapter:   AnimateDiff motion modules to start from (a MotionAdapter folder or a
                       .safetensors file), or "" for fresh ones (zero output: the video UNet
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from consist_jax.convert.motion import add_motion_params, load_motion_adapter
+from consist_jax.convert.single_file import load_unet_single_file, load_vae_single_file
 from consist_jax.convert.unet import init_unet_params, load_unet
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
@@ -60,7 +64,12 @@ def check_paths(config: Any) -> None:
             config.context.get("image_encoder_path", "") if config.context.kind != "none" else ""
         ),
     }
-    if config.codec.kind == "vae" and not paths["model.codec.vae_path"]:
+    single_file = config.get("pretrained_single_file", "")
+    if single_file and config.pretrained_unet:
+        raise ValueError("set model.pretrained_unet (a diffusers folder) or model.pretrained_single_file, not both")
+    if single_file and not os.path.isfile(single_file):
+        raise FileNotFoundError(f"model.pretrained_single_file={single_file!r} does not exist")
+    if config.codec.kind == "vae" and not paths["model.codec.vae_path"] and not single_file:
         raise ValueError("model.codec.kind='vae' needs model.codec.vae_path (a diffusers VAE folder)")
     if config.context.kind != "none" and not paths["model.context.image_encoder_path"]:
         raise ValueError(f"model.context.kind={config.context.kind!r} needs model.context.image_encoder_path")
@@ -94,27 +103,31 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     """
     check_paths(config)
     unet_cfg = dict(config.unet)
-    if not config.pretrained_unet and not init_params:
+    if not (config.pretrained_unet or config.get("pretrained_single_file", "")) and not init_params:
         unet, params = UNet(unet_config_from(unet_cfg)), None
-    elif config.pretrained_unet:
+    elif config.pretrained_unet or config.get("pretrained_single_file", ""):
         overrides = {k: v for k, v in unet_cfg.items() if k in SCD_OPTIONS}
         overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
         dtype = _dtype(overrides.pop("dtype", "float32"))
-        unet, params = _load_pretrained_unet(config.pretrained_unet, rng, dtype, overrides)
+        unet, params = _load_pretrained_unet(config, rng, dtype, overrides)
     else:
         unet_config = unet_config_from(unet_cfg)
         unet, params = UNet(unet_config), init_unet_params(unet_config, rng)
     if is_video_model(config):
         unet, params = _add_motion_modules(config, unet, params, jax.random.fold_in(rng, 1))
     frozen: dict = {}
-    codec, frozen = _codec(config.codec, frozen)
+    codec, frozen = _codec(config.codec, frozen, config)
     context, frozen = _context(config.context, unet.config.cross_attention_dim, frozen)
     return SCDModel(unet, codec, context), params, frozen
 
 
-def _load_pretrained_unet(folder, rng, dtype, overrides):
+def _load_pretrained_unet(config, rng, dtype, overrides):
     """Parameters stay float32 (the optimiser's master copy); ``dtype`` is the compute dtype."""
-    unet, params = load_unet(folder, jnp.float32, rng=rng, **overrides)
+    if config.get("pretrained_single_file", ""):
+        unet, params = load_unet_single_file(config.pretrained_single_file, config.get(
+            "pretrained_single_file_config", ""), jnp.float32, rng=rng, **overrides)
+    else:
+        unet, params = load_unet(config.pretrained_unet, jnp.float32, rng=rng, **overrides)
     return UNet(dataclasses.replace(unet.config, dtype=dtype)), params
 
 
@@ -136,13 +149,17 @@ def _add_motion_modules(config: Any, unet: UNet, params: Any, rng: jax.Array):
     return video, add_motion_params(params, video.config, motion_params, rng)
 
 
-def _codec(codec_cfg: Any, frozen: dict):
+def _codec(codec_cfg: Any, frozen: dict, config: Any):
     if codec_cfg.kind == "pixel":
         return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
     if codec_cfg.kind == "vae":
         from consist_jax.models.vae import load_vae
 
-        module, params = load_vae(codec_cfg.vae_path)
+        if codec_cfg.get("vae_path", ""):
+            module, params = load_vae(codec_cfg.vae_path)
+        else:  # check_paths: the single file's VAE
+            module, params = load_vae_single_file(config.pretrained_single_file,
+                                                  config.get("pretrained_single_file_config", ""))
         return VAECodec(module, int(codec_cfg.get("chunk_size", 8))), {**frozen, "vae": params}
     raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel' or 'vae'")
 

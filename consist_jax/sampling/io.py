@@ -2,15 +2,20 @@
 
 Poses come as a folder of pose images, a video of pose images, or a keypoints file
 (anything ``consist_jax.poses.load_poses`` reads), which is rendered with the one
-renderer at the model's resolution. Images are centre-cropped to the model's aspect
-ratio and resized (PIL bicubic; pose images nearest, so skeleton colours stay exact).
+renderer at the model's resolution. Each input is fitted to the model's aspect ratio
+around its person (``fit_box``): cut out when the person fits, else padded (white around
+a photo, black around a skeleton), never squashed; then resized (PIL bicubic; pose images
+nearest, so skeleton colours stay exact). A reference and poses of different canvases
+(a photo and another person's video) are fitted each on its own (``read_sample_inputs``).
 
-Inputs are decoded faithfully or refused: 16-bit images are scaled to 8 bits, a reference
-too small for the model is an error, and a video ffmpeg cannot fully decode is an error
-naming the file and frame (never garbage frames).
+Inputs are decoded faithfully or refused: photos are turned upright (EXIF orientation),
+transparency is composited (a warning says so), 16-bit images are scaled to 8 bits, a
+reference too small for the model or too far from its aspect ratio is an error, and a
+video ffmpeg cannot fully decode is an error naming the file and frame (never garbage frames).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -19,70 +24,126 @@ from typing import Optional, Sequence
 import numpy as np
 
 from consist_jax import checks, files
-from consist_jax.images import to_uint8
+from consist_jax.images import flatten_alpha, has_alpha, to_uint8, upright
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
-from consist_jax.poses.sequence import crop_poses, resize_poses
+from consist_jax.poses.sequence import crop_poses, person_box, resize_poses
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
-MAX_UPSCALE = 4  # a reference's centre crop is enlarged at most this much per side
+MAX_UPSCALE = 4  # a reference's fitted box is enlarged at most this much per side
+MAX_PAD_FRACTION = 0.5  # at most this share of a fitted side may be padding
+PERSON_MARGIN = 0.1  # the person's box grows by this share of its size on each side
+DRAWN_LEVEL = 16  # a pose image's pixel brighter than this is drawn (above video noise)
+REFERENCE_FILL, POSE_FILL = 255, 0  # padding: white around a photo, black around a skeleton
 VIDEO_FRAME_SLACK = 0.05  # decoded frames may fall this far short of the header's count
+_log = logging.getLogger(__name__)
 
 
-def _center_box(height: int, width: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The largest centred (x0, y0, x1, y1) box of the target's aspect ratio."""
-    th, tw = target
-    scale = min(height / th, width / tw)
-    ch, cw = int(round(th * scale)), int(round(tw * scale))
-    y0, x0 = (height - ch) // 2, (width - cw) // 2
+def fit_box(height: int, width: int, resolution: tuple[int, int],
+            person: Optional[tuple[int, int, int, int]] = None) -> tuple[int, int, int, int]:
+    """The (x0, y0, x1, y1) box of the model's aspect ratio that a (height, width) image is
+    fitted to, around ``person`` (a box; None: the whole image, nothing may be cut).
+
+    The largest such box inside the image that holds the person, slid to centre it when
+    there is room; when none holds the person, the smallest box around the person, centred
+    on it, which reaches past the image (that part is padded): never a squash.
+    """
+    th, tw = resolution
+    px0, py0, px1, py1 = person or (0, 0, width, height)
+    inside = min(height / th, width / tw)
+    if th * inside >= py1 - py0 - 0.5 and tw * inside >= px1 - px0 - 0.5:
+        ch, cw = min(height, round(th * inside)), min(width, round(tw * inside))
+        x0 = min(max(round((px0 + px1 - cw) / 2), 0), width - cw)
+        y0 = min(max(round((py0 + py1 - ch) / 2), 0), height - ch)
+    else:
+        around = max((py1 - py0) / th, (px1 - px0) / tw)
+        ch, cw = round(th * around), round(tw * around)
+        x0, y0 = round((px0 + px1 - cw) / 2), round((py0 + py1 - ch) / 2)
     return x0, y0, x0 + cw, y0 + ch
 
 
-def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 resolution + (3,): centre crop to the aspect ratio, resize."""
+def _union(a, b):
+    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
+
+
+def crop_or_pad(image: np.ndarray, box: tuple[int, int, int, int], fill: int) -> np.ndarray:
+    """uint8 (H, W, C) -> the ``box`` (x0, y0, x1, y1) of it; what lies outside is ``fill``."""
+    x0, y0, x1, y1 = box
+    out = np.full((y1 - y0, x1 - x0) + image.shape[2:], fill, image.dtype)
+    sy0, sx0 = max(y0, 0), max(x0, 0)
+    sy1, sx1 = min(y1, image.shape[0]), min(x1, image.shape[1])
+    out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+def fit_image(image: np.ndarray, resolution: tuple[int, int], nearest: bool = False,
+              box: Optional[tuple[int, int, int, int]] = None, fill: int = POSE_FILL) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 resolution + (3,): the ``box`` (default: ``fit_box`` of the
+    whole image) cut out or padded with ``fill``, then resized (bicubic; nearest keeps a
+    skeleton's colours exact)."""
     from PIL import Image
 
-    x0, y0, x1, y1 = _center_box(image.shape[0], image.shape[1], resolution)
-    crop = Image.fromarray(image[y0:y1, x0:x1])
+    box = box or fit_box(image.shape[0], image.shape[1], resolution)
+    crop = Image.fromarray(crop_or_pad(image, box, fill))
     resample = Image.NEAREST if nearest else Image.BICUBIC
     return np.asarray(crop.resize((resolution[1], resolution[0]), resample))
 
 
-def load_image(path: str, what: str = "image") -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB at its own size, whatever its bit depth and
-    colour mode; errors name ``what`` and the path."""
+def load_image(path: str, what: str = "image", background: int = POSE_FILL) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB at its own size, upright (EXIF orientation),
+    whatever its bit depth and colour mode, transparency composited onto ``background``
+    (a grey level; said in a warning); errors name ``what`` and the path."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     try:
         with Image.open(path) as image:
-            return to_uint8(image, path)
-    except (UnidentifiedImageError, OSError) as e:
+            image = upright(image)
+            if has_alpha(image):
+                _log.warning("%s %r has transparency: composited on %s", what, path,
+                             {255: "white", 0: "black"}.get(background, f"grey {background}"))
+            return to_uint8(flatten_alpha(image, background), path)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 
 
-def check_reference_size(path: str, size: tuple[int, int], resolution: tuple[int, int]) -> None:
-    """Refuses a reference whose centre crop would be enlarged more than ``MAX_UPSCALE`` times
-    per side to reach the model's ``resolution`` (a 1x1 reference holds no person)."""
-    x0, y0, x1, y1 = _center_box(size[0], size[1], resolution)
-    crop = (y1 - y0, x1 - x0)
+def check_fit(what: str, size: tuple[int, int], box: tuple[int, int, int, int],
+              resolution: tuple[int, int]) -> None:
+    """Refuses a fit that would enlarge the box more than ``MAX_UPSCALE`` times per side (a
+    1x1 reference holds no person) or make more than ``MAX_PAD_FRACTION`` of a side padding
+    (an aspect ratio too far from the model's)."""
+    x0, y0, x1, y1 = box
+    fitted = (y1 - y0, x1 - x0)
     need = tuple(-(-side // MAX_UPSCALE) for side in resolution)
-    if crop[0] < need[0] or crop[1] < need[1]:
-        raise ValueError(f"reference image {path!r} is {size[0]}x{size[1]} (HxW), too small for the "
-                         f"model's {resolution[0]}x{resolution[1]}: its centre crop {crop[0]}x{crop[1]} "
-                         f"must be at least {need[0]}x{need[1]} (enlarged at most {MAX_UPSCALE}x)")
+    shape = f"{what} is {size[0]}x{size[1]} (HxW)"
+    if fitted[0] < need[0] or fitted[1] < need[1]:
+        raise ValueError(f"{shape}, too small for the model's {resolution[0]}x{resolution[1]}: the part "
+                         f"fitted to it, {fitted[0]}x{fitted[1]}, must be at least {need[0]}x{need[1]} "
+                         f"(enlarged at most {MAX_UPSCALE}x)")
+    kept = (min(y1, size[0]) - max(y0, 0), min(x1, size[1]) - max(x0, 0))
+    if min(k / f for k, f in zip(kept, fitted)) < 1 - MAX_PAD_FRACTION:
+        raise ValueError(f"{shape}: fitting it to the model's aspect ratio ({resolution[0]}x{resolution[1]}) "
+                         f"would make over {MAX_PAD_FRACTION:.0%} of it padding; crop it around the person first")
 
 
-def read_reference(path: str, resolution: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """A reference image file -> (uint8 (H, W, 3) at ``resolution``, its own (H, W) canvas)."""
-    image = load_image(path, "reference image")
-    check_reference_size(path, image.shape[:2], resolution)
-    return fit_image(image, resolution), image.shape[:2]
+def check_reference_size(path: str, size: tuple[int, int], resolution: tuple[int, int]) -> None:
+    """``check_fit`` of a whole reference image (see ``fit_box``)."""
+    check_fit(f"reference image {path!r}", size, fit_box(size[0], size[1], resolution), resolution)
+
+
+def read_reference(path: str, resolution: tuple[int, int],
+                   person: Optional[tuple[int, int, int, int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """A reference image file -> (uint8 (H, W, 3) at ``resolution``, its own (H, W) canvas),
+    fitted around ``person`` (a box; None: the whole image) and padded with white."""
+    image = load_image(path, "reference image", REFERENCE_FILL)
+    box = fit_box(image.shape[0], image.shape[1], resolution, person)
+    check_fit(f"reference image {path!r}", image.shape[:2], box, resolution)
+    return fit_image(image, resolution, box=box, fill=REFERENCE_FILL), image.shape[:2]
 
 
 def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
@@ -90,24 +151,46 @@ def read_image(path: str, resolution: tuple[int, int]) -> np.ndarray:
     return read_reference(path, resolution)[0]
 
 
-def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,
-                   width: Optional[int] = None, canvas: Optional[tuple[int, int]] = None) -> PoseSequence:
-    """A keypoints file -> PoseSequence on the model's canvas (centre crop + resize).
+def keypoints_person(poses: PoseSequence) -> Optional[tuple[int, int, int, int]]:
+    """The box around every visible point of every frame (None when none is visible)."""
+    if not poses.visible().any():
+        return None
+    return person_box(poses, margin=PERSON_MARGIN, square=False)
 
-    ``canvas`` (the reference image's (H, W)) is the image size of a file that records none.
-    """
-    poses = load_poses(path, height=height, width=width, default_size=canvas)
-    box = _center_box(poses.height, poses.width, resolution)
+
+def drawn_person(frames: np.ndarray) -> Optional[tuple[int, int, int, int]]:
+    """The box around what is drawn on pose images uint8 (F, H, W, 3) (None: nothing)."""
+    ys, xs = np.nonzero((frames > DRAWN_LEVEL).any(axis=(0, 3)))
+    if not len(ys):
+        return None
+    height, width = frames.shape[1:3]
+    dy, dx = (PERSON_MARGIN * (ys.max() + 1 - ys.min()), PERSON_MARGIN * (xs.max() + 1 - xs.min()))
+    return (max(0, int(xs.min() - dx)), max(0, int(ys.min() - dy)),
+            min(width, int(np.ceil(xs.max() + 1 + dx))), min(height, int(np.ceil(ys.max() + 1 + dy))))
+
+
+def fit_keypoints(poses: PoseSequence, resolution: tuple[int, int],
+                  box: Optional[tuple[int, int, int, int]] = None) -> PoseSequence:
+    """A PoseSequence on its own canvas -> on the model's: the ``box`` (default: ``fit_box``
+    around the person) cut out or padded, resized."""
+    box = box or fit_box(poses.height, poses.width, resolution, keypoints_person(poses))
     cropped = crop_poses(poses, box)
     off, shown = count_off_canvas(cropped)
     emptied = np.nonzero((shown > 0) & (off == shown))[0]
     if len(emptied):  # it would render as a blank frame
-        raise ValueError(f"{path}: frame {emptied[0]}: the person lies wholly outside the centre "
-                         f"crop (x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the "
-                         f"{poses.height}x{poses.width} canvas to the model's "
-                         f"{resolution[0]}x{resolution[1]}; crop the poses around the person first "
-                         f"(consist_jax.poses.crop_around_person)")
+        raise ValueError(f"{poses.source}: frame {emptied[0]}: the person lies wholly outside the part "
+                         f"(x {box[0]}..{box[2]}, y {box[1]}..{box[3]}) of the {poses.height}x{poses.width} "
+                         f"canvas fitted to the model's {resolution[0]}x{resolution[1]}")
     return resize_poses(cropped, *resolution)
+
+
+def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int] = None,
+                   width: Optional[int] = None, canvas: Optional[tuple[int, int]] = None) -> PoseSequence:
+    """A keypoints file -> PoseSequence on the model's canvas (fitted around the person).
+
+    ``canvas`` (the reference image's (H, W)) is the image size of a file that records none.
+    """
+    return fit_keypoints(load_poses(path, height=height, width=width, default_size=canvas), resolution)
 
 
 def _first_error(stderr: str) -> str:
@@ -162,14 +245,9 @@ def _read_gif(path: str) -> np.ndarray:
         raise ValueError(f"cannot read poses {path!r} as a GIF: {e}") from e
 
 
-def read_pose_images(path: str, resolution: tuple[int, int],
-                     canvas: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """A folder of pose images, one pose image, or a pose video -> uint8 (F, H, W, 3).
-
-    All frames must share one size, and with ``canvas`` (the reference image's (H, W))
-    be of that size: a skeleton drawn on another canvas would not line up with the
-    person once both are cropped and resized (pass keypoints to re-target instead).
-    """
+def load_pose_images(path: str) -> np.ndarray:
+    """A folder of pose images, one pose image, or a pose video -> uint8 (F, H, W, 3) at
+    their own size, which all frames must share."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
         if not files:
@@ -186,42 +264,153 @@ def read_pose_images(path: str, resolution: tuple[int, int],
         names = [f"{path} frame {i}" for i in range(len(frames))]
     if not frames:
         raise ValueError(f"{path!r} holds no frames")
-    expected = canvas or frames[0].shape[:2]
     for name, frame in zip(names, frames):
-        if frame.shape[:2] != tuple(expected):
-            what = "the reference image" if canvas else f"the first pose ({names[0]})"
-            raise ValueError(f"pose {name} is {frame.shape[0]}x{frame.shape[1]} (HxW) but {what} is "
-                             f"{expected[0]}x{expected[1]}: poses must be drawn on the reference's canvas")
-    return np.stack([fit_image(f, resolution, nearest=True) for f in frames])
+        if frame.shape != frames[0].shape:
+            raise ValueError(f"pose {name} is {frame.shape[0]}x{frame.shape[1]} (HxW) but the first pose "
+                             f"({names[0]}) is {frames[0].shape[0]}x{frames[0].shape[1]}: a pose sequence "
+                             f"is drawn on one canvas")
+    return np.stack(frames)
 
 
-def read_poses(path: str, resolution: tuple[int, int], *, reference_keypoints: Optional[str] = None,
-               align: str = "off", height: Optional[int] = None, width: Optional[int] = None,
-               canvas: Optional[tuple[int, int]] = None):
-    """Pose input at ``path`` -> (uint8 pose images (F, H, W, 3), PoseSequence or None).
+def fit_pose_images(frames: np.ndarray, resolution: tuple[int, int],
+                    box: Optional[tuple[int, int, int, int]] = None) -> np.ndarray:
+    """uint8 (F, H, W, 3) pose images -> at ``resolution``: the ``box`` (default: ``fit_box``
+    around what is drawn) cut out or padded with black, resized nearest."""
+    box = box or fit_box(frames.shape[1], frames.shape[2], resolution, drawn_person(frames))
+    return np.stack([fit_image(f, resolution, nearest=True, box=box) for f in frames])
 
-    ``canvas`` is the reference image's (H, W): pose images must be drawn on it, and a
-    keypoints file that records no image size is taken to be on it. Keypoint files can
-    be aligned to the reference person (``align``: off | global | per_limb), which needs
-    the reference's keypoints; image/video poses cannot.
-    """
+
+def read_pose_images(path: str, resolution: tuple[int, int]) -> np.ndarray:
+    """Pose images, a pose image or a pose video -> uint8 (F, H, W, 3) at ``resolution``,
+    fitted on their own around the person drawn on them."""
+    return fit_pose_images(load_pose_images(path), resolution)
+
+
+def is_keypoints(path: str) -> bool:
+    """A keypoints file or a folder of OpenPose JSON files (else pose images or a video)."""
+    if os.path.isdir(path):
+        return any(f.endswith(".json") for f in os.listdir(path))
+    return path.lower().endswith(KEYPOINT_SUFFIXES)
+
+
+def read_poses(path: str, resolution: tuple[int, int], *, height: Optional[int] = None,
+               width: Optional[int] = None, canvas: Optional[tuple[int, int]] = None):
+    """Pose input at ``path`` -> (uint8 pose images (F, H, W, 3), PoseSequence or None), each
+    fitted on its own around the person; ``canvas`` is the image size of a keypoints file
+    that records none (the reference image's (H, W))."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"poses {path!r} do not exist")
-    is_keypoints = os.path.isfile(path) and path.lower().endswith(KEYPOINT_SUFFIXES)
-    is_keypoint_folder = os.path.isdir(path) and any(f.endswith(".json") for f in os.listdir(path))
-    if not (is_keypoints or is_keypoint_folder):
-        if align != "off":
-            raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
-        return read_pose_images(path, resolution, canvas), None
+    if not is_keypoints(path):
+        return read_pose_images(path, resolution), None
     poses = read_keypoints(path, resolution, height, width, canvas)
     if len(poses) == 0:
         raise ValueError(f"poses {path!r} hold zero frames")
-    if align != "off":
-        if reference_keypoints is None:
-            raise ValueError("aligning poses needs the reference's keypoints (--reference_keypoints)")
-        reference = read_keypoints(reference_keypoints, resolution, height, width, canvas)
-        poses = align_poses(poses, reference, mode=align)
     return render(poses), poses
+
+
+def _aspect_differs(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] * b[1] - a[1] * b[0]) > 0.01 * a[0] * b[1]
+
+
+def _person(pose) -> Optional[tuple[int, int, int, int]]:
+    """The person's box on a PoseSequence or on uint8 pose images (F, H, W, 3); None: unknown."""
+    if pose is None:
+        return None
+    return keypoints_person(pose) if isinstance(pose, PoseSequence) else drawn_person(pose)
+
+
+def _canvas(pose) -> tuple[int, int]:
+    return (pose.height, pose.width) if isinstance(pose, PoseSequence) else tuple(pose.shape[1:3])
+
+
+def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[int, int], *,
+                       reference_pose_path: Optional[str] = None, align: str = "off"):
+    """What sample.py reads -> (reference, reference pose or None, poses): uint8 (H, W, 3),
+    (H, W, 3) and (F, H, W, 3) at the model's ``resolution``.
+
+    The reference's pose (a keypoints file, its first frame, or a pose image) is on the
+    reference image's canvas; keypoint files recording no image size are taken to be on it.
+    Each input is fitted to the model's aspect ratio around its person (``fit_box``: cut
+    out, or padded, never squashed). Poses drawn on the reference's canvas (the same video)
+    share its box, so they stay in register with it; poses of another canvas are fitted on
+    their own (a one-line warning says so) and, as keypoints with the reference's keypoints,
+    aligned to the reference person (``align``: off | global | per_limb; "global" when the
+    canvases differ and ``align`` is off).
+    """
+    if not os.path.exists(poses_path):
+        raise FileNotFoundError(f"poses {poses_path!r} do not exist")
+    image = load_image(reference_path, "reference image", REFERENCE_FILL)
+    canvas = image.shape[:2]
+    reference_pose = _read_reference_pose(reference_pose_path, canvas) if reference_pose_path else None
+    poses = _read_target_poses(poses_path, canvas, align)
+    reference_person = _person(reference_pose)
+    if _canvas(poses) == tuple(canvas):  # one canvas: one box keeps them in register
+        whole = (0, 0, canvas[1], canvas[0])
+        reference_box = pose_box = fit_box(*canvas, resolution,
+                                           _union(reference_person or whole, _person(poses) or whole))
+    else:
+        reference_box = fit_box(*canvas, resolution, reference_person)
+        pose_box = fit_box(*_canvas(poses), resolution, _person(poses))
+        align = _warn_other_canvas(canvas, poses, reference_pose, resolution, align)
+    check_fit(f"reference image {reference_path!r}", canvas, reference_box, resolution)
+    check_fit(f"poses {poses_path!r}", _canvas(poses), pose_box, resolution)
+    reference = fit_image(image, resolution, box=reference_box, fill=REFERENCE_FILL)
+    if isinstance(reference_pose, PoseSequence):
+        reference_pose = fit_keypoints(reference_pose, resolution, reference_box)
+        reference_pose_image = render(reference_pose)[0]
+    else:
+        reference_pose_image = None if reference_pose is None else fit_pose_images(
+            reference_pose, resolution, reference_box)[0]
+    if not isinstance(poses, PoseSequence):
+        return reference, reference_pose_image, fit_pose_images(poses, resolution, pose_box)
+    poses = fit_keypoints(poses, resolution, pose_box)
+    if align != "off":
+        if not isinstance(reference_pose, PoseSequence):
+            raise ValueError("--align_poses needs the reference's keypoints (--reference_pose=<keypoints file>)")
+        poses = align_poses(poses, reference_pose, mode=align)
+    return reference, reference_pose_image, render(poses)
+
+
+def _read_target_poses(path: str, canvas: tuple[int, int], align: str):
+    """The target poses on their own canvas: a PoseSequence or uint8 pose images (F, H, W, 3)."""
+    if not is_keypoints(path):
+        if align != "off":
+            raise ValueError("--align_poses needs keypoints, not pose images or a pose video")
+        return load_pose_images(path)
+    poses = load_poses(path, default_size=canvas)
+    if len(poses) == 0:
+        raise ValueError(f"poses {path!r} hold zero frames")
+    return poses
+
+
+def _warn_other_canvas(canvas, poses, reference_pose, resolution, align: str) -> str:
+    """Says (one line) that the poses are fitted on their own; returns the alignment to use:
+    "global" for keypoints with the reference's keypoints when none was asked for."""
+    can_align = isinstance(poses, PoseSequence) and isinstance(reference_pose, PoseSequence)
+    if can_align and align == "off":
+        align, note = "global", " and the poses aligned to the reference person (global)"
+    elif can_align:
+        note = ""
+    else:
+        note = " (give --reference_pose and --poses as keypoints to align the poses to the person)"
+    shapes = " of different aspect ratios" if _aspect_differs(canvas, _canvas(poses)) else ""
+    if shapes or note:
+        _log.warning("the reference (%dx%d) and the poses (%dx%d, HxW) are on different canvases%s: each is "
+                     "fitted to the model's %dx%d on its own%s", *canvas, *_canvas(poses), shapes, *resolution, note)
+    return align
+
+
+def _read_reference_pose(path: str, canvas: tuple[int, int]):
+    """The reference's pose on the reference's canvas: a PoseSequence of one frame, or a
+    pose image as uint8 (1, H, W, 3)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference pose {path!r} does not exist")
+    pose = load_poses(path, default_size=canvas).frames(slice(0, 1)) if is_keypoints(path) \
+        else load_pose_images(path)[:1]
+    if _canvas(pose) != tuple(canvas):
+        raise ValueError(f"reference pose {path!r} is on a {_canvas(pose)[0]}x{_canvas(pose)[1]} canvas (HxW) but "
+                         f"the reference image is {canvas[0]}x{canvas[1]}: the reference's pose is drawn on it")
+    return pose
 
 
 OUTPUT_SUFFIXES = (".mp4", ".gif")  # and no suffix: a folder of PNG frames
