@@ -8,7 +8,7 @@ children named ``"resnets.0"`` and so on, so a parameter path joined with dots
     ("down_blocks.0", "resnets.1", "conv1", "kernel")  <->  "down_blocks.0.resnets.1.conv1.weight"
 
 Leaf rules: ``kernel`` <-> ``weight`` (transposed: linear (O, I) -> (I, O), conv
-(O, I, kh, kw) -> (kh, kw, I, O)), ``scale`` / ``embedding`` <-> ``weight``,
+(O, I, kh, kw) -> (kh, kw, I, O), conv3d (O, I, kt, kh, kw) -> (kt, kh, kw, I, O)), ``scale`` / ``embedding`` <-> ``weight``,
 anything else keeps its name. Checkpoints whose names differ (for example the
 original AnimateDiff files) are mapped first by ``rename_rules``: ordered
 ``(regex, replacement)`` pairs applied to every key in the file.
@@ -275,6 +275,8 @@ def torch_to_flax_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
         return tensor.transpose(2, 3, 1, 0)
     if tensor.ndim == 3:  # Conv1d (O, I, k) -> (k, I, O)
         return tensor.transpose(2, 1, 0)
+    if tensor.ndim == 5:  # Conv3d (O, I, kt, kh, kw) -> (kt, kh, kw, I, O)
+        return tensor.transpose(2, 3, 4, 1, 0)
     raise CheckpointError(f"cannot map a {tensor.ndim}-d kernel at {'.'.join(path)}")
 
 
@@ -383,6 +385,8 @@ def params_to_state_dict(params: Any) -> dict[str, np.ndarray]:
                 value = value.transpose(3, 2, 0, 1)
             elif value.ndim == 3:
                 value = value.transpose(2, 1, 0)
+            elif value.ndim == 5:
+                value = value.transpose(4, 3, 0, 1, 2)
         out[torch_key(path)] = np.ascontiguousarray(value)
     return out
 
