@@ -169,6 +169,7 @@ def _copy_folder(folder, tmp_path, *, config=None, drop=None, extra=None):
     (dict(extra={"encoder.extra.weight": np.zeros(2, np.float32)}),
      "1 unexpected key(s): encoder.extra.weight"),
     (dict(config={"is_residual": True}), "is_residual=True is not supported"),
+    (dict(config={"attn_scales": [1.0]}), "attn_scales=[1.0] is not supported"),
     (dict(config={"scale_factor_spatial": 16}), "scale_factor_spatial=16 disagrees"),
     (dict(config={"latents_std": [1.0, 1.0, 0.0, 1.0]}), "latents_std[2]=0.0"),
 ])
@@ -186,3 +187,29 @@ def test_video_shape_errors(wan):
         wan_vae.encode(module, params, jnp.zeros((1, 8, 16, 16, 3)))
     with pytest.raises(ValueError, match=r"latents: expected shape \(B, F, h, w, 4\)"):
         wan_vae.decode(module, params, jnp.zeros((1, 2, 2, 2, 3)))
+
+
+def test_export_round_trips_the_file(wan):
+    """params_to_state_dict inverts the loader's mapping, Conv3d kernels included."""
+    from consist_jax.convert.loading import params_to_state_dict
+
+    folder, _, _, params = wan
+    file = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    exported = params_to_state_dict(params)
+    assert sorted(exported) == sorted(file)
+    for key, value in file.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_bfloat16_traces_chunked(wan):
+    """A bf16 model keeps one dtype per cache entry across chunks (the scan's carry),
+    checked by tracing only (no compile)."""
+    folder = wan[0]
+    module, params = load_wan_vae(folder, dtype=jnp.bfloat16)
+    assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
+    video = jax.ShapeDtypeStruct((1, FRAMES, HEIGHT, WIDTH, 3), jnp.float32)
+    moments = jax.eval_shape(lambda p, x: wan_vae._encode_moments(module, p, x, True), params, video)
+    assert moments.shape == (1, 3, HEIGHT // 8, WIDTH // 8, 8) and moments.dtype == jnp.bfloat16
+    z = jax.ShapeDtypeStruct((1, 3, HEIGHT // 8, WIDTH // 8, 4), jnp.bfloat16)
+    out = jax.eval_shape(lambda p, z: wan_vae._decode(module, p, z, True), params, z)
+    assert out.shape == (1, FRAMES, HEIGHT, WIDTH, 3) and out.dtype == jnp.bfloat16

@@ -83,7 +83,6 @@ class WanVAEConfig:
     z_dim: int = 16
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
-    attn_scales: tuple[float, ...] = ()
     temperal_downsample: tuple[bool, ...] = (False, True, True)
     in_channels: int = 3
     out_channels: int = 3
@@ -108,6 +107,9 @@ class WanVAEConfig:
                 raise ValueError(f"{name} has {len(values)} values; must have z_dim={self.z_dim}")
             for i, v in enumerate(values):
                 (checks.positive_number if name == "latents_std" else checks.finite_number)(f"{name}[{i}]", v)
+        if ENCODE_CHUNK_FRAMES % self.temporal_factor:
+            raise ValueError(f"temperal_downsample={list(self.temperal_downsample)} compresses time "
+                             f"{self.temporal_factor}x; chunks of {ENCODE_CHUNK_FRAMES} frames need 1, 2 or 4x")
 
     @property
     def spatial_factor(self) -> int:
@@ -129,15 +131,19 @@ class WanVAEConfig:
         unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_KEYS)
         if unknown:
             raise ValueError(f"unsupported AutoencoderKLWan config key(s) {unknown}")
-        for key, supported in (("is_residual", False), ("patch_size", None), ("dropout", 0.0)):
+        # attn_scales: diffusers' encoder passes its cache to every down block, which its
+        # attention block does not accept, so only [] runs there (and in Wan2.1).
+        for key, supported in (("is_residual", False), ("patch_size", None), ("dropout", 0.0),
+                               ("attn_scales", [])):
             if config.get(key, supported) != supported:
                 raise ValueError(f"AutoencoderKLWan {key}={config[key]!r} is not supported "
                                  f"(only {supported!r}: the Wan2.1 layout)")
         kwargs = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
-        for key in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
-            if key in kwargs:
+        for key in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
+            if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
-        made = cls(**kwargs, **overrides)
+        kwargs.update(overrides)
+        made = cls(**kwargs)
         for key, value in (("scale_factor_spatial", made.spatial_factor),
                            ("scale_factor_temporal", made.temporal_factor)):
             if config.get(key) not in (None, value):
@@ -239,19 +245,19 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """One-head self-attention over each frame's h*w positions, residual. No cache
-    (each frame on its own); the ``(x, cache) -> (x, {})`` form is the other layers'."""
+    """One-head self-attention over each frame's h*w positions, residual (the mid
+    blocks'). No cache: each frame on its own."""
 
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cache: Cache = None):
+    def __call__(self, x: jax.Array) -> jax.Array:
         b, f, h, w, c = x.shape
         qkv = nn.Conv(3 * c, (1, 1), dtype=self.dtype, name="to_qkv")(
             RMSNorm(images=True, dtype=self.dtype, name="norm")(x))
         q, k, v = jnp.split(qkv.reshape(b * f, h * w, 1, 3 * c), 3, axis=-1)
         out = dot_product_attention(q, k, v, upcast=True).reshape(b, f, h, w, c)
-        return x + nn.Conv(c, (1, 1), dtype=self.dtype, name="proj")(out), {}
+        return x + nn.Conv(c, (1, 1), dtype=self.dtype, name="proj")(out)
 
 
 class MidBlock(nn.Module):
@@ -263,7 +269,7 @@ class MidBlock(nn.Module):
     def __call__(self, x: jax.Array, cache: Cache = None):
         c, new = x.shape[-1], {}
         x, new["resnets.0"] = ResidualBlock(c, self.dtype, name="resnets.0")(x, _sub(cache, "resnets.0"))
-        x, _ = AttentionBlock(self.dtype, name="attentions.0")(x)
+        x = AttentionBlock(self.dtype, name="attentions.0")(x)
         x, new["resnets.1"] = ResidualBlock(c, self.dtype, name="resnets.1")(x, _sub(cache, "resnets.1"))
         return x, new
 
@@ -342,18 +348,15 @@ class Encoder3d(nn.Module):
         return x, new
 
     def _down_layers(self, dims):
-        """diffusers' flat ``down_blocks`` list: resnets (+ attention), then a resampler."""
+        """diffusers' flat ``down_blocks`` list: each level's resnets, then a resampler."""
         cfg, dt = self.config, self.config.dtype
-        layers, scale = [], 1.0
+        layers = []
         for i, out_dim in enumerate(dims[1:]):
             for _ in range(cfg.num_res_blocks):
                 layers.append(ResidualBlock(out_dim, dt, name=f"down_blocks.{len(layers)}"))
-                if scale in cfg.attn_scales:
-                    layers.append(AttentionBlock(dt, name=f"down_blocks.{len(layers)}"))
             if i != len(cfg.dim_mult) - 1:
                 mode = "downsample3d" if cfg.temperal_downsample[i] else "downsample2d"
                 layers.append(Resample(mode, out_dim, dt, name=f"down_blocks.{len(layers)}"))
-                scale /= 2.0
         return [(layer.name, layer) for layer in layers]
 
 
@@ -445,7 +448,7 @@ def check_video(config: WanVAEConfig, video: Any, name: str = "video") -> None:
 
 def _check_latents(config: WanVAEConfig, z: Any) -> None:
     shape = tuple(z.shape)
-    if len(shape) != 5 or shape[-1] != config.z_dim:
+    if len(shape) != 5 or shape[1] < 1 or shape[-1] != config.z_dim:
         raise ValueError(f"latents: expected shape (B, F, h, w, {config.z_dim}), got {shape}")
 
 
