@@ -170,6 +170,7 @@ def _copy_folder(folder, tmp_path, *, config=None, drop=None, extra=None):
      "1 unexpected key(s): encoder.extra.weight"),
     (dict(config={"is_residual": True}), "is_residual=True is not supported"),
     (dict(config={"attn_scales": [1.0]}), "attn_scales=[1.0] is not supported"),
+    (dict(config={"temperal_downsample": [False, True, True, True]}), "must be 3 booleans"),
     (dict(config={"scale_factor_spatial": 16}), "scale_factor_spatial=16 disagrees"),
     (dict(config={"latents_std": [1.0, 1.0, 0.0, 1.0]}), "latents_std[2]=0.0"),
 ])

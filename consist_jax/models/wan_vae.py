@@ -97,7 +97,7 @@ class WanVAEConfig:
             checks.positive_int("decoder_base_dim", self.decoder_base_dim)
         checks.positive_ints("dim_mult", self.dim_mult)
         levels = len(self.dim_mult) - 1
-        if len(self.temperal_downsample) < levels or not all(
+        if len(self.temperal_downsample) != levels or not all(
                 isinstance(v, bool) for v in self.temperal_downsample):
             raise ValueError(f"temperal_downsample={list(self.temperal_downsample)}: must be {levels} "
                              f"booleans (one per downsampling level of dim_mult={list(self.dim_mult)})")
@@ -119,7 +119,7 @@ class WanVAEConfig:
     @property
     def temporal_factor(self) -> int:
         """Frames per latent frame after the first (4 for Wan2.1)."""
-        return 2 ** sum(self.temperal_downsample[: len(self.dim_mult) - 1])
+        return 2 ** sum(self.temperal_downsample)
 
     @classmethod
     def from_diffusers(cls, config: dict, **overrides) -> "WanVAEConfig":
@@ -390,7 +390,7 @@ class Decoder3d(nn.Module):
         cfg, dt = self.config, self.config.dtype
         base = cfg.decoder_base_dim or cfg.base_dim
         dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
-        upsample = cfg.temperal_downsample[: len(cfg.dim_mult) - 1][::-1]
+        upsample = cfg.temperal_downsample[::-1]
         new = {}
         x, new["conv_in"] = causal_conv3x3(dims[0], "conv_in", dt)(x, _sub(cache, "conv_in"))
         x, new["mid_block"] = MidBlock(dt, name="mid_block")(x, _sub(cache, "mid_block"))
