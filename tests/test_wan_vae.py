@@ -145,6 +145,19 @@ def test_latent_normalisation_is_the_pipelines(wan, rng):
                                rtol=1e-6, atol=1e-6)
 
 
+def test_scaled_latent_helpers(wan, decoded, rng):
+    """encode_latents = scale_latents(posterior mean); decode_latents undoes the scaling
+    (the compiled encode and decode are the tests' above)."""
+    _, _, module, params = wan
+    video = jnp.asarray(random_video(rng))
+    latents = wan_vae.encode_latents(module, params, video)
+    mean = wan_vae.encode(module, params, video).mean
+    np.testing.assert_array_equal(latents, wan_vae.scale_latents(module.config, mean))
+    z, _, ours = decoded
+    video = wan_vae.decode_latents(module, params, wan_vae.scale_latents(module.config, jnp.asarray(z)))
+    assert relative_error(video, ours) <= TOL  # (z - m) / s * s + m is not bit-exact
+
+
 def test_lazy_export():
     assert consist_jax.load_wan_vae is load_wan_vae
 
