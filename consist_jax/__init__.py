@@ -11,6 +11,7 @@ _EXPORTS = {
     "init_unet_params": "consist_jax.convert.unet",
     "load_unet": "consist_jax.convert.unet",
     "load_vae": "consist_jax.models.vae",
+    "load_wan_vae": "consist_jax.convert.wan_vae",
     "load_image_encoder": "consist_jax.models.clip_vision",
     "load_transformer": "consist_jax.convert.wan",
 }
