@@ -12,6 +12,8 @@ _EXPORTS = {
     "load_unet": "consist_jax.convert.unet",
     "load_vae": "consist_jax.models.vae",
     "load_image_encoder": "consist_jax.models.clip_vision",
+    "load_text_encoder": "consist_jax.convert.umt5",
+    "UMT5Encoder": "consist_jax.models.umt5",
 }
 __all__ = sorted(_EXPORTS)
 
