@@ -25,6 +25,9 @@ from consist_jax.models.umt5 import relative_position_buckets
 TOLERANCE = 1e-4
 TINY = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0)
+# A second architecture: plain (ungated) ReLU feed forward, 3 layers, an odd bucket count.
+RELU = dict(TINY, feed_forward_proj="relu", num_layers=3, num_heads=2, d_kv=16,
+            relative_attention_num_buckets=10, relative_attention_max_distance=12)
 BATCH, LENGTH = 3, 24  # longer than max_distance: the far buckets are used
 
 
@@ -35,10 +38,10 @@ def encode():
                    static_argnums=0)
 
 
-def _save_transformers_model(folder, seed):
+def _save_transformers_model(folder, seed, config=TINY):
     """A random tiny UMT5EncoderModel saved by transformers; returns the torch model."""
     torch.manual_seed(seed)
-    model = UMT5EncoderModel(UMT5Config(**TINY)).eval()
+    model = UMT5EncoderModel(UMT5Config(**config)).eval()
     with torch.no_grad():  # the norms initialise to 1: make them non-trivial
         for name, param in model.named_parameters():
             if name.endswith("layer_norm.weight"):
@@ -63,8 +66,10 @@ def saved(tmp_path, rng):
     return folder, model
 
 
-def test_matches_transformers(saved, rng, encode):
-    folder, model = saved
+@pytest.mark.parametrize("config", [TINY, RELU], ids=["gated_gelu", "relu"])
+def test_matches_transformers(tmp_path, rng, encode, config):
+    folder = str(tmp_path / "text_encoder")
+    model = _save_transformers_model(folder, int(rng.integers(2**31)), config)
     ids, mask = _tokens(rng)
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
@@ -152,3 +157,21 @@ def test_loader_errors_name_the_key(saved, tmp_path):
         json.dump({**config, "model_type": "t5"}, f)
     with pytest.raises(ValueError, match="config.json.*not a UMT5 config: model_type='t5'"):
         load_text_encoder(dst)
+
+
+def test_float16_keeps_wo_float32(saved, rng, encode):
+    """transformers keeps the feed-forward `wo` in float32 for a float16 model (it overflows
+    float16); so do we, and the half-precision output stays within the float16 roundings
+    of the model's ~8 rounding stages per layer (2^-11 each) of the float32 output."""
+    folder, model = saved
+    ids, mask = _tokens(rng)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    module, params = load_text_encoder(folder, dtype=jnp.float16)
+    ff = params["encoder"]["block.1.layer.1"]["DenseReluDense"]
+    assert ff["wo"]["kernel"].dtype == jnp.float32 and ff["wi_0"]["kernel"].dtype == jnp.float16
+    assert params["shared"]["embedding"].dtype == jnp.float16
+    actual = encode(module, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32))
+    assert actual.dtype == jnp.float16
+    bound = 8 * TINY["num_layers"] * 2.0**-11
+    assert relative_error(np.asarray(actual, np.float32), expected.last_hidden_state.numpy()) < bound

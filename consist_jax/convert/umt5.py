@@ -6,14 +6,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from consist_jax.convert.loading import (CheckpointError, config_from_file, find_weight_files,
-                                         read_state_dict, state_dict_to_params, to_jax_params)
+                                         read_state_dict, state_dict_to_params, to_jax_params,
+                                         torch_key, torch_to_flax_layout)
 from consist_jax.models.umt5 import UMT5Encoder, UMT5EncoderConfig
 
 SHARED_KEY = "shared.weight"
 # transformers ties the encoder's token embedding to `shared`; a file may hold either or both.
 TIED_KEY = "encoder.embed_tokens.weight"
+FLOAT32_MODULE = "wo"  # transformers' UMT5 _keep_in_fp32_modules (float16 models only)
 
 
 def umt5_param_shapes(config: UMT5EncoderConfig) -> dict:
@@ -45,7 +48,8 @@ def load_text_encoder(folder: str, dtype: Any = jnp.float32, **overrides):
     fp16 variant or a sharded index) into ``(UMT5Encoder module, params)``.
 
     Every tensor is accounted for (missing, unexpected and misshapen keys are one-line
-    CheckpointErrors naming them). ``dtype`` is the parameter and compute dtype;
+    CheckpointErrors naming them). ``dtype`` is the parameter and compute dtype (with
+    float16 the feed-forward output projections ``wo`` stay float32, as in transformers);
     ``overrides`` set UMT5EncoderConfig fields. Apply with
     ``module.apply({"params": params}, input_ids, attention_mask)``.
     """
@@ -55,4 +59,17 @@ def load_text_encoder(folder: str, dtype: Any = jnp.float32, **overrides):
     state = _untie_embedding(read_state_dict(paths), source)
     params = state_dict_to_params(state, umt5_param_shapes(config), source=source,
                                   dtype=np.dtype(jnp.dtype(dtype)))
-    return UMT5Encoder(config), to_jax_params(params)
+    return UMT5Encoder(config), to_jax_params(_float32_modules_from_state(params, state, config))
+
+
+def _float32_modules_from_state(params: dict, state: dict, config: UMT5EncoderConfig) -> dict:
+    """`params` with the feed-forward `wo` weights re-read from the file in
+    `config.wo_dtype` (float32 for a float16 model, as transformers keeps them)."""
+    if jnp.dtype(config.wo_dtype) == jnp.dtype(config.dtype):
+        return params
+    flat = traverse_util.flatten_dict(params)
+    wo_dtype = np.dtype(jnp.dtype(config.wo_dtype))
+    for path in flat:
+        if FLOAT32_MODULE in path:
+            flat[path] = torch_to_flax_layout(path, state[torch_key(path)]).astype(wo_dtype)
+    return traverse_util.unflatten_dict(flat)

@@ -63,6 +63,12 @@ class UMT5EncoderConfig:
         self.activation_name  # noqa: B018  (validates feed_forward_proj)
 
     @property
+    def wo_dtype(self) -> Any:
+        """The feed-forward output projection's dtype: float32 when the rest is float16
+        (transformers' _keep_in_fp32_modules: T5's wo overflows float16), else `dtype`."""
+        return jnp.float32 if jnp.dtype(self.dtype) == jnp.float16 else self.dtype
+
+    @property
     def is_gated(self) -> bool:
         return self.feed_forward_proj.startswith("gated-")
 
@@ -114,7 +120,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
 
 
 class RMSNorm(nn.Module):
-    """T5's layer norm: x / sqrt(mean(x^2) + eps) * weight, statistics in float32. (..., D)."""
+    """T5's layer norm: x / sqrt(mean(x^2) + eps) * weight, statistics in float32. (..., D).
+
+    The normalised x is rounded to `dtype` before the weight multiplies it (transformers'
+    order for half-precision weights; a no-op in float32).
+    """
 
     epsilon: float
     dtype: Any = jnp.float32
@@ -124,7 +134,8 @@ class RMSNorm(nn.Module):
         weight = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        return (weight * (x32 * jax.lax.rsqrt(variance + self.epsilon))).astype(self.dtype)
+        normed = (x32 * jax.lax.rsqrt(variance + self.epsilon)).astype(self.dtype)
+        return weight.astype(self.dtype) * normed
 
 
 def _dense(features: int, config: UMT5EncoderConfig, name: str) -> nn.Dense:
@@ -162,7 +173,11 @@ class UMT5Attention(nn.Module):
 
 
 class UMT5FeedForward(nn.Module):
-    """act(x wi_0) * (x wi_1) wo (gated) or act(x wi) wo: (B, L, D) -> (B, L, D)."""
+    """act(x wi_0) * (x wi_1) wo (gated) or act(x wi) wo: (B, L, D) -> (B, L, D).
+
+    `wo` computes in `config.wo_dtype` (float32 for a float16 model, as transformers),
+    so with float16 its output, and the residual stream after it, are float32 as there.
+    """
 
     config: UMT5EncoderConfig
 
@@ -174,7 +189,7 @@ class UMT5FeedForward(nn.Module):
             hidden = act(_dense(c.d_ff, c, "wi_0")(x)) * _dense(c.d_ff, c, "wi_1")(x)
         else:
             hidden = act(_dense(c.d_ff, c, "wi")(x))
-        return _dense(c.d_model, c, "wo")(hidden)
+        return nn.Dense(c.d_model, use_bias=False, dtype=c.wo_dtype, name="wo")(hidden.astype(c.wo_dtype))
 
 
 class UMT5AttentionLayer(nn.Module):
@@ -224,7 +239,7 @@ class UMT5Encoder(nn.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None) -> jax.Array:
         """input_ids (B, L) int; attention_mask (B, L), nonzero = token (None: all tokens).
 
-        Returns last_hidden_state (B, L, d_model) in the config's dtype.
+        Returns last_hidden_state (B, L, d_model) in the config's dtype (the final norm's).
         """
         c = self.config
         x = nn.Embed(c.vocab_size, c.d_model, dtype=c.dtype, name="shared")(input_ids)
