@@ -103,8 +103,8 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     Half the buckets per direction (keys after the query in the upper half); distances
     below a quarter of the buckets get one bucket each, longer ones logarithmically
     spaced buckets up to max_distance, beyond it the last. Written in transformers'
-    float32 operation order so distances whose log ratio is (near) an integer land in
-    its bucket, not the next.
+    float32 operation order, so a distance whose log ratio rounds to just below an
+    integer (16, 32 and 64 of Wan's 32 buckets / 128) lands in the bucket it gets there.
     """
     relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
     num_buckets //= 2
@@ -113,7 +113,8 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     max_exact = num_buckets // 2
     with np.errstate(divide="ignore"):  # distance 0: log 0, unused (is_small)
         log_ratio = np.log(distance.astype(np.float32) / np.float32(max_exact))
-    log_ratio = log_ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    log_ratio = log_ratio / np.float32(math.log(max_distance / max_exact))
+    log_ratio = log_ratio * np.float32(num_buckets - max_exact)
     large = max_exact + np.where(np.isfinite(log_ratio), log_ratio, 0).astype(np.int64)
     large = np.minimum(large, num_buckets - 1)
     return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
@@ -145,13 +146,14 @@ def _dense(features: int, config: UMT5EncoderConfig, name: str) -> nn.Dense:
 class UMT5Attention(nn.Module):
     """Unscaled multi-head self-attention plus this layer's relative position bias.
 
-    x (B, L, D), key_mask (B, L) bool (True = token) -> (B, L, D).
+    x (B, L, D), key_mask (B, L) bool (True = token), buckets (L, L) int32 (shared by
+    the layers; each has its own bias per bucket and head) -> (B, L, D).
     """
 
     config: UMT5EncoderConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, buckets: jax.Array) -> jax.Array:
         c = self.config
         b, length, _ = x.shape
         inner = c.num_heads * c.d_kv
@@ -160,11 +162,9 @@ class UMT5Attention(nn.Module):
             return _dense(inner, c, name)(x).reshape(b, length, c.num_heads, c.d_kv)
 
         q, k, v = project("q"), project("k"), project("v")
-        buckets = relative_position_buckets(length, length, c.relative_attention_num_buckets,
-                                            c.relative_attention_max_distance)
         table = nn.Embed(c.relative_attention_num_buckets, c.num_heads, dtype=jnp.float32,
                          name="relative_attention_bias")
-        bias = jnp.transpose(table(jnp.asarray(buckets)), (2, 0, 1))[None]  # (1, H, L, L)
+        bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # (1, H, L, L)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
         scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -198,10 +198,10 @@ class UMT5AttentionLayer(nn.Module):
     config: UMT5EncoderConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array, buckets: jax.Array) -> jax.Array:
         c = self.config
         normed = RMSNorm(c.layer_norm_epsilon, c.dtype, name="layer_norm")(x)
-        return x + UMT5Attention(c, name="SelfAttention")(normed, key_mask)
+        return x + UMT5Attention(c, name="SelfAttention")(normed, key_mask, buckets)
 
 
 class UMT5FeedForwardLayer(nn.Module):
@@ -224,8 +224,11 @@ class UMT5Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
         c = self.config
+        length = x.shape[1]
+        buckets = jnp.asarray(relative_position_buckets(length, length, c.relative_attention_num_buckets,
+                                                        c.relative_attention_max_distance))
         for i in range(c.num_layers):
-            x = UMT5AttentionLayer(c, name=f"block.{i}.layer.0")(x, key_mask)
+            x = UMT5AttentionLayer(c, name=f"block.{i}.layer.0")(x, key_mask, buckets)
             x = UMT5FeedForwardLayer(c, name=f"block.{i}.layer.1")(x)
         return RMSNorm(c.layer_norm_epsilon, c.dtype, name="final_layer_norm")(x)
 
