@@ -14,6 +14,8 @@ _EXPORTS = {
     "load_wan_vae": "consist_jax.convert.wan_vae",
     "load_image_encoder": "consist_jax.models.clip_vision",
     "load_transformer": "consist_jax.convert.wan",
+    "load_text_encoder": "consist_jax.convert.umt5",
+    "UMT5Encoder": "consist_jax.models.umt5",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,5 @@
-"""Samplers as pure step functions: DDIM, DPM-Solver++ 2M and Euler, equal to diffusers.
+"""Samplers as pure step functions: DDIM, DPM-Solver++ 2M and Euler, equal to diffusers
+(the flow-matching samplers of velocity models, same interface: flow_samplers.py).
 
 Each sampler is a pytree (flax struct dataclass) of per-step tables computed once on the
 host, exactly as diffusers' `set_timesteps` computes them, plus static options. Its
@@ -36,10 +37,14 @@ from flax import struct
 
 from consist_jax.diffusion.schedule import NoiseSchedule, x0_and_epsilon_from_scales
 
-SAMPLERS = ("ddim", "dpmpp_2m", "euler")
+SAMPLERS = ("ddim", "dpmpp_2m", "euler", "flow_euler", "flow_unipc")  # flow_*: flow_samplers.py
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-# diffusers' per-class default spacing (a config without the key gets these).
-DEFAULT_SPACING = {"ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace"}
+# diffusers' per-class default spacing (a config without the key gets these; the flow
+# samplers ignore it).
+DEFAULT_SPACING = {"ddim": "leading", "dpmpp_2m": "linspace", "euler": "linspace",
+                   "flow_euler": "linspace", "flow_unipc": "linspace"}
+# The prediction type make_sampler assumes when none is given.
+DEFAULT_PREDICTION_TYPE = {"flow_euler": "flow_prediction", "flow_unipc": "flow_prediction"}
 # diffusers clamps abar at the last timestep of a zero-terminal-SNR schedule to this in
 # the sigma-based schedulers, so sigma = sqrt((1 - abar) / abar) stays finite (4096).
 ZERO_SNR_ALPHA_BAR = 2.0**-24
@@ -436,24 +441,37 @@ class EulerSampler(_SamplerMethods):
 _SAMPLER_CLASSES = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP2MSampler, "euler": EulerSampler}
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, num_inference_steps: int, *,
-                 prediction_type: str = "epsilon", timestep_spacing: Optional[str] = None,
+def _sampler_class(name: str):
+    """The class of a sampler name; the flow samplers live in flow_samplers.py (which
+    imports this module, hence the import here)."""
+    from consist_jax.diffusion.flow_samplers import FLOW_SAMPLER_CLASSES
+
+    return {**_SAMPLER_CLASSES, **FLOW_SAMPLER_CLASSES}[name]
+
+
+def make_sampler(name: str, schedule: Optional[NoiseSchedule], num_inference_steps: int, *,
+                 prediction_type: Optional[str] = None, timestep_spacing: Optional[str] = None,
                  steps_offset: int = 0, **options):
-    """Build a sampler: "ddim", "dpmpp_2m" or "euler".
+    """Build a sampler: "ddim", "dpmpp_2m", "euler", or for rectified-flow (velocity)
+    models "flow_euler" / "flow_unipc" (flow_samplers.py; they take no `schedule`).
 
     timestep_spacing: "leading" | "trailing" | "linspace"; None takes diffusers' default
         for that scheduler class (ddim: leading, dpmpp_2m / euler: linspace).
+    prediction_type: None takes "epsilon" ("flow_prediction" for the flow samplers).
     options: the sampler's own keywords, see DDIMSampler.create (eta, set_alpha_to_one,
         clip_sample, clip_sample_range), DPMSolverPP2MSampler.create (use_karras_sigmas,
-        lower_order_final, euler_at_final, final_sigmas_type, solver_order) and
-        EulerSampler.create (use_karras_sigmas, final_sigmas_type).
+        lower_order_final, euler_at_final, final_sigmas_type, solver_order),
+        EulerSampler.create (use_karras_sigmas, final_sigmas_type), FlowEulerSampler.create
+        (shift, num_train_timesteps) and FlowUniPCSampler.create (flow_shift, solver_order,
+        solver_type, lower_order_final, final_sigmas_type, disable_corrector, ...).
     Runs on the host (numpy); call it outside jit and pass the result in.
     """
-    if name not in _SAMPLER_CLASSES:
+    if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
     spacing = timestep_spacing or DEFAULT_SPACING[name]
-    return _SAMPLER_CLASSES[name].create(schedule, num_inference_steps, prediction_type=prediction_type,
-                                         timestep_spacing=spacing, steps_offset=steps_offset, **options)
+    prediction_type = prediction_type or DEFAULT_PREDICTION_TYPE.get(name, "epsilon")
+    return _sampler_class(name).create(schedule, num_inference_steps, prediction_type=prediction_type,
+                                       timestep_spacing=spacing, steps_offset=steps_offset, **options)
 
 
 # Scheduler-config keys each sampler understands (everything else in the config is ignored).
@@ -464,9 +482,14 @@ _CONFIG_KEYS = {
                  "lower_order_final", "euler_at_final", "final_sigmas_type", "solver_order"),
     "euler": ("prediction_type", "timestep_spacing", "steps_offset", "use_karras_sigmas",
               "final_sigmas_type"),
+    "flow_euler": ("shift", "num_train_timesteps"),
+    "flow_unipc": ("prediction_type", "flow_shift", "num_train_timesteps", "solver_order", "solver_type",
+                   "lower_order_final", "final_sigmas_type", "disable_corrector", "use_flow_sigmas"),
 }
-# diffusers' DDIMScheduler defaults to clip_sample=True; SD checkpoints switch it off.
-_DIFFUSERS_CLASS_DEFAULTS = {"ddim": {"clip_sample": True}}
+# diffusers' DDIMScheduler defaults to clip_sample=True; SD checkpoints switch it off. Its
+# UniPCMultistepScheduler defaults to a DDPM schedule (which flow_unipc refuses by name).
+_DIFFUSERS_CLASS_DEFAULTS = {"ddim": {"clip_sample": True},
+                             "flow_unipc": {"prediction_type": "epsilon", "use_flow_sigmas": False}}
 
 
 # Config values whose non-default settings these samplers do not implement.
@@ -477,6 +500,12 @@ _UNSUPPORTED = {
                  "use_flow_sigmas": False, "lambda_min_clipped": -float("inf"), "variance_type": None},
     "euler": {"interpolation_type": "linear", "timestep_type": "discrete", "use_exponential_sigmas": False,
               "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None},
+    "flow_euler": {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
+                   "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                   "stochastic_sampling": False},
+    "flow_unipc": {"predict_x0": True, "thresholding": False, "solver_p": None, "use_karras_sigmas": False,
+                   "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_dynamic_shifting": False,
+                   "shift_terminal": None},
 }
 
 
