@@ -1,8 +1,9 @@
 """The UNet's spatial transformer (diffusers' Transformer2DModel, SD-1.x flavour).
 
 Only ``attn1`` (self-attention) lets the images of a batch interact, through the
-SCD rule (attention_rule.py, applied by self_attention.py); cross-attention, LayerNorm and the feed-forward act on
-each image alone.
+SCD rule (attention_rule.py, applied by self_attention.py); cross-attention,
+LayerNorm and the feed-forward act on each image alone. The attention settings
+arrive as one ``AttentionConfig``.
 """
 from __future__ import annotations
 
