@@ -130,10 +130,16 @@ def decomposed_rule(attend_reference: Callable, target: Callable) -> Callable:
     return rule_form
 
 
-def _xla_reference(q_r, k_r, v_r, frames, upcast):
-    if frames is not None:
-        k_r, v_r = (jnp.concatenate([own, other], axis=1) for own, other in zip((k_r, v_r), frames))
-    return dot_product_attention(q_r, k_r, v_r, upcast=upcast)
+def frames_appended(plain: Callable) -> Callable:
+    """``decomposed_rule``'s ``attend_reference`` from a plain attention
+    ``plain(q, k, v, *, upcast)``: the frames' keys/values appended to the reference's."""
+
+    def attend_reference(q_r, k_r, v_r, frames, upcast):
+        if frames is not None:
+            k_r, v_r = (jnp.concatenate([own, other], axis=1) for own, other in zip((k_r, v_r), frames))
+        return plain(q_r, k_r, v_r, upcast=upcast)
+
+    return attend_reference
 
 
 def segment_mask(
@@ -189,7 +195,7 @@ def _xla_plain(q, k, v, *, upcast=False):
 
 
 XLA_BACKEND = AttentionBackend(
-    _xla_plain, target_attention, decomposed_rule(_xla_reference, target_attention)
+    _xla_plain, target_attention, decomposed_rule(frames_appended(_xla_plain), target_attention)
 )
 # With the reference cached there is no joint sequence left, so xla_joint's plain and
 # target calls are xla's; only the whole rule differs.

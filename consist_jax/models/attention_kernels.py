@@ -57,6 +57,7 @@ from consist_jax.models.attention import (
     decomposed_rule,
     dot_product_attention,
     flatten_frames,
+    frames_appended,
     log_once,
     target_platform,
 )
@@ -186,12 +187,8 @@ def cudnn_backend(implementation: str = "cudnn") -> AttentionBackend:
         out = attend(_frames_to_batch(q_t), frame_keys(k_t, k_r), frame_keys(v_t, v_r), key_lengths)
         return out.reshape(b, f, n_t, h, d)
 
-    def attend_reference(q_r, k_r, v_r, frames, upcast):
-        if frames is not None:  # the reference also reads every frame (never hidden from it)
-            k_r, v_r = (jnp.concatenate([own, other], axis=1) for own, other in zip((k_r, v_r), frames))
-        return attend(q_r, k_r, v_r)
-
-    return AttentionBackend(plain=plain, target=target, rule=decomposed_rule(attend_reference, target))
+    rule = decomposed_rule(frames_appended(plain), target)
+    return AttentionBackend(plain=plain, target=target, rule=rule)
 
 
 CUDNN = cudnn_backend("cudnn")
