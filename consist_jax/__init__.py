@@ -10,8 +10,8 @@ _EXPORTS = {
     "UNetConfig": "consist_jax.models.unet",
     "init_unet_params": "consist_jax.convert.unet",
     "load_unet": "consist_jax.convert.unet",
-    "load_vae": "consist_jax.models.vae",
-    "load_image_encoder": "consist_jax.models.clip_vision",
+    "load_vae": "consist_jax.convert.vae",
+    "load_image_encoder": "consist_jax.convert.clip_vision",
 }
 __all__ = sorted(_EXPORTS)
 

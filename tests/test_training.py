@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consist_jax.convert.build import build_model
+from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.factory import build_model
 from consist_jax.training import sharding
 from consist_jax.training.state import create_train_state, make_optimizer, trainable_labels
 from consist_jax.training.step import LossConfig, conditioning_masks, make_train_step, scd_loss
-from consist_jax.training.trainer import noise_schedule, preflight
+from consist_jax.training.trainer import preflight
 
 from tests.configs.tiny import get_config as tiny_config
 from tests.runs import REPO, run_env, script_cmd, train_cmd
@@ -23,7 +24,7 @@ from tests.runs import REPO, run_env, script_cmd, train_cmd
 
 def final_params(workdir, step, which="params"):
     """The params (or ``which="ema_params"``) of checkpoint ``step`` as numpy arrays."""
-    from consist_jax.training.checkpoint import read_state
+    from consist_jax.checkpoints import read_state
 
     restored = read_state(os.path.join(workdir, "checkpoints", str(step), "state"))
     return jax.tree_util.tree_map(np.asarray, restored[which])
@@ -72,7 +73,7 @@ def test_conditioning_drops_are_nested():
 def test_tryon_loss_sees_only_the_region(tiny_model, rng):
     """Outside the region mask neither the noisy input nor the loss depends on the target."""
     config, model, params, _ = tiny_model
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample", tryon=True, drop_reference_prob=0.0, drop_context_prob=0.0)
     inputs = _latent_inputs(rng, with_region=True)
     loss_fn = jax.jit(lambda p, x, r: scd_loss(p, model, schedule, loss, x, r)[1])
@@ -94,7 +95,7 @@ def test_tryon_loss_sees_only_the_region(tiny_model, rng):
 def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
     """Two accumulated micro-batches give the one-batch loss and update (per-example draws)."""
     config, model, params, frozen = tiny_model
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample")
     inputs = _latent_inputs(rng)
     results = {}
@@ -117,7 +118,7 @@ def test_frozen_parameters_do_not_move(tiny_model, rng):
         optim.trainable = (r"^pose_encoder/",)
         optim.warmup_steps = 0  # a warmup's first learning rate is 0
     opt = make_optimizer(optim, params)
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample")
     step = jax.jit(make_train_step(model, schedule, loss, opt, optim))
     state, _ = step(create_train_state(params, opt, ema=True), _latent_inputs(rng), jax.random.key(2), frozen)
@@ -169,11 +170,11 @@ import json, sys
 import jax, numpy as np, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from tests.configs.tiny import get_config
-from consist_jax.convert.build import build_model
+from consist_jax.factory import build_model
 from consist_jax.training import sharding
 from consist_jax.training.state import create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
-from consist_jax.training.trainer import noise_schedule
+from consist_jax.diffusion.schedule import NoiseSchedule
 
 config = get_config()
 # One UNet level keeps the four SPMD compiles short; sharding rules are what is tested.
@@ -182,7 +183,7 @@ config.model.unet.update(block_out_channels=(16,), down_block_types=("CrossAttnD
                          transformer_layers_per_block=(1,))
 model, params, frozen = build_model(config.model, jax.random.key(0))
 opt = make_optimizer(config.optim, params)
-step = make_train_step(model, noise_schedule(config), LossConfig.from_config(
+step = make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossConfig.from_config(
     dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, config.optim)
 rng = np.random.default_rng(0)
 batch = {"reference": rng.uniform(-1, 1, (8, 16, 16, 3)), "reference_pose": rng.uniform(0, 1, (8, 16, 16, 3)),

@@ -210,6 +210,14 @@ class NoiseSchedule:
                    beta_schedule=beta_schedule)
 
     @classmethod
+    def from_config(cls, diffusion: Mapping[str, Any]) -> "NoiseSchedule":
+        """From a run config's ``diffusion`` section (configs/common.py), as training and
+        sampling both build it."""
+        return cls.create(beta_schedule=diffusion["beta_schedule"], beta_start=diffusion["beta_start"],
+                          beta_end=diffusion["beta_end"], num_train_timesteps=diffusion["num_train_timesteps"],
+                          rescale_betas_zero_snr=diffusion["rescale_zero_terminal_snr"])
+
+    @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], precision: str = "float32") -> "NoiseSchedule":
         """Build from a diffusers scheduler_config.json dict (missing keys: diffusers' defaults).
 

@@ -78,16 +78,6 @@ class CLIPPreprocessConfig:
         return cls(**kwargs)
 
 
-def load_preprocess_config(folder: str) -> CLIPPreprocessConfig:
-    """``folder/preprocessor_config.json`` if present, else the OpenAI CLIP defaults."""
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return CLIPPreprocessConfig()
-    from consist_jax.convert.loading import config_from_file  # safetensors: only when a folder is read
-
-    return config_from_file(CLIPPreprocessConfig.from_transformers, folder, "preprocessor_config.json")
-
-
 def resize_shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
     """Output (height, width) with the short side ``edge``, the long side truncated."""
     if width <= height:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consist_jax.convert.build import build_model, check_paths
+from consist_jax.factory import build_model, check_paths
 from consist_jax.data import pipeline as data_pipeline
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.training import sharding, validate
@@ -31,17 +31,6 @@ from consist_jax.training.step import LossConfig, make_train_step
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def noise_schedule(config: Any) -> NoiseSchedule:
-    d = config.diffusion
-    return NoiseSchedule.create(
-        beta_schedule=d.beta_schedule,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
-        num_train_timesteps=d.num_train_timesteps,
-        rescale_betas_zero_snr=d.rescale_zero_terminal_snr,
-    )
 
 
 def ensure_dataset(data_config: Any) -> None:
@@ -166,7 +155,7 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
     shapes are read), so ``train`` and the ahead-of-time compile report share it."""
     optimizer = make_optimizer(config.optim, params)
     loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
-    step_fn = make_train_step(model, noise_schedule(config), loss_cfg, optimizer, config.optim)
+    step_fn = make_train_step(model, NoiseSchedule.from_config(config.diffusion), loss_cfg, optimizer, config.optim)
     abstract_state = jax.eval_shape(
         lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0), params
     )

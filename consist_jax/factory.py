@@ -1,4 +1,8 @@
-"""A model config -> (SCDModel, trainable params, frozen params), from pretrained folders or fresh.
+"""The model factory: a model config -> (SCDModel, trainable params, frozen params), from
+pretrained folders (through the loaders in convert/) or fresh.
+
+It sits above both models/ (the modules) and convert/ (the weight readers), which it
+composes; training, sampling and evaluation build their model here.
 
 ``config`` is the ``model`` section of a run config (see configs/):
     unet:             UNetConfig fields (all of them for a fresh UNet; with a pretrained
@@ -23,8 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from consist_jax.convert.clip_vision import load_image_encoder
 from consist_jax.convert.motion import add_motion_params, load_motion_adapter
 from consist_jax.convert.unet import init_unet_params, load_unet
+from consist_jax.convert.vae import load_vae
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
 from consist_jax.models.unet import UNet, UNetConfig
@@ -140,8 +146,6 @@ def _codec(codec_cfg: Any, frozen: dict):
     if codec_cfg.kind == "pixel":
         return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
     if codec_cfg.kind == "vae":
-        from consist_jax.models.vae import load_vae
-
         module, params = load_vae(codec_cfg.vae_path)
         return VAECodec(module, int(codec_cfg.get("chunk_size", 8))), {**frozen, "vae": params}
     raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel' or 'vae'")
@@ -151,8 +155,6 @@ def _context(context_cfg: Any, dim: int, frozen: dict):
     if context_cfg.kind == "none":
         return NullContext(dim), frozen
     if context_cfg.kind in ("embedding", "hidden_states"):
-        from consist_jax.models.clip_vision import load_image_encoder
-
         module, params = load_image_encoder(context_cfg.image_encoder_path)
         return ImageEncoderContext(module, context_cfg.kind), {**frozen, "image_encoder": params}
     raise ValueError(
