@@ -41,6 +41,12 @@ SCD_OPTIONS = (
 )
 
 
+def scd_option_defaults() -> dict:
+    """SCD's UNet options at UNetConfig's defaults, as a config section (dtype by name)."""
+    defaults = {name: getattr(UNetConfig(), name) for name in SCD_OPTIONS}
+    return {**defaults, "dtype": jnp.dtype(defaults["dtype"]).name}
+
+
 def _dtype(name: Any):
     return jnp.dtype(name) if isinstance(name, str) else name
 
@@ -82,9 +88,13 @@ def check_paths(config: Any) -> None:
 
 
 def motion_options(config: Any) -> dict:
-    """MotionConfig fields from ``model.motion`` (without ``enabled``)."""
+    """MotionConfig fields from ``model.motion`` (without ``enabled``); a ``frames_axis``
+    naming several mesh axes comes as one string, "clips,frames"."""
     motion = dict(config.get("motion") or {})
     motion.pop("enabled", None)
+    axis = motion.get("frames_axis")
+    if isinstance(axis, str) and "," in axis:
+        motion["frames_axis"] = tuple(name.strip() for name in axis.split(","))
     return {k: tuple(v) if isinstance(v, list) else v for k, v in motion.items()}
 
 
@@ -105,7 +115,7 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     elif config.pretrained_unet:
         overrides = {k: v for k, v in unet_cfg.items() if k in SCD_OPTIONS}
         overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
-        dtype = _dtype(overrides.pop("dtype", "float32"))
+        dtype = _dtype(overrides.pop("dtype", UNetConfig.dtype))
         unet, params = _load_pretrained_unet(config.pretrained_unet, rng, dtype, overrides)
     else:
         unet_config = unet_config_from(unet_cfg)

@@ -14,7 +14,7 @@ import pytest
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.factory import build_model
 from consist_jax.training import sharding
-from consist_jax.training.state import create_train_state, make_optimizer, trainable_labels
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer, trainable_labels
 from consist_jax.training.step import LossConfig, conditioning_masks, make_train_step, scd_loss
 from consist_jax.training.trainer import preflight
 
@@ -100,8 +100,7 @@ def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
     inputs = _latent_inputs(rng)
     results = {}
     for k in (1, 2):
-        optim = config.optim.copy_and_resolve_references()
-        optim.grad_accum_steps = k
+        optim = OptimizerConfig.from_config(dict(config.optim, grad_accum_steps=k))
         opt = make_optimizer(optim, params)
         step = jax.jit(make_train_step(model, schedule, loss, opt, optim))
         results[k] = step(create_train_state(params, opt, ema=False), inputs, jax.random.key(5), frozen)
@@ -113,10 +112,8 @@ def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
 
 def test_frozen_parameters_do_not_move(tiny_model, rng):
     config, model, params, frozen = tiny_model
-    optim = config.optim.copy_and_resolve_references()
-    with optim.unlocked():
-        optim.trainable = (r"^pose_encoder/",)
-        optim.warmup_steps = 0  # a warmup's first learning rate is 0
+    # warmup_steps=0: a warmup's first learning rate is 0.
+    optim = OptimizerConfig.from_config(dict(config.optim, trainable=(r"^pose_encoder/",), warmup_steps=0))
     opt = make_optimizer(optim, params)
     schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample")
@@ -172,7 +169,7 @@ sys.path.insert(0, sys.argv[1])
 from tests.configs.tiny import get_config
 from consist_jax.factory import build_model
 from consist_jax.training import sharding
-from consist_jax.training.state import create_train_state, make_optimizer
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
 from consist_jax.diffusion.schedule import NoiseSchedule
 
@@ -182,9 +179,10 @@ config.model.unet.update(block_out_channels=(16,), down_block_types=("CrossAttnD
                          up_block_types=("CrossAttnUpBlock2D",), attention_heads=(2,),
                          transformer_layers_per_block=(1,))
 model, params, frozen = build_model(config.model, jax.random.key(0))
-opt = make_optimizer(config.optim, params)
+optim = OptimizerConfig.from_config(config.optim)
+opt = make_optimizer(optim, params)
 step = make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossConfig.from_config(
-    dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, config.optim)
+    dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, optim)
 rng = np.random.default_rng(0)
 batch = {"reference": rng.uniform(-1, 1, (8, 16, 16, 3)), "reference_pose": rng.uniform(0, 1, (8, 16, 16, 3)),
          "target": rng.uniform(-1, 1, (8, 1, 16, 16, 3)), "target_pose": rng.uniform(0, 1, (8, 1, 16, 16, 3))}
