@@ -13,7 +13,6 @@ import pytest
 
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.factory import build_model
-from consist_jax.training import sharding
 from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer, trainable_labels
 from consist_jax.training.step import LossConfig, conditioning_masks, make_train_step, scd_loss
 from consist_jax.training.trainer import preflight

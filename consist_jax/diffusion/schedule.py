@@ -389,6 +389,7 @@ def sample_training_noise(rng: jax.Array, shape, offset: float = 0.0,
     return noise.astype(dtype)
 
 
-def sample_training_timesteps(rng: jax.Array, batch_size: int, num_train_timesteps: int) -> jax.Array:
-    """Uniform integer timesteps in [0, num_train_timesteps), (batch_size,) int32."""
-    return jax.random.randint(rng, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)
+def sample_training_timesteps(rng: jax.Array, shape, num_train_timesteps: int) -> jax.Array:
+    """Uniform integer timesteps in [0, num_train_timesteps) of ``shape`` (an int, a
+    tuple, or () for one), int32."""
+    return jax.random.randint(rng, shape, 0, num_train_timesteps, dtype=jnp.int32)

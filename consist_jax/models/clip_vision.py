@@ -31,7 +31,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from consist_jax import checks
 from consist_jax.models.image_preprocessing import CLIP_MEAN, CLIP_STD

@@ -22,7 +22,6 @@ Inputs are uint8 RGB: an (H, W, 3) array, a PIL image, a list of those, or an
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np

@@ -25,7 +25,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from consist_jax import checks
 from consist_jax.models.attention import dot_product_attention

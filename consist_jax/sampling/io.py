@@ -27,7 +27,6 @@ from consist_jax.poses.render import render
 from consist_jax.poses.sequence import crop_poses, resize_poses
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
 MAX_UPSCALE = 4  # a reference's centre crop is enlarged at most this much per side
 VIDEO_FRAME_SLACK = 0.05  # decoded frames may fall this far short of the header's count

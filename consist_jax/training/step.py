@@ -73,7 +73,7 @@ def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, los
         key = jax.random.fold_in(rng, example_id)
         noise_key, t_key, u_key = jax.random.split(key, 3)
         noise = sched.sample_training_noise(noise_key, (1, *example_shape), loss.noise_offset)[0]
-        t = jax.random.randint(t_key, (), 0, num_train_timesteps, dtype=jnp.int32)
+        t = sched.sample_training_timesteps(t_key, (), num_train_timesteps)
         return noise, t, jax.random.uniform(u_key, ())
 
     return jax.vmap(draw)(example_ids)

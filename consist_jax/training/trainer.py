@@ -8,14 +8,12 @@ a batch that does not divide the mesh) raises before any compile.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -25,7 +23,7 @@ from consist_jax.factory import build_model, check_paths
 from consist_jax.training import sharding, validate
 from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
 from consist_jax.training.metrics import MetricWriter, cost_analysis, peak_flops_per_device
-from consist_jax.training.state import OptimizerConfig, TrainState, create_train_state, make_optimizer
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
 
 
