@@ -42,7 +42,8 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
     model, params, frozen = build_model(config.model, jax.random.key(0))
     h, w = config.data.pipeline.resolution
     f = model.codec.factor
-    sampler = make_sampler("ddim", NoiseSchedule.from_config(config.diffusion), steps, prediction_type=config.diffusion.prediction_type)
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    sampler = make_sampler("ddim", schedule, steps, prediction_type=config.diffusion.prediction_type)
     guidance = GuidanceConfig(scale=3.0)
     rng = np.random.default_rng(0)
     reference = jnp.asarray(rng.uniform(-1, 1, (1, h, w, 3)), jnp.float32)

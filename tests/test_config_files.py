@@ -4,9 +4,8 @@ import json
 
 import pytest
 
+from consist_jax.convert.clip_vision import load_image_encoder, load_preprocess_config
 from consist_jax.convert.unet import load_unet
-from consist_jax.convert.clip_vision import load_image_encoder
-from consist_jax.convert.clip_vision import load_preprocess_config
 from consist_jax.convert.vae import load_vae
 
 TINY_UNET = dict(block_out_channels=[8, 16], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from consist_jax.checkpoints import restore_params
 from consist_jax.checks import check_sample_settings
-from consist_jax.factory import build_model
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.factory import build_model
 from consist_jax.models.scd import SCDModel
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling.two_stage import GuidanceConfig, extract_reference
 from consist_jax.sampling.video import denoise_video, window_starts
-from consist_jax.checkpoints import restore_params
 
 
 def _to_signed(images: np.ndarray) -> np.ndarray:
@@ -72,8 +72,9 @@ class SCDPipeline:
         model, _, frozen = build_model(config.model, jax.random.key(0), init_params=False)
         resolution = config.data.pipeline.resolution
         resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
-        return cls(model, params, frozen, NoiseSchedule.from_config(config.diffusion), config.diffusion.prediction_type,
-                   resolution, config.train.reference_timestep, config_dict, step)
+        schedule = NoiseSchedule.from_config(config.diffusion)
+        return cls(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
+                   config.train.reference_timestep, config_dict, step)
 
     def check_inputs(self, reference_image: np.ndarray, target_poses: np.ndarray,
                      reference_pose: Optional[np.ndarray]) -> None:

@@ -430,14 +430,15 @@ def compile_sampler(config: Any, device: Any, num_frames: int, steps: Optional[i
     temporal windows + VAE decode) of ``config`` for one ``device`` -> (compiled, mesh)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from consist_jax.sampling.pipeline import SCDPipeline
     from consist_jax.diffusion.schedule import NoiseSchedule
+    from consist_jax.sampling.pipeline import SCDPipeline
 
     model, params, frozen = abstract_model(config.model)
     resolution = tuple(config.data.pipeline.resolution)
     sample = config.sample
-    pipe = SCDPipeline(model, params, frozen, NoiseSchedule.from_config(config.diffusion), config.diffusion.prediction_type,
-                       resolution, config.train.reference_timestep)
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    pipe = SCDPipeline(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
+                       config.train.reference_timestep)
     generate = pipe._compiled(num_frames, int(steps or sample.steps), sample.sampler,
                               sample.get("timestep_spacing") or None, float(sample.guidance_rescale),
                               int(sample.window), int(sample.overlap), False)
