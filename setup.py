@@ -35,6 +35,8 @@ EXTRAS = {
         # The TFDS wrappers' test builds a dataset (no TensorFlow needed for that).
         "tensorflow-datasets>=4.9.10",
         "importlib_resources>=6.0",
+        # The package's import contracts (.importlinter), checked by tests/test_layering.py.
+        "import-linter>=2.17",
         # Ahead-of-time TPU compiles from a CPU host (test_compile_report.py): libtpu
         # describes TPU topologies; jax 0.10.2's tpu extra pins libtpu 0.0.42.
         "jax[tpu]==0.10.2",

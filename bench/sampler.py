@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, ".")
-from consist_jax.convert.build import build_model  # noqa: E402
 from consist_jax.diffusion.samplers import make_sampler  # noqa: E402
+from consist_jax.diffusion.schedule import NoiseSchedule  # noqa: E402
+from consist_jax.factory import build_model  # noqa: E402
 from consist_jax.sampling.two_stage import (  # noqa: E402
     GuidanceConfig, cached_model_fn, denoise, extract_reference, guided, joint_model_fn)
-from consist_jax.training.trainer import noise_schedule  # noqa: E402
 
 
 def _flops(fn, *args) -> float:
@@ -42,7 +42,8 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
     model, params, frozen = build_model(config.model, jax.random.key(0))
     h, w = config.data.pipeline.resolution
     f = model.codec.factor
-    sampler = make_sampler("ddim", noise_schedule(config), steps, prediction_type=config.diffusion.prediction_type)
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    sampler = make_sampler("ddim", schedule, steps, prediction_type=config.diffusion.prediction_type)
     guidance = GuidanceConfig(scale=3.0)
     rng = np.random.default_rng(0)
     reference = jnp.asarray(rng.uniform(-1, 1, (1, h, w, 3)), jnp.float32)

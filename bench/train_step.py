@@ -94,17 +94,14 @@ def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
     import dataclasses
 
     from consist_jax.diffusion.schedule import NoiseSchedule
-    from consist_jax.training.state import create_train_state, make_optimizer
+    from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
     from consist_jax.training.step import LossConfig, make_train_step
-    import ml_collections
 
     config = dataclasses.replace(config, pose_block_out_channels=(16, 32, 64, 128), dtype=dtype)
     shapes = unet_param_shapes(config)
     params = jax.tree_util.tree_map(lambda s: jnp.full(s.shape, 0.01, jnp.float32), shapes)
     params["pose_encoder"] = init_pose_encoder_params(config)
-    optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=0, schedule="constant", b1=0.9, b2=0.999,
-                                           eps=1e-8, weight_decay=0.01, clip_norm=1.0, grad_accum_steps=1,
-                                           ema_decay=0.0, trainable=(".*",)))
+    optim = OptimizerConfig(warmup_steps=0)  # otherwise the run configs' defaults (AdamW, lr 1e-5)
     opt = make_optimizer(optim, params)
     model = SCDModel(UNet(config), PixelCodec(1), NullContext(config.cross_attention_dim))
     step = jax.jit(make_train_step(model, NoiseSchedule.create(), LossConfig(), opt, optim), donate_argnums=0)

@@ -1,10 +1,14 @@
 """Defaults shared by every run config; each config file overrides what differs.
 
+The defaults of the sections read into dataclasses (model.unet's SCD options,
+model.motion, train, optim) are those dataclasses' own, written once there.
+
 Also the command-line side of configs: `parse_flags_with_usage` is what the CLIs hand
 to `app.run`, so a mistyped `--config.a.b=...` override is one line naming the key and
 its nearest valid siblings (ml_collections raises a bare AttributeError from deep inside
 absl's flag parsing), before anything is built or compiled.
 """
+import dataclasses
 import difflib
 import re
 import sys
@@ -14,6 +18,15 @@ import ml_collections
 from absl import flags
 
 from consist_jax.data.pipeline import default_config as pipeline_defaults
+from consist_jax.factory import scd_option_defaults
+from consist_jax.models.motion import MotionConfig
+from consist_jax.training.state import OptimizerConfig
+from consist_jax.training.step import LossConfig
+
+
+def _defaults(cls, **changes) -> dict:
+    """A dataclass's default field values as a config section (``changes`` replace some)."""
+    return {**{f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}, **changes}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,30 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
     # diffusers folder whose unet/ and vae/ config.json give the architecture ("": SD-1.5's).
     c.model.pretrained_single_file = ""
     c.model.pretrained_single_file_config = ""
-    c.model.unet = ml_collections.ConfigDict(
-        dict(
-            attention_rule="causal",
-            attention_impl="xla",
-            reference_pose_injection=True,
-            pose_block_out_channels=(16, 32, 64, 128),
-            remat=False,
-            dtype="float32",
-        )
-    )
+    # SCD's UNet options (UNetConfig's defaults); a fresh UNet takes its architecture here too.
+    c.model.unet = ml_collections.ConfigDict(scd_option_defaults())
     # The video model (configs/sd15_video.py): AnimateDiff motion modules on the target frames.
+    # frames_axis: a mesh axis the frames are split over, e.g. "frames" with mesh axes
+    # ("data", "fsdp", "frames"), or several joined by commas ("clips,frames"); None keeps
+    # each clip's frames on one device. A typed placeholder, so the command line can set it.
     c.model.motion = ml_collections.ConfigDict(
-        dict(
-            enabled=False,
-            num_attention_heads=8,
-            transformer_layers_per_block=1,
-            mid_block_transformer_layers=1,
-            use_mid_block=True,
-            max_seq_length=32,
-            norm_num_groups=32,
-            # A mesh axis (or axes) the frames are split over, e.g. "frames" with mesh axes
-            # ("data", "fsdp", "frames"); None keeps each clip's frames on one device.
-            frames_axis=None,
-        )
+        _defaults(MotionConfig, enabled=False, frames_axis=ml_collections.config_dict.placeholder(str))
     )
     c.model.motion_adapter = ""  # AnimateDiff motion modules to start from (folder or .safetensors)
     c.model.init_from = ""  # a train.py workdir whose params start this run (image stage -> video stage)
@@ -89,36 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.train = ml_collections.ConfigDict(
-        dict(
-            global_batch_size=64,
-            num_steps=30_000,
-            reference_timestep=0,
-            drop_reference_prob=0.1,
-            drop_context_prob=0.1,
-            min_snr_gamma=0.0,
-            noise_offset=0.0,
-            tryon=False,
-        )
-    )
+    # The loss's options (LossConfig; its prediction_type is diffusion.prediction_type).
+    loss = _defaults(LossConfig)
+    del loss["prediction_type"]
+    c.train = ml_collections.ConfigDict(dict(global_batch_size=64, num_steps=30_000, **loss))
 
-    c.optim = ml_collections.ConfigDict(
-        dict(
-            lr=1e-5,
-            warmup_steps=500,
-            schedule="constant",  # or "cosine" (to decay_steps)
-            decay_steps=30_000,
-            final_lr_fraction=0.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=1e-2,
-            clip_norm=1.0,
-            grad_accum_steps=1,
-            ema_decay=0.0,  # > 0 keeps an EMA of the params
-            trainable=(".*",),  # regexes over param paths ("down_blocks.0/resnets.1/conv1/kernel")
-        )
-    )
+    c.optim = ml_collections.ConfigDict(_defaults(OptimizerConfig))  # fields: training/state.py
 
     # shape: within a slice (ICI); dcn_shape: slices per axis (DCN), e.g. (2, 1) for data
     # parallelism over 2 slices; param_rules: ordered (path regex, spec) pairs, e.g.

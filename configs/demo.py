@@ -24,7 +24,7 @@ def get_config():
         crop_scale=(1.0, 1.0),
         flip_probability=0.5,
     )
-    c.model.unet = dict(
+    c.model.unet.update(  # a fresh UNet; SCD's options keep configs/common.py's defaults
         in_channels=12,
         out_channels=12,
         block_out_channels=(32, 64, 64),
@@ -35,12 +35,7 @@ def get_config():
         transformer_layers_per_block=(1, 1, 1),
         cross_attention_dim=32,
         norm_num_groups=8,
-        attention_rule="causal",
-        attention_impl="xla",
-        reference_pose_injection=True,
         pose_block_out_channels=(16, 32),  # downsamples by 2, the pixel-unshuffle factor
-        remat=False,
-        dtype="float32",
     )
     c.model.codec = dict(kind="pixel", factor=2)
     c.model.context = dict(kind="none")

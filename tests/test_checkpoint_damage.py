@@ -12,9 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from consist_jax.checkpoints import CheckpointDamagedError, restore_params, verify_step
 from consist_jax.sampling.pipeline import SCDPipeline
-from consist_jax.training.checkpoint import (CheckpointDamagedError, CheckpointMismatchError, Checkpointer,
-                                             restore_params, verify_step)
+from consist_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
 from tests.runs import REPO, run_env, script_cmd, train_cmd
 from tests.test_training import assert_trees_equal, final_params
 

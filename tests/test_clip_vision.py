@@ -11,12 +11,9 @@ import pytest
 import torch
 
 from consist_jax.convert.loading import CheckpointError
+from consist_jax.convert.clip_vision import load_image_encoder, load_preprocess_config
 from consist_jax.models import clip_vision as clip_lib
-from consist_jax.models.image_preprocessing import (
-    CLIPPreprocessConfig,
-    load_preprocess_config,
-    preprocess_images,
-)
+from consist_jax.models.image_preprocessing import CLIPPreprocessConfig, preprocess_images
 from parity import relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -57,7 +54,7 @@ def small_clip(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("clip"))
     model = build_torch_clip(_module_seed("small_clip"), **SMALL)
     model.save_pretrained(folder)
-    module, params = clip_lib.load_image_encoder(folder)
+    module, params = load_image_encoder(folder)
     return folder, model, module, params
 
 
@@ -115,7 +112,7 @@ def test_parity_fp16_file(small_clip, tmp_path, rng):
     half = build_torch_clip(int(rng.integers(2**31)), **SMALL).half()
     half.save_pretrained(str(tmp_path), variant="fp16")
     assert (tmp_path / "model.fp16.safetensors").exists()
-    module, params = clip_lib.load_image_encoder(str(tmp_path))
+    module, params = load_image_encoder(str(tmp_path))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     reference = half.float()
     check_parity(module, params, reference.vision_model, reference.visual_projection, rng)
@@ -129,7 +126,7 @@ def test_full_clip_config_with_gelu(tmp_path, rng):
     config = transformers.CLIPConfig(vision_config=vision, text_config=text, projection_dim=12)
     model = transformers.CLIPModel(config).eval()
     model.save_pretrained(str(tmp_path))
-    module, params = clip_lib.load_image_encoder(str(tmp_path))
+    module, params = load_image_encoder(str(tmp_path))
     assert module.config.projection_dim == 12 and module.config.hidden_act == "gelu"
     pixels = random_pixels(rng, size=16)
     expected = torch_outputs(model.vision_model, model.visual_projection, pixels)
@@ -147,7 +144,7 @@ def test_position_ids_buffer_is_ignored(small_clip, tmp_path):
     state["vision_model.embeddings.position_ids"] = np.arange(17, dtype=np.int64)[None]
     save_file(state, str(tmp_path / "model.safetensors"))
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
-    clip_lib.load_image_encoder(str(tmp_path))
+    load_image_encoder(str(tmp_path))
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -199,20 +196,20 @@ def test_preprocessing_rejects_float_images(rng):
 def test_folder_without_config(small_clip, tmp_path):
     shutil.copy(os.path.join(small_clip[0], "model.safetensors"), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        clip_lib.load_image_encoder(str(tmp_path))
+        load_image_encoder(str(tmp_path))
 
 
 def test_vae_folder_is_rejected(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4).save_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"not a CLIP vision config.*AutoencoderKL"):
-        clip_lib.load_image_encoder(str(tmp_path))
+        load_image_encoder(str(tmp_path))
     # A CLIP config next to the VAE's weights: the file is named and its keys listed.
     (tmp_path / "config.json").write_text(json.dumps(dict(SMALL, model_type="clip_vision_model")))
     os.rename(tmp_path / "diffusion_pytorch_model.safetensors", tmp_path / "model.safetensors")
     expected = r"model.safetensors.*missing key.*unexpected key.*decoder.conv_in"
     with pytest.raises(CheckpointError, match=expected):
-        clip_lib.load_image_encoder(str(tmp_path))
+        load_image_encoder(str(tmp_path))
 
 
 def test_bad_pixel_values(small_clip, rng):

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
+from consist_jax.convert.clip_vision import load_image_encoder, load_preprocess_config
 from consist_jax.convert.unet import load_unet
-from consist_jax.models.clip_vision import load_image_encoder
-from consist_jax.models.image_preprocessing import load_preprocess_config
-from consist_jax.models.vae import load_vae
+from consist_jax.convert.vae import load_vae
 
 TINY_UNET = dict(block_out_channels=[8, 16], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=2, norm_num_groups=4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from parity import random_params, relative_error
 
-from consist_jax.convert.build import unet_config_from
+from consist_jax.factory import unet_config_from
 from consist_jax.convert.motion import add_motion_params, motion_param_shapes
 from consist_jax.convert.unet import unet_param_shapes
 from consist_jax.diffusion.samplers import make_sampler

@@ -15,7 +15,7 @@ from parity import relative_error
 from safetensors.numpy import load_file, save_file
 
 from consist_jax.convert import single_file as sf
-from consist_jax.convert.build import build_model
+from consist_jax.factory import build_model
 from consist_jax.convert.loading import CheckpointError
 from consist_jax.convert.unet import load_unet
 from consist_jax.models import vae as vae_lib

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from consist_jax.convert.build import build_model
-from consist_jax.training import sharding
-from consist_jax.training.state import create_train_state, make_optimizer, trainable_labels
+from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.factory import build_model
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer, trainable_labels
 from consist_jax.training.step import LossConfig, conditioning_masks, make_train_step, scd_loss
-from consist_jax.training.trainer import noise_schedule, preflight
+from consist_jax.training.trainer import preflight
 
 from tests.configs.tiny import get_config as tiny_config
 from tests.runs import REPO, run_env, script_cmd, train_cmd
@@ -23,7 +23,7 @@ from tests.runs import REPO, run_env, script_cmd, train_cmd
 
 def final_params(workdir, step, which="params"):
     """The params (or ``which="ema_params"``) of checkpoint ``step`` as numpy arrays."""
-    from consist_jax.training.checkpoint import read_state
+    from consist_jax.checkpoints import read_state
 
     restored = read_state(os.path.join(workdir, "checkpoints", str(step), "state"))
     return jax.tree_util.tree_map(np.asarray, restored[which])
@@ -72,7 +72,7 @@ def test_conditioning_drops_are_nested():
 def test_tryon_loss_sees_only_the_region(tiny_model, rng):
     """Outside the region mask neither the noisy input nor the loss depends on the target."""
     config, model, params, _ = tiny_model
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample", tryon=True, drop_reference_prob=0.0, drop_context_prob=0.0)
     inputs = _latent_inputs(rng, with_region=True)
     loss_fn = jax.jit(lambda p, x, r: scd_loss(p, model, schedule, loss, x, r)[1])
@@ -94,13 +94,12 @@ def test_tryon_loss_sees_only_the_region(tiny_model, rng):
 def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
     """Two accumulated micro-batches give the one-batch loss and update (per-example draws)."""
     config, model, params, frozen = tiny_model
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample")
     inputs = _latent_inputs(rng)
     results = {}
     for k in (1, 2):
-        optim = config.optim.copy_and_resolve_references()
-        optim.grad_accum_steps = k
+        optim = OptimizerConfig.from_config(dict(config.optim, grad_accum_steps=k))
         opt = make_optimizer(optim, params)
         step = jax.jit(make_train_step(model, schedule, loss, opt, optim))
         results[k] = step(create_train_state(params, opt, ema=False), inputs, jax.random.key(5), frozen)
@@ -112,12 +111,10 @@ def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
 
 def test_frozen_parameters_do_not_move(tiny_model, rng):
     config, model, params, frozen = tiny_model
-    optim = config.optim.copy_and_resolve_references()
-    with optim.unlocked():
-        optim.trainable = (r"^pose_encoder/",)
-        optim.warmup_steps = 0  # a warmup's first learning rate is 0
+    # warmup_steps=0: a warmup's first learning rate is 0.
+    optim = OptimizerConfig.from_config(dict(config.optim, trainable=(r"^pose_encoder/",), warmup_steps=0))
     opt = make_optimizer(optim, params)
-    schedule = noise_schedule(config)
+    schedule = NoiseSchedule.from_config(config.diffusion)
     loss = LossConfig(prediction_type="sample")
     step = jax.jit(make_train_step(model, schedule, loss, opt, optim))
     state, _ = step(create_train_state(params, opt, ema=True), _latent_inputs(rng), jax.random.key(2), frozen)
@@ -169,11 +166,11 @@ import json, sys
 import jax, numpy as np, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from tests.configs.tiny import get_config
-from consist_jax.convert.build import build_model
+from consist_jax.factory import build_model
 from consist_jax.training import sharding
-from consist_jax.training.state import create_train_state, make_optimizer
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
-from consist_jax.training.trainer import noise_schedule
+from consist_jax.diffusion.schedule import NoiseSchedule
 
 config = get_config()
 # One UNet level keeps the four SPMD compiles short; sharding rules are what is tested.
@@ -181,9 +178,10 @@ config.model.unet.update(block_out_channels=(16,), down_block_types=("CrossAttnD
                          up_block_types=("CrossAttnUpBlock2D",), attention_heads=(2,),
                          transformer_layers_per_block=(1,))
 model, params, frozen = build_model(config.model, jax.random.key(0))
-opt = make_optimizer(config.optim, params)
-step = make_train_step(model, noise_schedule(config), LossConfig.from_config(
-    dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, config.optim)
+optim = OptimizerConfig.from_config(config.optim)
+opt = make_optimizer(optim, params)
+step = make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossConfig.from_config(
+    dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, optim)
 rng = np.random.default_rng(0)
 batch = {"reference": rng.uniform(-1, 1, (8, 16, 16, 3)), "reference_pose": rng.uniform(0, 1, (8, 16, 16, 3)),
          "target": rng.uniform(-1, 1, (8, 1, 16, 16, 3)), "target_pose": rng.uniform(0, 1, (8, 1, 16, 16, 3))}

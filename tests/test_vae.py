@@ -15,6 +15,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from consist_jax.convert.loading import CheckpointError
+from consist_jax.convert.vae import load_vae
 from consist_jax.models import vae as vae_lib
 from parity import relative_error
 
@@ -70,7 +71,7 @@ def small_vae(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("vae"))
     model = build_torch_vae(_module_seed("small_vae"), **SMALL)
     model.save_pretrained(folder)
-    module, params = vae_lib.load_vae(folder)
+    module, params = load_vae(folder)
     return folder, model, module, params
 
 
@@ -138,14 +139,14 @@ def test_parity_fp16_file(small_vae, tmp_path, rng):
     weights = tmp_path / "diffusion_pytorch_model.fp16.safetensors"
     assert weights.exists() and not (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     assert next(iter(load_file(str(weights)).values())).dtype == np.float16
-    module, params = vae_lib.load_vae(str(tmp_path))
+    module, params = load_vae(str(tmp_path))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     check_parity(half.float(), module, params, rng)
 
 
 def test_bfloat16_load_runs_close(small_vae, rng):
     folder, model, _, _ = small_vae
-    module, params = vae_lib.load_vae(folder, dtype=jnp.bfloat16)
+    module, params = load_vae(folder, dtype=jnp.bfloat16)
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
     images = random_images(rng, 1)
     mean, _, _ = torch_encode_decode(model, images, np.full((1, 16, 16, 4), 0.5, np.float32))
@@ -169,7 +170,7 @@ def test_variant_config_parity(tmp_path, rng):
     )
     model = build_torch_vae(int(rng.integers(2**31)), **config)
     model.save_pretrained(str(tmp_path))
-    module, params = vae_lib.load_vae(str(tmp_path))
+    module, params = load_vae(str(tmp_path))
     assert "quant_conv" not in params and "attentions.0" not in params["encoder"]["mid_block"]
     images = random_images(rng, 2)
     latents = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -220,7 +221,7 @@ def test_legacy_attention_names_load(small_vae, tmp_path):
     assert any(".query." in k for k in renamed)
     save_file(renamed, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     shutil.copy(os.path.join(folder, "config.json"), tmp_path)
-    _, legacy_params = vae_lib.load_vae(str(tmp_path))
+    _, legacy_params = load_vae(str(tmp_path))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(legacy_params)):
         np.testing.assert_array_equal(a, b)
 
@@ -253,7 +254,7 @@ def test_folder_without_config(small_vae, tmp_path):
     folder = small_vae[0]
     shutil.copy(os.path.join(folder, "diffusion_pytorch_model.safetensors"), tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        vae_lib.load_vae(str(tmp_path))
+        load_vae(str(tmp_path))
 
 
 def test_weights_of_another_model(small_vae, tmp_path, rng):
@@ -265,7 +266,7 @@ def test_weights_of_another_model(small_vae, tmp_path, rng):
     }
     save_file(clip_like, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing key.*unexpected key.*visual_projection"):
-        vae_lib.load_vae(str(tmp_path))
+        load_vae(str(tmp_path))
 
 
 def test_misshapen_weights(small_vae, tmp_path):
@@ -276,7 +277,7 @@ def test_misshapen_weights(small_vae, tmp_path):
     config["latent_channels"] = 8
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"misshapen.*quant_conv"):
-        vae_lib.load_vae(str(tmp_path))
+        load_vae(str(tmp_path))
 
 
 def test_bad_images(small_vae, rng):
@@ -296,6 +297,7 @@ _FULL_SIZE_SCRIPT = textwrap.dedent(
     """
     import json, sys, time, tracemalloc
     import numpy as np, jax
+    from consist_jax.convert.vae import load_vae
     from consist_jax.models import vae as vae_lib
 
     def memory_mb():
@@ -306,7 +308,7 @@ _FULL_SIZE_SCRIPT = textwrap.dedent(
     before = memory_mb()
     tracemalloc.start()  # numpy reports its buffers: the host arrays' peak.
     start = time.perf_counter()
-    module, params = vae_lib.load_vae(sys.argv[1])
+    module, params = load_vae(sys.argv[1])
     jax.block_until_ready(params)
     load_s = time.perf_counter() - start
     numpy_peak_mb = tracemalloc.get_traced_memory()[1] / 2**20

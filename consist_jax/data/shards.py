@@ -1,4 +1,4 @@
-"""Where a split's ArrayRecord shards live and how they are written.
+"""Where a split's ArrayRecord shards live, how they are written and counted.
 
 Shard files follow the TFDS naming, so a synthetic set and a TFDS-built set look
 alike on disk and the pipeline finds both the same way:
@@ -18,6 +18,7 @@ from typing import Iterable
 from array_record.python import array_record_module
 
 from consist_jax import files
+from consist_jax.data.records import RecordError
 
 # group_size:1 makes every record its own chunk: random access reads one record.
 WRITER_OPTIONS = "group_size:1"
@@ -29,6 +30,22 @@ def shard_paths(out_dir: str, name: str, split: str, num_shards: int) -> list[st
             for i in range(num_shards)]
 
 
+def count_records(path: str) -> int:
+    """Records in one shard; a shard that cannot be opened is an error in every mode
+    (its records cannot even be counted, let alone skipped one by one)."""
+    try:
+        reader = array_record_module.ArrayRecordReader(os.fspath(path))
+        # A truncated shard loses its footer: the reader opens "not ok", or close() raises.
+        count = reader.num_records() if reader.ok() else None
+        reader.close()
+    except RuntimeError:
+        count = None
+    if count is None:
+        raise RecordError(f"cannot read ArrayRecord file {path} (truncated or not an "
+                          f"ArrayRecord file); rewrite or remove the shard")
+    return count
+
+
 def write_records(path: str, encoded_records: Iterable[bytes]) -> int:
     """Writes records to one ArrayRecord file; returns how many.
 
@@ -37,10 +54,8 @@ def write_records(path: str, encoded_records: Iterable[bytes]) -> int:
     count = 0
 
     def all_records_read_back(tmp):
-        from consist_jax.data.source import _count_records  # the reader's check (source imports us)
-
-        if _count_records(tmp) != count:
-            raise ValueError(f"wrote {count} records but {_count_records(tmp)} read back")
+        if count_records(tmp) != count:
+            raise ValueError(f"wrote {count} records but {count_records(tmp)} read back")
 
     with files.atomic_path(path, all_records_read_back) as tmp:
         writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)

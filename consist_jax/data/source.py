@@ -16,7 +16,7 @@ from typing import Sequence
 from array_record.python import array_record_module
 
 from consist_jax.data.records import RecordError, VideoExample, decode_video
-from consist_jax.data.shards import find_split_files
+from consist_jax.data.shards import count_records, find_split_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,7 @@ class VideoRecordSource:
 
     def __init__(self, paths: Sequence[str]):
         self._paths = [os.fspath(p) for p in paths]
-        counts = [_count_records(p) for p in self._paths]
+        counts = [count_records(p) for p in self._paths]
         self._ends = [sum(counts[:i + 1]) for i in range(len(counts))]
         self._readers: list = [None] * len(self._paths)
         self._lock = threading.Lock()
@@ -108,19 +108,3 @@ class VideoRecordSource:
     def __repr__(self) -> str:
         # grain compares this string when restoring an iterator's state: keep it stable.
         return f"VideoRecordSource(paths={self._paths!r}, num_records={len(self)})"
-
-
-def _count_records(path: str) -> int:
-    """Records in one shard; a shard that cannot be opened is an error in every mode
-    (its records cannot even be counted, let alone skipped one by one)."""
-    try:
-        reader = array_record_module.ArrayRecordReader(os.fspath(path))
-        # A truncated shard loses its footer: the reader opens "not ok", or close() raises.
-        count = reader.num_records() if reader.ok() else None
-        reader.close()
-    except RuntimeError:
-        count = None
-    if count is None:
-        raise RecordError(f"cannot read ArrayRecord file {path} (truncated or not an "
-                          f"ArrayRecord file); rewrite or remove the shard")
-    return count

@@ -210,6 +210,14 @@ class NoiseSchedule:
                    beta_schedule=beta_schedule)
 
     @classmethod
+    def from_config(cls, diffusion: Mapping[str, Any]) -> "NoiseSchedule":
+        """From a run config's ``diffusion`` section (configs/common.py), as training and
+        sampling both build it."""
+        return cls.create(beta_schedule=diffusion["beta_schedule"], beta_start=diffusion["beta_start"],
+                          beta_end=diffusion["beta_end"], num_train_timesteps=diffusion["num_train_timesteps"],
+                          rescale_betas_zero_snr=diffusion["rescale_zero_terminal_snr"])
+
+    @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], precision: str = "float32") -> "NoiseSchedule":
         """Build from a diffusers scheduler_config.json dict (missing keys: diffusers' defaults).
 
@@ -376,6 +384,7 @@ def sample_training_noise(rng: jax.Array, shape, offset: float = 0.0,
     return noise.astype(dtype)
 
 
-def sample_training_timesteps(rng: jax.Array, batch_size: int, num_train_timesteps: int) -> jax.Array:
-    """Uniform integer timesteps in [0, num_train_timesteps), (batch_size,) int32."""
-    return jax.random.randint(rng, (batch_size,), 0, num_train_timesteps, dtype=jnp.int32)
+def sample_training_timesteps(rng: jax.Array, shape, num_train_timesteps: int) -> jax.Array:
+    """Uniform integer timesteps in [0, num_train_timesteps) of ``shape`` (an int, a
+    tuple, or () for one), int32."""
+    return jax.random.randint(rng, shape, 0, num_train_timesteps, dtype=jnp.int32)

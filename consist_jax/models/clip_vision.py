@@ -19,7 +19,7 @@ tokens (the class token first) the model returns:
     ``output_hidden_states`` (IP-Adapter Plus reads ``hidden_states[-2]``).
 
 Parameter names mirror transformers' (``vision_model.encoder.layers.3.self_attn.q_proj``),
-so ``model.safetensors`` maps onto them by ``consist_jax.convert.loading``.
+so ``model.safetensors`` maps onto them by ``consist_jax.convert.clip_vision.load_image_encoder``.
 """
 from __future__ import annotations
 
@@ -31,10 +31,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from consist_jax import checks
-from consist_jax.convert.loading import config_from_file, load_params_from_folder, read_config, to_jax_params
 from consist_jax.models.image_preprocessing import CLIP_MEAN, CLIP_STD
 from consist_jax.models.attention import dot_product_attention
 
@@ -49,12 +47,6 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
-
-# Keys of a checkpoint this model holds no tensor for: a non-persistent buffer older
-# transformers saved, and the text half of a full CLIPModel file.
-IGNORED_BUFFERS = (r"^vision_model\.embeddings\.position_ids$",)
-TEXT_TOWER_KEYS = (r"^text_model\.", r"^text_projection\.", r"^logit_scale$")
-
 
 # --------------------------------------------------------------------------- config
 
@@ -304,27 +296,6 @@ def clip_vision_param_shapes(config: CLIPVisionConfig) -> dict:
     pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels), jnp.float32)
     module = CLIPVisionModelWithProjection(config)
     return jax.eval_shape(lambda r, x: module.init(r, x)["params"], jax.random.key(0), pixels)
-
-
-def load_image_encoder(folder: str, dtype: Any = jnp.float32) -> tuple[CLIPVisionModelWithProjection, dict]:
-    """Reads a transformers CLIP folder into ``(CLIPVisionModelWithProjection, params)``.
-
-    The folder holds ``config.json`` (a ``CLIPVisionConfig``, or a full ``CLIPConfig``
-    whose text tower is then skipped) and ``model.safetensors`` (or ``model.fp16.safetensors``,
-    or a sharded index). ``dtype`` is the parameter and compute dtype. Apply with
-    ``{"params": params}``.
-    """
-    raw = read_config(folder)
-    config = config_from_file(CLIPVisionConfig.from_transformers, folder, dtype=dtype)
-    ignored = IGNORED_BUFFERS + (TEXT_TOWER_KEYS if raw.get("model_type") == "clip" else ())
-    params = load_params_from_folder(
-        folder,
-        "model",
-        clip_vision_param_shapes(config),
-        ignore_unexpected=ignored,
-        dtype=np.dtype(jnp.dtype(dtype)),
-    )
-    return CLIPVisionModelWithProjection(config), to_jax_params(params)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "output_projected_tokens", "output_hidden_states"))

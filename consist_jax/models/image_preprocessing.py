@@ -22,7 +22,6 @@ Inputs are uint8 RGB: an (H, W, 3) array, a PIL image, a list of those, or an
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,16 +75,6 @@ class CLIPPreprocessConfig:
             if config.get(key) is not None:
                 kwargs[key] = config[key]
         return cls(**kwargs)
-
-
-def load_preprocess_config(folder: str) -> CLIPPreprocessConfig:
-    """``folder/preprocessor_config.json`` if present, else the OpenAI CLIP defaults."""
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        return CLIPPreprocessConfig()
-    from consist_jax.convert.loading import config_from_file  # safetensors: only when a folder is read
-
-    return config_from_file(CLIPPreprocessConfig.from_transformers, folder, "preprocessor_config.json")
 
 
 def resize_shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:

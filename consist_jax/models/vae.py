@@ -4,11 +4,11 @@ Images are NHWC in [-1, 1]; latents are NHWC with ``latent_channels`` channels a
 ``1 / downsample_factor`` of the image size (8 for SD: 512x512x3 <-> 64x64x4).
 
 Parameter names mirror diffusers' module names (``encoder.down_blocks.0.resnets.1.conv1``),
-so ``consist_jax.convert.loading`` maps a ``diffusion_pytorch_model.safetensors`` file
-onto them without a table.
+so ``consist_jax.convert.vae.load_vae`` maps a ``diffusion_pytorch_model.safetensors``
+file onto them without a table.
 
 Public API:
-  * ``load_vae(folder, dtype) -> (AutoencoderKL, params)``
+  * ``consist_jax.convert.vae.load_vae(folder, dtype) -> (AutoencoderKL, params)``
   * ``encode_latents(module, params, images, rng=None)``: images -> scaled latents
   * ``decode_latents(module, params, latents)``: scaled latents -> images
   * ``encode_frames`` / ``decode_frames``: the same over ``(B, F, ...)`` video frames,
@@ -25,10 +25,8 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from consist_jax import checks
-from consist_jax.convert.loading import config_from_file, load_params_from_folder, to_jax_params
 from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 
@@ -36,15 +34,6 @@ Dtype = Any
 
 # diffusers builds every VAE norm with this epsilon (not GroupNorm's 1e-5 default).
 VAE_NORM_EPS = 1e-6
-
-# Checkpoints saved before diffusers renamed the attention projections (still on the Hub).
-LEGACY_ATTENTION_RENAMES = (
-    (r"(mid_block\.attentions\.\d+)\.query\.", r"\1.to_q."),
-    (r"(mid_block\.attentions\.\d+)\.key\.", r"\1.to_k."),
-    (r"(mid_block\.attentions\.\d+)\.value\.", r"\1.to_v."),
-    (r"(mid_block\.attentions\.\d+)\.proj_attn\.", r"\1.to_out.0."),
-)
-
 
 # --------------------------------------------------------------------------- config
 
@@ -369,25 +358,6 @@ def vae_param_shapes(config: VAEConfig) -> dict:
     size = config.downsample_factor
     images = jax.ShapeDtypeStruct((1, size, size, config.in_channels), jnp.float32)
     return jax.eval_shape(lambda r, x: AutoencoderKL(config).init(r, x)["params"], jax.random.key(0), images)
-
-
-def load_vae(folder: str, dtype: Any = jnp.float32) -> tuple[AutoencoderKL, dict]:
-    """Reads a diffusers VAE folder into ``(AutoencoderKL module, params)``.
-
-    The folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or the
-    ``.fp16.safetensors`` variant, or a sharded index); fp16 files are cast to ``dtype``,
-    which is both the parameter and the compute dtype. Pre-0.14 attention names
-    (query/key/value/proj_attn) are renamed. Apply with ``{"params": params}``.
-    """
-    config = config_from_file(VAEConfig.from_diffusers, folder, dtype=dtype)
-    params = load_params_from_folder(
-        folder,
-        "diffusion_pytorch_model",
-        vae_param_shapes(config),
-        rename_rules=LEGACY_ATTENTION_RENAMES,
-        dtype=np.dtype(jnp.dtype(dtype)),
-    )
-    return AutoencoderKL(config), to_jax_params(params)
 
 
 # --------------------------------------------------------------------------- helpers

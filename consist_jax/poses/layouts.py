@@ -245,11 +245,3 @@ def get_layout(layout: str | PoseLayout) -> PoseLayout:
     if key not in LAYOUTS:
         raise ValueError(f"unknown pose layout {layout!r}; known: {sorted(LAYOUTS)}")
     return LAYOUTS[key]
-
-
-def layout_for_num_keypoints(num_keypoints: int) -> PoseLayout | None:
-    """The layout with exactly ``num_keypoints`` points, or None."""
-    for layout in LAYOUTS.values():
-        if layout.num_keypoints == num_keypoints:
-            return layout
-    return None

@@ -32,7 +32,6 @@ from consist_jax.poses.render import render
 from consist_jax.poses.sequence import crop_poses, person_box, resize_poses
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi", ".mkv")
 KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
 MAX_UPSCALE = 4  # a reference's fitted box is enlarged at most this much per side
 MAX_PAD_FRACTION = 0.5  # at most this share of a fitted side may be padding

@@ -21,16 +21,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from consist_jax.checkpoints import restore_params
 from consist_jax.checks import check_sample_settings
-from consist_jax.convert.build import build_model
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.factory import build_model
 from consist_jax.models.attention_rule import has_reference_cache
 from consist_jax.models.scd import SCDModel
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling.two_stage import GuidanceConfig, denoise, extract_reference, window_starts
-from consist_jax.training.checkpoint import restore_params
 
 
 def _to_signed(images: np.ndarray) -> np.ndarray:
@@ -70,12 +70,11 @@ class SCDPipeline:
         params, config_dict, step = restore_params(workdir, step, use_ema)
         config = ml_collections.ConfigDict(config_dict)
         model, _, frozen = build_model(config.model, jax.random.key(0), init_params=False)
-        from consist_jax.training.trainer import noise_schedule
-
         resolution = config.data.pipeline.resolution
         resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
-        return cls(model, params, frozen, noise_schedule(config), config.diffusion.prediction_type,
-                   resolution, config.train.reference_timestep, config_dict, step)
+        schedule = NoiseSchedule.from_config(config.diffusion)
+        return cls(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
+                   config.train.reference_timestep, config_dict, step)
 
     def check_inputs(self, reference_image: np.ndarray, target_poses: np.ndarray,
                      reference_pose: Optional[np.ndarray]) -> None:

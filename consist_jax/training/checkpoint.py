@@ -5,6 +5,9 @@ Layout: ``{workdir}/checkpoints/{step}/{state,meta,file_sizes.json}``. Saves are
 asynchronous (the step loop goes on while arrays are written); a checkpoint becomes
 visible only when complete, so a run killed mid-save resumes from the previous one.
 
+Reading a step (verifying it, restoring the params for sampling) is
+consist_jax/checkpoints.py, which sampling imports without this writer.
+
 Once a save has finished, process 0 records the size of every file it wrote
 (``file_sizes.json``): a step is verified against it before use, so a file cut short
 (a write interrupted on a network disk) is named instead of failing deep in orbax.
@@ -14,27 +17,20 @@ resumed run moves it to ``{workdir}/checkpoints_damaged/``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from consist_jax import files
-
-ITEMS = ("state", "meta")
-FILE_SIZES = "file_sizes.json"
-
-
-class CheckpointDamagedError(RuntimeError):
-    """A checkpoint step is incomplete, cut short or unreadable; the message names the file."""
+from consist_jax.checkpoints import (FILE_SIZES, ITEMS, finished_steps, innermost_cause, newest_intact_step,
+                                     read_failure, restore_params, verify_step)
 
 
 class CheckpointMismatchError(ValueError):
@@ -57,16 +53,6 @@ def gather_process_states(state: bytes) -> list[str]:
     return [bytes(row[: int(n)]).decode() for row, n in zip(everyone, lengths.reshape(-1))]
 
 
-# ------------------------------------------------------------------ verifying a step
-
-
-def finished_steps(directory: str) -> list[int]:
-    """The steps orbax finished writing under ``directory`` (unfinished ones are temp folders)."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(s) for s in os.listdir(directory) if s.isdigit())
-
-
 def record_file_sizes(step_dir: str) -> None:
     """Writes ``step_dir/file_sizes.json``: every file of the finished step's items and its
     size (orbax's own bookkeeping files next to them may be rewritten later)."""
@@ -78,68 +64,6 @@ def record_file_sizes(step_dir: str) -> None:
                 sizes[os.path.relpath(path, step_dir)] = os.path.getsize(path)
     # Written atomically and checked: a reader never sees half a list.
     files.write_json(os.path.join(step_dir, FILE_SIZES), dict(sorted(sizes.items())), indent=0)
-
-
-def _read_json(path: str, where: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointDamagedError(f"{where}: {path} is unreadable ({e})") from e
-
-
-def verify_step(directory: str, step: int) -> None:
-    """Raises CheckpointDamagedError naming the first missing, unreadable or cut-short file of
-    checkpoint ``step``. Sizes are checked where the step has a file_sizes.json (steps saved
-    before it existed, or by a run killed just after the save, are checked for structure only;
-    their read errors are still caught when restoring)."""
-    step_dir = os.path.join(directory, str(step))
-    where = f"checkpoint step {step} in {directory}"
-    for item in ITEMS:
-        if not os.path.isdir(os.path.join(step_dir, item)):
-            raise CheckpointDamagedError(f"{where} lacks its {item!r} item ({os.path.join(step_dir, item)} is missing)")
-    _read_json(os.path.join(step_dir, "meta", "metadata"), where)
-    sizes_path = os.path.join(step_dir, FILE_SIZES)
-    if not os.path.isfile(sizes_path):
-        return
-    for name, size in _read_json(sizes_path, where).items():
-        path = os.path.join(step_dir, name)
-        actual = os.path.getsize(path) if os.path.isfile(path) else None
-        if actual is None:
-            raise CheckpointDamagedError(f"{where}: {path} is missing ({size} bytes were written)")
-        if actual != size:
-            raise CheckpointDamagedError(f"{where}: {path} is {actual} bytes, {size} were written (cut short?)")
-
-
-def newest_intact_step(directory: str) -> Optional[int]:
-    """The newest step that passes verify_step (None when there is no checkpoint). Damaged
-    newer steps are named on the console and left on disk; all damaged is an error."""
-    steps = finished_steps(directory)
-    damaged = []
-    for step in reversed(steps):
-        try:
-            verify_step(directory, step)
-        except CheckpointDamagedError as e:
-            damaged.append(str(e))
-            continue
-        for message in damaged:
-            print(f"{message}; using step {step}, the newest intact one", flush=True)
-        return step
-    if damaged:
-        raise CheckpointDamagedError(f"every checkpoint in {directory} is damaged, e.g. {damaged[0]}")
-    return None
-
-
-def _innermost(error: BaseException) -> str:
-    """An orbax/tensorstore error chain as one line: its innermost cause names the array and file."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0]}"
-
-
-def _read_failure(where: str, error: BaseException) -> CheckpointDamagedError:
-    return CheckpointDamagedError(f"{where} could not be read: {_innermost(error)}")
 
 
 def _path_name(path) -> str:
@@ -327,7 +251,7 @@ class Checkpointer:
             kept = f"step {last_good[-1]}" if last_good else "none yet"
             raise CheckpointSaveError(
                 f"saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed: "
-                f"{_innermost(e)}; stopping. The last good checkpoint ({kept}) is kept."
+                f"{innermost_cause(e)}; stopping. The last good checkpoint ({kept}) is kept."
             ) from None
 
     def set_aside(self, step: int) -> str:
@@ -357,7 +281,7 @@ class Checkpointer:
         try:
             saved = ocp.StandardCheckpointer().metadata(state_dir)
         except Exception as e:  # noqa: BLE001 - any read failure is a damaged step
-            raise _read_failure(where, e) from None
+            raise read_failure(where, e) from None
         check_tree_matches(getattr(saved, "item_metadata", saved), abstract_state, where)
         try:
             restored = self.manager.restore(
@@ -367,7 +291,7 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # noqa: BLE001
-            raise _read_failure(where, e) from None
+            raise read_failure(where, e) from None
         meta = restored.meta
         states = meta["data_states"]
         if len(states) != jax.process_count():
@@ -376,45 +300,6 @@ class Checkpointer:
                 f"resuming with {jax.process_count()} would not continue the same data streams"
             )
         return restored.state, states[jax.process_index()].encode(), meta
-
-
-def read_state(state_dir: str) -> dict:
-    """A saved train state (dict) on this host's first device, whatever mesh and number of
-    processes wrote it (orbax would otherwise lay it out as saved, and fail on another topology)."""
-    checkpointer = ocp.StandardCheckpointer()
-    saved = checkpointer.metadata(state_dir).item_metadata
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    dict(saved))
-    return checkpointer.restore(state_dir, target)
-
-
-def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:
-    """(params, run config dict, step) from a train.py workdir's checkpoint ``step``, verified
-    (a damaged one is an error naming the file), or by default the newest intact one (damaged
-    newer steps are named on the console and passed over)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ folder (is it a train.py workdir?)")
-    steps = finished_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"no finished checkpoint in {directory!r}")
-    if step is None:
-        step = newest_intact_step(directory)
-    elif step not in steps:
-        raise FileNotFoundError(f"no checkpoint {step} in {directory!r}; have {steps}")
-    else:
-        verify_step(directory, step)
-    where = f"checkpoint step {step} in {directory}"
-    meta = _read_json(os.path.join(directory, str(step), "meta", "metadata"), where)
-    if "config" not in meta:
-        raise CheckpointDamagedError(f"{where}: meta/metadata has no 'config' (keys: {sorted(meta)})")
-    try:
-        state = read_state(os.path.join(directory, str(step), "state"))
-    except Exception as e:  # noqa: BLE001 - any read failure is a damaged step
-        raise _read_failure(where, e) from None
-    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    return jax.tree_util.tree_map(jnp.asarray, params), json.loads(meta["config"]), step
 
 
 def init_from_checkpoint(params: Any, workdir: str) -> Any:

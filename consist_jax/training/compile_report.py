@@ -174,7 +174,7 @@ def abstract_model(model_config: Any) -> tuple[Any, Any, dict]:
     from ``model.unet`` (UNetConfig defaults are SD-1.5's), SD-1.x's VAE and the CLIP
     ViT-L/14 image encoder of SD image variations. No weights are read.
     """
-    from consist_jax.convert import build
+    from consist_jax import factory
     from consist_jax.convert.unet import unet_param_shapes
     from consist_jax.models.clip_vision import (
         CLIPVisionConfig,
@@ -189,12 +189,12 @@ def abstract_model(model_config: Any) -> tuple[Any, Any, dict]:
     unet_cfg = dict(model_config.unet)
     pretrained = _folder_config(model_config.pretrained_unet)
     if pretrained is not None:
-        overrides = {k: v for k, v in unet_cfg.items() if k in build.SCD_OPTIONS}
-        checked = build.unet_config_from(overrides)  # dtype names resolved, options checked
+        overrides = {k: v for k, v in unet_cfg.items() if k in factory.SCD_OPTIONS}
+        checked = factory.unet_config_from(overrides)  # dtype names resolved, options checked
         unet_config = UNetConfig.from_diffusers(pretrained, **{k: getattr(checked, k) for k in overrides})
     else:
-        unet_config = build.unet_config_from(unet_cfg)
-    motion = MotionConfig(**build.motion_options(model_config)) if build.is_video_model(model_config) else None
+        unet_config = factory.unet_config_from(unet_cfg)
+    motion = MotionConfig(**factory.motion_options(model_config)) if factory.is_video_model(model_config) else None
     # Shapes without the frames axis (it splits activations over a mesh, not parameters).
     params = unet_param_shapes(dataclasses.replace(
         unet_config, motion=motion and dataclasses.replace(motion, frames_axis=None)))
@@ -430,14 +430,15 @@ def compile_sampler(config: Any, device: Any, num_frames: int, steps: Optional[i
     temporal windows + VAE decode) of ``config`` for one ``device`` -> (compiled, mesh)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from consist_jax.diffusion.schedule import NoiseSchedule
     from consist_jax.sampling.pipeline import SCDPipeline
-    from consist_jax.training.trainer import noise_schedule
 
     model, params, frozen = abstract_model(config.model)
     resolution = tuple(config.data.pipeline.resolution)
     sample = config.sample
-    pipe = SCDPipeline(model, params, frozen, noise_schedule(config), config.diffusion.prediction_type,
-                       resolution, config.train.reference_timestep)
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    pipe = SCDPipeline(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
+                       config.train.reference_timestep)
     generate = pipe._compiled(num_frames, int(steps or sample.steps), sample.sampler,
                               sample.get("timestep_spacing") or None, float(sample.guidance_rescale),
                               int(sample.window), int(sample.overlap), False)

@@ -1,6 +1,7 @@
 """Train state, optimiser (AdamW, warmup, clipping, trainable-parameter selection) and EMA."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Optional, Sequence
 
@@ -27,14 +28,46 @@ class TrainState:
     ema_params: Any = None
 
 
-def learning_rate_schedule(optim) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """How the trainable parameters are updated (from ``config.optim``; these defaults
+    are every run config's, see configs/common.py). Ranges: training/validate.py."""
+
+    lr: float = 1e-5
+    warmup_steps: int = 500  # linear warmup from 0
+    schedule: str = "constant"  # or "cosine" (to decay_steps)
+    decay_steps: int = 30_000
+    final_lr_fraction: float = 0.0  # cosine: the last learning rate, as a fraction of lr
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    clip_norm: float = 1.0  # global-norm clipping; 0: none
+    grad_accum_steps: int = 1  # micro-batches whose gradients make one update
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the params
+    trainable: tuple[str, ...] = (".*",)  # regexes over param paths ("down_blocks.0/resnets.1/conv1/kernel")
+
+    @classmethod
+    def from_config(cls, optim) -> "OptimizerConfig":
+        """From the run config's ``optim`` section (missing keys: the defaults above)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(optim) - fields)
+        if unknown:
+            raise ValueError(f"config.optim has unknown key(s) {unknown}; expected some of {sorted(fields)}")
+        values = dict(optim)
+        if "trainable" in values:
+            values["trainable"] = tuple(values["trainable"])
+        return cls(**values)
+
+
+def learning_rate_schedule(optim: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from 0 to ``optim.lr`` over ``warmup_steps``, then constant or cosine decay."""
     warmup = max(int(optim.warmup_steps), 0)
     if optim.schedule == "constant":
         after = optax.constant_schedule(optim.lr)
     elif optim.schedule == "cosine":
         decay_steps = max(int(optim.decay_steps) - warmup, 1)
-        after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.get("final_lr_fraction", 0.0))
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.final_lr_fraction)
     else:
         raise ValueError(f"optim.schedule={optim.schedule!r}: expected 'constant' or 'cosine'")
     if warmup == 0:
@@ -60,7 +93,7 @@ def trainable_labels(params: Any, patterns: Sequence[str]) -> Any:
     return traverse_util.unflatten_dict(labels)
 
 
-def make_optimizer(optim, params: Any) -> optax.GradientTransformation:
+def make_optimizer(optim: OptimizerConfig, params: Any) -> optax.GradientTransformation:
     """Global-norm clipping + AdamW on the trainable leaves; frozen leaves get zero updates."""
     adamw = optax.chain(
         optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),

@@ -19,12 +19,15 @@ from flax import traverse_util
 
 from consist_jax.diffusion import schedule as sched
 from consist_jax.models.scd import SCDModel
-from consist_jax.training.state import TrainState, learning_rate_schedule, trainable_labels, update_ema
+from consist_jax.training.state import (OptimizerConfig, TrainState, learning_rate_schedule, trainable_labels,
+                                        update_ema)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """How the SCD loss is formed (static; from ``config.train``)."""
+    """How the SCD loss is formed (static; from ``config.train`` and
+    ``config.diffusion.prediction_type``; these defaults are every run config's, see
+    configs/common.py)."""
 
     prediction_type: str = "epsilon"
     reference_timestep: int = 0
@@ -70,7 +73,7 @@ def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, los
         key = jax.random.fold_in(rng, example_id)
         noise_key, t_key, u_key = jax.random.split(key, 3)
         noise = sched.sample_training_noise(noise_key, (1, *example_shape), loss.noise_offset)[0]
-        t = jax.random.randint(t_key, (), 0, num_train_timesteps, dtype=jnp.int32)
+        t = sched.sample_training_timesteps(t_key, (), num_train_timesteps)
         return noise, t, jax.random.uniform(u_key, ())
 
     return jax.vmap(draw)(example_ids)
@@ -162,7 +165,7 @@ def make_train_step(
     schedule: sched.NoiseSchedule,
     loss: LossConfig,
     optimizer: optax.GradientTransformation,
-    optim,
+    optim: OptimizerConfig,
 ) -> Callable:
     """Returns ``train_step(state, batch, rng, frozen) -> (state, metrics)``; pure, jittable.
 

@@ -8,40 +8,27 @@ a batch that does not divide the mesh) raises before any compile.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from typing import Any, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from consist_jax.convert.build import build_model, check_paths
 from consist_jax.data import pipeline as data_pipeline
 from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.factory import build_model, check_paths
 from consist_jax.training import sharding, validate
 from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
 from consist_jax.training.metrics import MetricWriter, cost_analysis, peak_flops_per_device
-from consist_jax.training.state import TrainState, create_train_state, make_optimizer
+from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
 from consist_jax.training.step import LossConfig, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-def noise_schedule(config: Any) -> NoiseSchedule:
-    d = config.diffusion
-    return NoiseSchedule.create(
-        beta_schedule=d.beta_schedule,
-        beta_start=d.beta_start,
-        beta_end=d.beta_end,
-        num_train_timesteps=d.num_train_timesteps,
-        rescale_betas_zero_snr=d.rescale_zero_terminal_snr,
-    )
 
 
 def ensure_dataset(data_config: Any) -> None:
@@ -164,12 +151,11 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
     """The exact train step of ``config`` on ``mesh`` (shardings, donation, remat, dtype,
     optimiser, accumulation). params / frozen: arrays or ShapeDtypeStructs (only their
     shapes are read), so ``train`` and the ahead-of-time compile report share it."""
-    optimizer = make_optimizer(config.optim, params)
+    optim = OptimizerConfig.from_config(config.optim)
+    optimizer = make_optimizer(optim, params)
     loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
-    step_fn = make_train_step(model, noise_schedule(config), loss_cfg, optimizer, config.optim)
-    abstract_state = jax.eval_shape(
-        lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0), params
-    )
+    step_fn = make_train_step(model, NoiseSchedule.from_config(config.diffusion), loss_cfg, optimizer, optim)
+    abstract_state = jax.eval_shape(lambda p: create_train_state(p, optimizer, optim.ema_decay > 0), params)
     state_sharding = sharding.shardings_from_config(abstract_state, mesh, config.mesh)
     frozen_sharding = sharding.shardings_from_config(frozen, mesh, config.mesh)
     batch_sharding = sharding.batch_sharding(mesh)
@@ -212,7 +198,8 @@ def train(config: Any, workdir: str) -> dict:
         start = 0
         if config.model.get("init_from", ""):
             params = init_from_checkpoint(params, config.model.init_from)
-        state = jax.jit(lambda p: create_train_state(p, optimizer, config.optim.ema_decay > 0),
+        ema = abstract_state.ema_params is not None  # as the program was built
+        state = jax.jit(lambda p: create_train_state(p, optimizer, ema),
                         out_shardings=state_sharding)(params)
     del params
 

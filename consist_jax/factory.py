@@ -1,4 +1,8 @@
-"""A model config -> (SCDModel, trainable params, frozen params), from pretrained folders or fresh.
+"""The model factory: a model config -> (SCDModel, trainable params, frozen params), from
+pretrained folders (through the loaders in convert/) or fresh.
+
+It sits above both models/ (the modules) and convert/ (the weight readers), which it
+composes; training, sampling and evaluation build their model here.
 
 ``config`` is the ``model`` section of a run config (see configs/):
     unet:             UNetConfig fields (all of them for a fresh UNet; with a pretrained
@@ -26,9 +30,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from consist_jax.convert.clip_vision import load_image_encoder
 from consist_jax.convert.motion import add_motion_params, load_motion_adapter
 from consist_jax.convert.single_file import load_unet_single_file, load_vae_single_file
 from consist_jax.convert.unet import init_unet_params, load_unet
+from consist_jax.convert.vae import load_vae
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
 from consist_jax.models.unet import UNet, UNetConfig
@@ -37,6 +43,12 @@ from consist_jax.models.unet import UNet, UNetConfig
 SCD_OPTIONS = (
     "attention_rule", "attention_impl", "reference_pose_injection", "pose_block_out_channels", "remat", "dtype",
 )
+
+
+def scd_option_defaults() -> dict:
+    """SCD's UNet options at UNetConfig's defaults, as a config section (dtype by name)."""
+    defaults = {name: getattr(UNetConfig(), name) for name in SCD_OPTIONS}
+    return {**defaults, "dtype": jnp.dtype(defaults["dtype"]).name}
 
 
 def _dtype(name: Any):
@@ -85,9 +97,13 @@ def check_paths(config: Any) -> None:
 
 
 def motion_options(config: Any) -> dict:
-    """MotionConfig fields from ``model.motion`` (without ``enabled``)."""
+    """MotionConfig fields from ``model.motion`` (without ``enabled``); a ``frames_axis``
+    naming several mesh axes comes as one string, "clips,frames"."""
     motion = dict(config.get("motion") or {})
     motion.pop("enabled", None)
+    axis = motion.get("frames_axis")
+    if isinstance(axis, str) and "," in axis:
+        motion["frames_axis"] = tuple(name.strip() for name in axis.split(","))
     return {k: tuple(v) if isinstance(v, list) else v for k, v in motion.items()}
 
 
@@ -108,7 +124,7 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     elif config.pretrained_unet or config.get("pretrained_single_file", ""):
         overrides = {k: v for k, v in unet_cfg.items() if k in SCD_OPTIONS}
         overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
-        dtype = _dtype(overrides.pop("dtype", "float32"))
+        dtype = _dtype(overrides.pop("dtype", UNetConfig.dtype))
         unet, params = _load_pretrained_unet(config, rng, dtype, overrides)
     else:
         unet_config = unet_config_from(unet_cfg)
@@ -153,8 +169,6 @@ def _codec(codec_cfg: Any, frozen: dict, config: Any):
     if codec_cfg.kind == "pixel":
         return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
     if codec_cfg.kind == "vae":
-        from consist_jax.models.vae import load_vae
-
         if codec_cfg.get("vae_path", ""):
             module, params = load_vae(codec_cfg.vae_path)
         else:  # check_paths: the single file's VAE
@@ -168,8 +182,6 @@ def _context(context_cfg: Any, dim: int, frozen: dict):
     if context_cfg.kind == "none":
         return NullContext(dim), frozen
     if context_cfg.kind in ("embedding", "hidden_states"):
-        from consist_jax.models.clip_vision import load_image_encoder
-
         module, params = load_image_encoder(context_cfg.image_encoder_path)
         return ImageEncoderContext(module, context_cfg.kind), {**frozen, "image_encoder": params}
     raise ValueError(
