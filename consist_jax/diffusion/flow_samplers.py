@@ -30,7 +30,7 @@ import numpy as np
 from flax import struct
 
 from consist_jax.diffusion.flow import WAN_NUM_TRAIN_TIMESTEPS, shift_sigmas
-from consist_jax.diffusion.samplers import SamplerState, _as_f32, _next_state, _SamplerMethods
+from consist_jax.diffusion.sampler_base import SamplerMethods, SamplerState, as_float32, next_state
 
 FLOW_PREDICTION = "flow_prediction"
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
@@ -78,7 +78,7 @@ def flow_euler_sigmas(num_inference_steps: int, shift: float = 1.0,
 
 
 @struct.dataclass
-class FlowEulerSampler(_SamplerMethods):
+class FlowEulerSampler(SamplerMethods):
     """Euler on the flow ODE dx/dsigma = v, equal to diffusers' FlowMatchEulerDiscreteScheduler
     (static shift, no dynamic shifting, no stochastic sampling).
 
@@ -106,10 +106,10 @@ class FlowEulerSampler(_SamplerMethods):
              rng: Optional[jax.Array] = None):
         """x + (sigma_{i+1} - sigma_i) v. Returns (x_next (B, ...), new state)."""
         del rng  # deterministic
-        sample, output = _as_f32(x), _as_f32(model_output)
+        sample, output = as_float32(x), as_float32(model_output)
         sigma = self.sigmas[i]
         x_next = sample + (self.sigmas[i + 1] - sigma) * output
-        return x_next.astype(x.dtype), _next_state(state, _x0_from_velocity(output, sample, sigma))
+        return x_next.astype(x.dtype), next_state(state, _x0_from_velocity(output, sample, sigma))
 
 
 # ----------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class UniPCState:
 
 
 @struct.dataclass
-class FlowUniPCSampler(_SamplerMethods):
+class FlowUniPCSampler(SamplerMethods):
     """UniPC (Zhao et al. 2023) predictor-corrector with flow sigmas, equal to diffusers'
     UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
     predict_x0=True), solver_order 1 or 2, solver_type bh1 or bh2 (Wan: 2, bh2).
@@ -227,8 +227,8 @@ class FlowUniPCSampler(_SamplerMethods):
              rng: Optional[jax.Array] = None):
         """One UniPC step from x at step i. Returns (x_next (B, ...), new state)."""
         del rng  # deterministic solver
-        sample = _as_f32(x)
-        x0 = _x0_from_velocity(_as_f32(model_output), sample, self.sigmas[i])
+        sample = as_float32(x)
+        x0 = _x0_from_velocity(as_float32(model_output), sample, self.sigmas[i])
         use_corrector = self.corrector_enabled[i] & (state.steps_taken > 0)
         corrected = self._correct(state, i, x0, sample)
         sample = jnp.where(use_corrector, corrected, sample)

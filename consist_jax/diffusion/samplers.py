@@ -35,6 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from consist_jax.diffusion.flow_samplers import FLOW_SAMPLER_CLASSES
+from consist_jax.diffusion.sampler_base import SamplerMethods, SamplerState, as_float32, next_state
 from consist_jax.diffusion.schedule import NoiseSchedule, x0_and_epsilon_from_scales
 
 SAMPLERS = ("ddim", "dpmpp_2m", "euler", "flow_euler", "flow_unipc")  # flow_*: flow_samplers.py
@@ -48,19 +50,6 @@ DEFAULT_PREDICTION_TYPE = {"flow_euler": "flow_prediction", "flow_unipc": "flow_
 # diffusers clamps abar at the last timestep of a zero-terminal-SNR schedule to this in
 # the sigma-based schedulers, so sigma = sqrt((1 - abar) / abar) stays finite (4096).
 ZERO_SNR_ALPHA_BAR = 2.0**-24
-
-
-@struct.dataclass
-class SamplerState:
-    """What a sampler carries between steps.
-
-    pred_original_sample: (B, ...) float32, the x0 predicted at the last step (zeros
-        before the first); DPM-Solver++ 2M uses it as its previous model output.
-    steps_taken: () int32, steps done since `init_state` (first-order start of DPM).
-    """
-
-    pred_original_sample: jax.Array
-    steps_taken: jax.Array
 
 
 # ----------------------------------------------------------------------------------
@@ -174,47 +163,12 @@ def _final_sigma(final_sigmas_type: str, alpha_bar: np.ndarray):
 
 
 # ----------------------------------------------------------------------------------
-# Shared behaviour
-# ----------------------------------------------------------------------------------
-
-
-class _SamplerMethods:
-    """Methods every sampler shares; subclasses hold `timesteps` and `init_noise_sigma`."""
-
-    @property
-    def num_inference_steps(self) -> int:
-        return self.timesteps.shape[0]
-
-    def initial_latents(self, noise: jax.Array) -> jax.Array:
-        """x_T from unit Gaussian noise (B, ...): noise * init_noise_sigma."""
-        return (noise * self.init_noise_sigma).astype(noise.dtype)
-
-    def init_state(self, x: jax.Array) -> SamplerState:
-        """The state before step 0 for latents x (B, ...)."""
-        return SamplerState(pred_original_sample=jnp.zeros(x.shape, jnp.float32),
-                            steps_taken=jnp.zeros((), jnp.int32))
-
-    def scale_model_input(self, x: jax.Array, i) -> jax.Array:
-        """The UNet input at step i; identity except for Euler."""
-        return x
-
-
-def _next_state(state: SamplerState, pred_original_sample: jax.Array) -> SamplerState:
-    return SamplerState(pred_original_sample=pred_original_sample,
-                        steps_taken=state.steps_taken + 1)
-
-
-def _as_f32(x):
-    return jnp.asarray(x, jnp.float32)
-
-
-# ----------------------------------------------------------------------------------
 # DDIM
 # ----------------------------------------------------------------------------------
 
 
 @struct.dataclass
-class DDIMSampler(_SamplerMethods):
+class DDIMSampler(SamplerMethods):
     """DDIM (Song et al. 2021), equal to diffusers' DDIMScheduler (no thresholding).
 
     timesteps:         (T,) int32 model timestep at each step.
@@ -261,7 +215,7 @@ class DDIMSampler(_SamplerMethods):
         """One DDIM step from x at step i. Returns (x_prev (B, ...), new state)."""
         alpha_t, alpha_prev = self.alpha_bar[i], self.alpha_bar_prev[i]
         beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
-        sample, output = _as_f32(x), _as_f32(model_output)
+        sample, output = as_float32(x), as_float32(model_output)
         x0, eps = x0_and_epsilon_from_scales(output, sample, jnp.sqrt(alpha_t), jnp.sqrt(beta_t),
                                              self.prediction_type)
         if self.clip_sample:
@@ -273,7 +227,7 @@ class DDIMSampler(_SamplerMethods):
             if rng is None:
                 raise ValueError("DDIM with eta > 0 needs an rng key per step")
             x_prev = x_prev + std * jax.random.normal(rng, x.shape, jnp.float32)
-        return x_prev.astype(x.dtype), _next_state(state, x0)
+        return x_prev.astype(x.dtype), next_state(state, x0)
 
 
 # ----------------------------------------------------------------------------------
@@ -282,7 +236,7 @@ class DDIMSampler(_SamplerMethods):
 
 
 @struct.dataclass
-class DPMSolverPP2MSampler(_SamplerMethods):
+class DPMSolverPP2MSampler(SamplerMethods):
     """Multistep DPM-Solver++ (order 2, midpoint), equal to diffusers'
     DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2).
 
@@ -335,7 +289,7 @@ class DPMSolverPP2MSampler(_SamplerMethods):
         (DDIM-like); the rest use the previous x0 prediction kept in the state.
         """
         del rng  # deterministic solver
-        sample, output = _as_f32(x), _as_f32(model_output)
+        sample, output = as_float32(x), as_float32(model_output)
         alpha_s0, sigma_s0, lambda_s0 = _alpha_sigma_lambda(self.sigmas[i])
         alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(self.sigmas[i + 1])
         lambda_s1 = _alpha_sigma_lambda(self.sigmas[jnp.maximum(i - 1, 0)])[2]
@@ -350,7 +304,7 @@ class DPMSolverPP2MSampler(_SamplerMethods):
         use_first = self.first_order[i] | (state.steps_taken == 0)
         correction = jnp.where(use_first, 0.0, 0.5 * x0_coef / jnp.where(use_first, 1.0, r0))
         x_prev = x_prev - correction * (x0 - state.pred_original_sample)
-        return x_prev.astype(x.dtype), _next_state(state, x0)
+        return x_prev.astype(x.dtype), next_state(state, x0)
 
 
 def _alpha_sigma_lambda(sigma):
@@ -366,7 +320,7 @@ def _alpha_sigma_lambda(sigma):
 
 
 @struct.dataclass
-class EulerSampler(_SamplerMethods):
+class EulerSampler(SamplerMethods):
     """Euler on the sigma ODE (Karras et al.), equal to diffusers' EulerDiscreteScheduler
     (no churn, linear interpolation).
 
@@ -413,13 +367,13 @@ class EulerSampler(_SamplerMethods):
     def scale_model_input(self, x: jax.Array, i) -> jax.Array:
         """x / sqrt(sigma_i^2 + 1): the VP-scaled input the UNet was trained on."""
         sigma = self.sigmas[i]
-        return (_as_f32(x) / jnp.sqrt(sigma**2 + 1)).astype(x.dtype)
+        return (as_float32(x) / jnp.sqrt(sigma**2 + 1)).astype(x.dtype)
 
     def step(self, state: SamplerState, i, model_output: jax.Array, x: jax.Array,
              rng: Optional[jax.Array] = None):
         """One Euler step from sigma_i to sigma_{i+1}. Returns (x_prev (B, ...), new state)."""
         del rng  # no churn: deterministic
-        sample, output = _as_f32(x), _as_f32(model_output)
+        sample, output = as_float32(x), as_float32(model_output)
         sigma = self.sigmas[i]
         if self.prediction_type == "epsilon":
             x0 = sample - sigma * output
@@ -431,7 +385,7 @@ class EulerSampler(_SamplerMethods):
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
         derivative = (sample - x0) / sigma
         x_prev = sample + derivative * (self.sigmas[i + 1] - sigma)
-        return x_prev.astype(x.dtype), _next_state(state, x0)
+        return x_prev.astype(x.dtype), next_state(state, x0)
 
 
 # ----------------------------------------------------------------------------------
@@ -442,10 +396,7 @@ _SAMPLER_CLASSES = {"ddim": DDIMSampler, "dpmpp_2m": DPMSolverPP2MSampler, "eule
 
 
 def _sampler_class(name: str):
-    """The class of a sampler name; the flow samplers live in flow_samplers.py (which
-    imports this module, hence the import here)."""
-    from consist_jax.diffusion.flow_samplers import FLOW_SAMPLER_CLASSES
-
+    """The class of a sampler name (the flow samplers live in flow_samplers.py)."""
     return {**_SAMPLER_CLASSES, **FLOW_SAMPLER_CLASSES}[name]
 
 
