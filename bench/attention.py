@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.models.attention import reference_target_attention
+from consist_jax.models.self_attention import reference_target_attention
 
 FORM_IMPLS = {
     "joint": "xla_joint",

@@ -28,7 +28,7 @@ sys.path.insert(0, ".")
 from consist_jax.convert.build import build_model  # noqa: E402
 from consist_jax.diffusion.samplers import make_sampler  # noqa: E402
 from consist_jax.sampling.two_stage import (  # noqa: E402
-    GuidanceConfig, cached_model_fn, denoise, denoise_joint, extract_reference, guided, joint_model_fn)
+    GuidanceConfig, cached_model_fn, denoise, extract_reference, guided, joint_model_fn)
 from consist_jax.training.trainer import noise_schedule  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
     @jax.jit
     def joint(reference, ref_pose, poses, noise):
         ref = extract_reference(model, params, frozen, reference, ref_pose)  # for its context only
-        return denoise_joint(model, params, ref, sampler, noise, ref_pose, poses, guidance)
+        return denoise(model, params, ref, sampler, noise, poses, guidance, joint=True, reference_pose=ref_pose)
 
     args = (reference, ref_pose, poses, noise)
     times = {"cached": [], "joint": []}

@@ -1,15 +1,15 @@
-"""The causal reference/target rule: joint masked == decomposed == the rule written out."""
+"""The causal reference/target rule: the one predicate; joint masked == decomposed == the
+rule written out; the attention settings as one config."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from parity import relative_error
 
-from consist_jax.models.attention import (
-    dot_product_attention,
-    reference_target_attention,
-    segment_mask,
-)
+from consist_jax.models.attention import dot_product_attention, segment_mask
+from consist_jax.models.attention_rule import has_reference_cache, segment_allows
+from consist_jax.models.self_attention import AttentionConfig, reference_target_attention
+from consist_jax.models.unet import UNetConfig
 
 HEADS, DIM = 2, 8
 
@@ -97,3 +97,36 @@ def test_decomposed_never_computes_the_masked_block():
     ideal = (n * n + f * n * 2 * n) / ((n + f * n) ** 2)  # 5/9 here
     print(f"decomposed/joint FLOPs {ratio:.3f}, ideal {ideal:.3f}")
     assert abs(ratio - ideal) < 0.05
+
+
+# Segments [reference, frame 1, frame 2, padding]; rows = queries (docs/method.md).
+RULE_TABLES = {
+    "causal": [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]],
+    "full": [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]],
+}
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_TABLES))
+def test_segment_allows_is_the_rule_table(rule):
+    """Which segment reads which, with padding and with CFG's dropped reference."""
+    seg = np.array([0, 1, 2, -1])
+    table = np.asarray(RULE_TABLES[rule], bool)
+    np.testing.assert_array_equal(segment_allows(seg[:, None], seg[None, :], rule), table)
+    dropped = table.copy()
+    dropped[1:3, 0] = False  # only the targets lose the reference
+    np.testing.assert_array_equal(segment_allows(seg[:, None], seg[None, :], rule, False), dropped)
+
+
+def test_only_the_causal_rule_has_a_reference_cache():
+    assert has_reference_cache("causal") and not has_reference_cache("full")
+    with pytest.raises(ValueError, match="attention_rule='sliding'"):
+        has_reference_cache("sliding")
+
+
+def test_unet_config_builds_one_attention_config():
+    config = UNetConfig(attention_rule="full", attention_impl="xla_joint", upcast_attention=True)
+    assert config.attention == AttentionConfig(rule="full", impl="xla_joint", upcast=True)
+    for bad, message in [(dict(attention_impl="flash"), "attention_impl='flash'"),
+                         (dict(attention_rule="sliding"), "attention_rule='sliding'")]:
+        with pytest.raises(ValueError, match=message):
+            UNetConfig(**bad)

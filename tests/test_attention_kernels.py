@@ -15,16 +15,15 @@ from parity import relative_error
 
 from consist_jax.models import attention
 from consist_jax.models import attention_kernels as kernels
-from consist_jax.models.attention import (
+from consist_jax.models.attention import XLA_BACKEND, KernelUnavailableError, segment_mask
+from consist_jax.models.self_attention import (
     ATTENTION_IMPLS,
     CACHE_COLLECTION,
-    XLA_BACKEND,
-    KernelUnavailableError,
+    AttentionConfig,
     ReferenceLayout,
     SelfAttention,
     attention_backend,
     reference_target_attention,
-    segment_mask,
 )
 
 HEADS, DIM = 2, 8
@@ -113,7 +112,7 @@ def test_splash_mask_is_the_segment_mask(rule):
     """The splash mask's real-token block is ``segment_mask`` (the joint reference)."""
     n_ref, n_tgt, frames = 5, 3, 3
     runs = kernels._padded_runs(((0, n_ref),) + tuple((f, n_tgt) for f in range(1, frames + 1)))
-    mask = kernels.SegmentLayoutMask(runs, runs, rule == "full")
+    mask = kernels.SegmentLayoutMask(runs, runs, rule)
     n = n_ref + frames * n_tgt
     expected = np.asarray(segment_mask(n_ref, n_tgt, frames, rule, None))[0, 0]
     np.testing.assert_array_equal(mask[:n, :n], expected)
@@ -125,7 +124,7 @@ def test_splash_mask_is_the_segment_mask(rule):
 def test_splash_skips_the_masked_blocks():
     """Block-aligned layout, 2 frames: 5 of the 9 (128 x 128) blocks run, none partial."""
     runs = ((0, 128), (1, 128), (2, 128))
-    mask = kernels.SegmentLayoutMask(runs, runs, False)
+    mask = kernels.SegmentLayoutMask(runs, runs, "causal")
     kernel = kernels.splash.make_splash_mha(
         kernels.splash.MultiHeadMask([mask]),
         block_sizes=kernels.splash.BlockSizes(128, 128, 128),
@@ -194,7 +193,7 @@ def test_named_kernel_that_cannot_run_is_an_error(rng, impl, needs):
     ref, tgt = _qkv(rng, 1, 6), _qkv(rng, 1, 2, 5)
     platform = jax.default_backend()
     message = f"attention_impl='{impl}' needs a {needs}, but this computation targets '{platform}'"
-    layer = SelfAttention(HEADS, DIM, impl=impl)
+    layer = SelfAttention(HEADS, DIM, AttentionConfig(impl=impl))
     x = jnp.zeros((3, 6, HEADS * DIM))
     with pytest.raises(KernelUnavailableError, match=message):
         jax.jit(lambda r, t: reference_target_attention(r, t, impl=impl))(ref, tgt)
@@ -230,7 +229,7 @@ def test_cudnn_falls_back_to_xla_where_cudnn_cannot(rng, caplog):
 def _layer_outputs(rng, impl):
     """SelfAttention in joint, extract and cached modes: (joint out, cached out)."""
     b, frames, length, channels = 2, 2, 6, HEADS * DIM
-    layer = SelfAttention(HEADS, DIM, impl=impl)
+    layer = SelfAttention(HEADS, DIM, AttentionConfig(impl=impl))
     x = jnp.asarray(rng.standard_normal((b * (1 + frames), length, channels)), jnp.float32)
     mask = jnp.asarray([True, False])
     params = layer.init(jax.random.PRNGKey(0), x, ReferenceLayout("joint", frames), mask)
@@ -245,7 +244,7 @@ def _layer_outputs(rng, impl):
 
 
 def test_self_attention_layer_selects_the_kernel(rng):
-    """``SelfAttention.impl`` (UNetConfig.attention_impl) reaches every mode."""
+    """``AttentionConfig.impl`` (UNetConfig.attention_impl) reaches every mode."""
     seed = int(rng.integers(2**31))
     expected = _layer_outputs(np.random.default_rng(seed), "xla")
     _assert_close(_layer_outputs(np.random.default_rng(seed), "pallas_interpret"), expected, 1e-5)

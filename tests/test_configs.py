@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-from consist_jax.models.attention import ATTENTION_IMPLS
+from consist_jax.models.self_attention import ATTENTION_IMPLS
 from consist_jax.training.trainer import preflight
 
 CONFIGS = ["demo", "demo_video", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]

@@ -28,7 +28,7 @@ from consist_jax.convert.motion import (
     motion_param_shapes,
 )
 from consist_jax.convert.unet import unet_param_shapes
-from consist_jax.models.attention import ReferenceLayout
+from consist_jax.models.self_attention import ReferenceLayout
 from consist_jax.models.motion import MotionConfig
 
 torch.set_num_threads(2)

@@ -16,8 +16,7 @@ from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import NullContext, PixelCodec, SCDModel
 from consist_jax.models.unet import UNet
-from consist_jax.sampling.two_stage import GuidanceConfig, denoise, denoise_joint, extract_reference
-from consist_jax.sampling.video import denoise_video, window_starts
+from consist_jax.sampling.two_stage import GuidanceConfig, denoise, extract_reference, window_starts
 
 from tests.configs.tiny import get_config as tiny_config
 
@@ -54,7 +53,8 @@ def test_cached_sampling_equals_joint(model_and_params, rng, frames):
     def both(reference, reference_pose, target_pose, noise):
         ref = extract_reference(model, params, {}, reference, reference_pose)
         cached = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE)
-        joint = denoise_joint(model, params, ref, SAMPLER, noise, reference_pose, target_pose, GUIDANCE)
+        joint = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, joint=True,
+                        reference_pose=reference_pose)
         return cached, joint
 
     cached, joint = both(reference, reference_pose, target_pose, noise)
@@ -79,11 +79,11 @@ def test_windows_as_long_as_the_video_equal_the_plain_loop(model_and_params, rng
     def run(reference, reference_pose, target_pose, noise):
         ref = extract_reference(model, params, {}, reference, reference_pose)
         plain = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE)
-        one_window = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=1)
-        windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
-                                 progress=lambda: ticks.append(1))
-        joint = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
-                              joint=True, reference_pose=reference_pose)
+        one_window = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=1)
+        windowed = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
+                           progress=lambda: ticks.append(1))
+        joint = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1,
+                        joint=True, reference_pose=reference_pose)
         return plain, one_window, windowed, joint
 
     plain, one_window, windowed, joint = jax.block_until_ready(run(reference, reference_pose, target_pose, noise))
@@ -113,8 +113,8 @@ def test_motion_module_runs_in_the_temporal_windows(model_and_params, rng):
     def run(reference, reference_pose, target_pose, noise):
         ref = extract_reference(model, params, {}, reference, reference_pose)
         plain = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE)
-        one_window = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=0)
-        windowed = denoise_video(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1)
+        one_window = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=4, overlap=0)
+        windowed = denoise(model, params, ref, SAMPLER, noise, target_pose, GUIDANCE, window=2, overlap=1)
         image_ref = extract_reference(image_model, image_params, {}, reference, reference_pose)
         per_frame = denoise(image_model, image_params, image_ref, SAMPLER, noise, target_pose, GUIDANCE)
         return plain, one_window, windowed, per_frame

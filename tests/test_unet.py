@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from consist_jax import UNet, UNetConfig, load_unet
 from consist_jax.convert.loading import CheckpointError
-from consist_jax.models.attention import ReferenceLayout
+from consist_jax.models.self_attention import ReferenceLayout
 
 torch.set_num_threads(2)
 

@@ -302,11 +302,6 @@ def predict_x0(schedule, model_output, x_t, t, prediction_type) -> jax.Array:
     return predict_x0_and_epsilon(schedule, model_output, x_t, t, prediction_type)[0]
 
 
-def predict_epsilon(schedule, model_output, x_t, t, prediction_type) -> jax.Array:
-    """The eps half of `predict_x0_and_epsilon`. (B, ...) float32."""
-    return predict_x0_and_epsilon(schedule, model_output, x_t, t, prediction_type)[1]
-
-
 def x0_and_epsilon_from_scales(model_output, x_t, signal, sigma, prediction_type: str):
     """The prediction-type conversions given sqrt(abar) (`signal`) and sqrt(1-abar) (`sigma`).
 

@@ -1,7 +1,8 @@
-"""The causal reference/target attention of SCD: the one home of the rule.
+"""The attention maths of SCD's self-attention: the primitive and the rule's XLA forms.
 
 Reference tokens R and target tokens T share the projections of a self-attention
-layer. Under the **causal** rule (docs/method.md, "The causal rule")
+layer. Under the **causal** rule (docs/method.md, "The causal rule"; its one
+predicate is ``attention_rule.segment_allows``)
 
     out_R = softmax(Q_R K_R^T / sqrt(d)) V_R                    # reference sees itself
     out_T = softmax(Q_T [K_R ; K_T]^T / sqrt(d)) [V_R ; V_T]     # target sees R and itself
@@ -14,53 +15,28 @@ A per-example ``reference_mask`` (B,) of booleans hides the reference from the
 targets where it is False: that is classifier-free guidance's "reference dropped"
 branch (the target then attends to itself only).
 
-Implementations (``attention_impl``, one table: ``_BACKENDS``), all computing the
-same numbers:
-  * ``"xla"`` (default): decomposed. The reference block and each frame's
-    ``[R ; T_f]`` block are separate attentions, so the masked (reference-query,
-    target-key) block is never computed: N_r^2 + F N_t (N_r + N_t) scores instead
-    of (N_r + F N_t)^2.
-  * ``"xla_joint"``: the plain reference. One joint sequence ``[R ; T_1 ; ... ; T_F]``
-    with a block mask built from segment ids.
-  * ``"cudnn"``: the decomposed form on cuDNN flash attention (GPU).
-  * ``"splash"``: the joint form on the Pallas splash kernel, masked blocks skipped
-    (TPU only).
-  * ``"pallas"``: a Pallas flash kernel for the decomposed form (GPU only, via Triton).
-  * ``"splash_interpret"``, ``"pallas_interpret"``: the same kernels in the Pallas
-    interpreter, on any device (slow: for tests). Interpret mode is never chosen
-    for you: a kernel named for a platform the computation does not target raises
-    ``KernelUnavailableError``.
-  * ``"auto"``: by the platform the computation targets (``target_platform``):
-    TPU -> splash, GPU -> cudnn (xla where cuDNN cannot take the dtype / head dim),
-    otherwise xla; it logs once what it picked and why.
-The kernels live in ``attention_kernels.py``, imported on first use. A backend is
-three entry points (``AttentionBackend``): plain self-attention (no reference), the
-target half (the reference cache) and the whole rule.
-
-The reference cache (two-stage sampling) also lives here: ``SelfAttention`` writes
-its reference keys and values to the ``"reference_cache"`` variable collection in
-``extract`` mode and reads them in ``cached`` mode. See ``ReferenceLayout``.
+A backend (``AttentionBackend``) is the three entry points a self-attention layer
+calls: plain self-attention (no reference), the target half (the reference cache)
+and the whole rule. This module holds the two XLA backends, which compute the same
+numbers:
+  * ``XLA_BACKEND`` (``attention_impl="xla"``): decomposed. The reference block and
+    each frame's ``[R ; T_f]`` block are separate attentions (``decomposed_rule``), so
+    the masked (reference-query, target-key) block is never computed: N_r^2 +
+    F N_t (N_r + N_t) scores instead of (N_r + F N_t)^2.
+  * ``XLA_JOINT_BACKEND`` (``"xla_joint"``): the plain reference. One joint sequence
+    ``[R ; T_1 ; ... ; T_F]`` with a block mask built from segment ids.
+The kernels (cuDNN, splash, Pallas) live in ``attention_kernels.py``; the backends by
+name (``attention_impl``), the layer and the reference cache in ``self_attention.py``.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-Dtype = Any
-
-ATTENTION_RULES = ("causal", "full")
-CACHE_COLLECTION = "reference_cache"
-
-
-def _check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}: expected one of {choices}")
-
+from consist_jax.models.attention_rule import REFERENCE_SEGMENT, reference_reads_targets, segment_allows
 
 # --------------------------------------------------------------------------- primitive
 
@@ -128,18 +104,36 @@ def target_attention(
     return out.reshape(b, f, n_t, h, d)
 
 
-def _decomposed_attention(ref, tgt, rule, reference_mask, upcast):
-    """The rule as separate attentions; the masked block is never computed."""
-    (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
-    if rule == "causal":
-        out_ref = dot_product_attention(q_r, k_r, v_r, upcast=upcast)
-    else:  # full: the reference also reads every target frame.
-        b, f, n_t, h, d = k_t.shape
-        keys = jnp.concatenate([k_r, k_t.reshape(b, f * n_t, h, d)], axis=1)
-        values = jnp.concatenate([v_r, v_t.reshape(b, f * n_t, h, d)], axis=1)
-        out_ref = dot_product_attention(q_r, keys, values, upcast=upcast)
-    out_tgt = target_attention(q_t, k_t, v_t, k_r, v_r, reference_mask, upcast=upcast)
-    return out_ref, out_tgt
+def flatten_frames(x: jax.Array) -> jax.Array:
+    """(B, F, N, H, D) -> (B, F*N, H, D): the frames as one key sequence."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def decomposed_rule(attend_reference: Callable, target: Callable) -> Callable:
+    """The whole rule as separate attentions, from a backend's two halves; the masked
+    (reference-query, target-key) block is never computed.
+
+    attend_reference(q_r, k_r, v_r, frames, upcast) -> (B, N_r, H, D): the reference's
+      queries over its own keys and, where the rule lets the reference read the
+      targets, ``frames`` = (keys, values) of every frame, each (B, F*N_t, H, D); None
+      otherwise.
+    target: the backend's target half (``target_attention``'s contract).
+    Returns ``rule(ref, tgt, rule, reference_mask, upcast)`` (``AttentionBackend.rule``).
+    """
+
+    def rule_form(ref, tgt, rule, reference_mask, upcast):
+        (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
+        frames = (flatten_frames(k_t), flatten_frames(v_t)) if reference_reads_targets(rule) else None
+        out_ref = attend_reference(q_r, k_r, v_r, frames, upcast)
+        return out_ref, target(q_t, k_t, v_t, k_r, v_r, reference_mask, upcast=upcast)
+
+    return rule_form
+
+
+def _xla_reference(q_r, k_r, v_r, frames, upcast):
+    if frames is not None:
+        k_r, v_r = (jnp.concatenate([own, other], axis=1) for own, other in zip((k_r, v_r), frames))
+    return dot_product_attention(q_r, k_r, v_r, upcast=upcast)
 
 
 def segment_mask(
@@ -147,22 +141,16 @@ def segment_mask(
 ) -> jax.Array:
     """Block mask of the joint sequence ``[R ; T_1 ; ... ; T_F]``: (B or 1, 1, N, N) bool.
 
-    Segment 0 is the reference, segment f the f-th target frame. Query segment s may
-    read key segment s, and key segment 0 (the reference); under the full rule the
-    reference also reads everything.
+    Segment 0 is the reference, segment f the f-th target frame; which segment reads
+    which is ``segment_allows``. reference_mask (B,) bool or None: False hides the
+    reference from that example's targets.
     """
     seg = jnp.concatenate(
-        [jnp.zeros((n_ref,), jnp.int32), jnp.repeat(jnp.arange(1, num_frames + 1), n_tgt)]
+        [jnp.full((n_ref,), REFERENCE_SEGMENT, jnp.int32), jnp.repeat(jnp.arange(1, num_frames + 1), n_tgt)]
     )
-    q_seg, k_seg = seg[:, None], seg[None, :]
-    allowed = (q_seg == k_seg) | (k_seg == 0)
-    if rule == "full":
-        allowed = allowed | (q_seg == 0)
-    allowed = allowed[None, None]
-    if reference_mask is not None:  # a dropped reference is invisible to target queries.
-        hidden = (~reference_mask)[:, None, None, None] & (k_seg == 0) & (q_seg != 0)
-        allowed = allowed & ~hidden
-    return allowed
+    visible = True if reference_mask is None else reference_mask[:, None, None, None]
+    allowed = segment_allows(seg[:, None], seg[None, :], rule, visible)
+    return allowed if reference_mask is not None else allowed[None, None]
 
 
 def _joint_attention(ref, tgt, rule, reference_mask, upcast):
@@ -170,37 +158,10 @@ def _joint_attention(ref, tgt, rule, reference_mask, upcast):
     (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
     b, f, n_t, h, d = q_t.shape
     n_r = q_r.shape[1]
-    joint = [jnp.concatenate([r, t.reshape(b, f * n_t, h, d)], axis=1) for r, t in zip(ref, tgt)]
+    joint = [jnp.concatenate([r, flatten_frames(t)], axis=1) for r, t in zip(ref, tgt)]
     mask = segment_mask(n_r, n_t, f, rule, reference_mask)
     out = dot_product_attention(*joint, mask, upcast=upcast)
     return out[:, :n_r], out[:, n_r:].reshape(b, f, n_t, h, d)
-
-
-def reference_target_attention(
-    ref: tuple[jax.Array, jax.Array, jax.Array],
-    tgt: tuple[jax.Array, jax.Array, jax.Array],
-    *,
-    rule: str = "causal",
-    impl: str = "xla",
-    reference_mask: Optional[jax.Array] = None,
-    upcast: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-    """Self-attention of one reference and F target frames under SCD's rule.
-
-    Args:
-      ref: (q, k, v) of the reference, each (B, N_r, H, D).
-      tgt: (q, k, v) of the targets, each (B, F, N_t, H, D).
-      rule: "causal" (SCD) or "full" (bidirectional ablation).
-      impl: one of ``ATTENTION_IMPLS``: "xla" (decomposed), "xla_joint" (one masked
-        joint sequence), "cudnn", "splash", "pallas" or "auto" (see the module doc).
-      reference_mask: (B,) bool, False hides the reference from that example's targets.
-      upcast: float32 scores for low-precision inputs.
-
-    Returns:
-      (out_ref (B, N_r, H, D), out_tgt (B, F, N_t, H, D)).
-    """
-    _check_choice("attention rule", rule, ATTENTION_RULES)
-    return attention_backend(impl).rule(ref, tgt, rule, reference_mask, upcast)
 
 
 # --------------------------------------------------------------------------- backends
@@ -211,7 +172,8 @@ class AttentionBackend(NamedTuple):
 
     plain(q, k, v, *, upcast): (B, N, H, D) attention without a reference.
     target(q_t, k_t, v_t, k_r, v_r, reference_mask, *, upcast): ``target_attention``.
-    rule(ref, tgt, rule, reference_mask, upcast): ``reference_target_attention``.
+    rule(ref, tgt, rule, reference_mask, upcast): one reference and F frames
+      (``self_attention.reference_target_attention``).
     """
 
     plain: Callable
@@ -219,11 +181,16 @@ class AttentionBackend(NamedTuple):
     rule: Callable
 
 
+# --------------------------------------------------------------------------- the XLA backends
+
+
 def _xla_plain(q, k, v, *, upcast=False):
     return dot_product_attention(q, k, v, upcast=upcast)
 
 
-XLA_BACKEND = AttentionBackend(_xla_plain, target_attention, _decomposed_attention)
+XLA_BACKEND = AttentionBackend(
+    _xla_plain, target_attention, decomposed_rule(_xla_reference, target_attention)
+)
 # With the reference cached there is no joint sequence left, so xla_joint's plain and
 # target calls are xla's; only the whole rule differs.
 XLA_JOINT_BACKEND = AttentionBackend(_xla_plain, target_attention, _joint_attention)
@@ -252,143 +219,3 @@ def log_once(message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
         logging.warning(message)
-
-
-def _kernels():
-    from consist_jax.models import attention_kernels  # Pallas: import on first use.
-
-    return attention_kernels
-
-
-_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
-    "xla": lambda: XLA_BACKEND,
-    "xla_joint": lambda: XLA_JOINT_BACKEND,
-    "cudnn": lambda: _kernels().CUDNN,
-    "splash": lambda: _kernels().SPLASH,
-    "pallas": lambda: _kernels().PALLAS,
-    "splash_interpret": lambda: _kernels().SPLASH_INTERPRET,
-    "pallas_interpret": lambda: _kernels().PALLAS_INTERPRET,
-    "auto": lambda: _kernels().auto_backend(),
-}
-ATTENTION_IMPLS = tuple(_BACKENDS)
-
-
-def attention_backend(impl: str) -> AttentionBackend:
-    """The backend called ``impl`` (one of ``ATTENTION_IMPLS``); ``auto`` resolves by
-    ``target_platform()`` when traced."""
-    _check_choice("attention_impl", impl, ATTENTION_IMPLS)
-    return _BACKENDS[impl]()
-
-
-# --------------------------------------------------------------------------- the layer
-
-
-@dataclasses.dataclass(frozen=True)
-class ReferenceLayout:
-    """How the images of a UNet batch relate; static, so ``jit`` specialises on it.
-
-    mode:
-      * ``"none"``: N = B * F images without a reference; self-attention sees each
-        image alone (F = 1: diffusers' UNet exactly; F > 1: a video's frames, which
-        meet only in the temporal layers).
-      * ``"joint"``: N = B * (1 + F), grouped per example as [reference, target_1..F].
-      * ``"extract"``: N = B references; every self-attention layer stores its
-        reference keys/values in the ``"reference_cache"`` collection (stage 1).
-      * ``"cached"``: N = B * F targets; every self-attention layer reads the
-        reference keys/values from the ``"reference_cache"`` collection (stage 2).
-    num_frames: F, target frames per example.
-    """
-
-    mode: str = "none"
-    num_frames: int = 1
-
-    def __post_init__(self):
-        _check_choice("reference layout mode", self.mode, ("none", "joint", "extract", "cached"))
-        if self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {self.num_frames}")
-
-    @property
-    def images_per_example(self) -> int:
-        return {"joint": 1 + self.num_frames, "extract": 1}.get(self.mode, self.num_frames)
-
-
-class SelfAttention(nn.Module):
-    """diffusers' ``Attention`` as a self-attention (``attn1``), SCD-aware.
-
-    x (N, L, C) -> (N, L, C). Projections: to_q/to_k/to_v (no bias), to_out.0.
-
-    Reference cache entry (``extract`` writes, ``cached`` reads), per layer:
-      ``{"key": (B, N_r, H, D), "value": (B, N_r, H, D)}``.
-    """
-
-    heads: int
-    head_dim: int
-    rule: str = "causal"
-    impl: str = "xla"
-    upcast: bool = False
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        layout: ReferenceLayout = ReferenceLayout(),
-        reference_mask: Optional[jax.Array] = None,
-    ) -> jax.Array:
-        n, length, channels = x.shape
-        inner = self.heads * self.head_dim
-
-        def project(name):
-            y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(x)
-            return y.reshape(n, length, self.heads, self.head_dim)
-
-        q, k, v = project("to_q"), project("to_k"), project("to_v")
-        if layout.mode in ("none", "extract"):
-            if layout.mode == "extract":
-                self.put_variable(CACHE_COLLECTION, "key", k)
-                self.put_variable(CACHE_COLLECTION, "value", v)
-            out = attention_backend(self.impl).plain(q, k, v, upcast=self.upcast)
-        elif layout.mode == "joint":
-            out = self._joint(q, k, v, layout, reference_mask)
-        else:
-            out = self._cached(q, k, v, layout, reference_mask)
-        out = out.reshape(n, length, inner)
-        return nn.Dense(channels, dtype=self.dtype, name="to_out.0")(out)
-
-    def _joint(self, q, k, v, layout, reference_mask):
-        groups = layout.images_per_example
-        b = q.shape[0] // groups
-        grouped = [a.reshape(b, groups, *a.shape[1:]) for a in (q, k, v)]
-        out_ref, out_tgt = reference_target_attention(
-            tuple(a[:, 0] for a in grouped),
-            tuple(a[:, 1:] for a in grouped),
-            rule=self.rule,
-            impl=self.impl,
-            reference_mask=reference_mask,
-            upcast=self.upcast,
-        )
-        return jnp.concatenate([out_ref[:, None], out_tgt], axis=1).reshape(q.shape)
-
-    def _cached(self, q, k, v, layout, reference_mask):
-        if self.rule != "causal":
-            raise ValueError(
-                "the reference cache needs the causal rule: under the full rule the "
-                "reference depends on the target, so it cannot be computed once"
-            )
-        if not self.has_variable(CACHE_COLLECTION, "key"):
-            raise ValueError(
-                f"cached mode needs the {CACHE_COLLECTION!r} collection from an extract pass "
-                f"(missing at {'/'.join(self.scope.path)})"
-            )
-        k_ref = self.get_variable(CACHE_COLLECTION, "key").astype(k.dtype)
-        v_ref = self.get_variable(CACHE_COLLECTION, "value").astype(v.dtype)
-        b, f = k_ref.shape[0], layout.num_frames
-        if q.shape[0] != b * f:
-            raise ValueError(
-                f"reference cache holds {b} examples but the target batch has {q.shape[0]} "
-                f"images for {f} frame(s) each; tile the cache to the target batch first"
-            )
-        grouped = [a.reshape(b, f, *a.shape[1:]) for a in (q, k, v)]
-        target = attention_backend(self.impl).target
-        out = target(*grouped, k_ref, v_ref, reference_mask, upcast=self.upcast)
-        return out.reshape(q.shape)

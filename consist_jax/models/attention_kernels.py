@@ -1,6 +1,7 @@
 """Accelerator kernels for SCD's causal reference/target attention.
 
-``attention.py`` owns the rule and the dispatch; this module holds the backends that
+``attention_rule.py`` owns the rule, ``attention.py`` the XLA forms and the backend
+type, ``self_attention.py`` the dispatch by name; this module holds the backends that
 need kernels (imported lazily there, because it pulls in Pallas). Each backend is an
 ``AttentionBackend`` of three entry points, all computing the numbers of the ``xla``
 (decomposed) form:
@@ -53,14 +54,16 @@ from consist_jax.models.attention import (
     XLA_BACKEND,
     AttentionBackend,
     KernelUnavailableError,
+    decomposed_rule,
     dot_product_attention,
+    flatten_frames,
     log_once,
     target_platform,
 )
+from consist_jax.models.attention_rule import PAD_SEGMENT, reference_reads_targets, segment_allows
 
 # Finite, so a fully masked key block gives exp(MASK - m) = 0 rather than inf - inf = NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-PAD_SEGMENT = -1  # segment id of padding tokens (splash)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -79,11 +82,6 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
 def _frames_to_batch(x: jax.Array) -> jax.Array:
     """(B, F, N, H, D) -> (B*F, N, H, D)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def _flatten_frames(x: jax.Array) -> jax.Array:
-    """(B, F, N, H, D) -> (B, F*N, H, D): the frames as one key sequence."""
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
 def require_platform(impl: str, platform: str) -> None:
@@ -188,17 +186,12 @@ def cudnn_backend(implementation: str = "cudnn") -> AttentionBackend:
         out = attend(_frames_to_batch(q_t), frame_keys(k_t, k_r), frame_keys(v_t, v_r), key_lengths)
         return out.reshape(b, f, n_t, h, d)
 
-    def rule_form(ref, tgt, rule, reference_mask, upcast):
-        (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
-        if rule == "causal":
-            out_ref = attend(q_r, k_r, v_r)
-        else:  # full: the reference also reads every frame (never hidden from it).
-            keys = jnp.concatenate([k_r, _flatten_frames(k_t)], axis=1)
-            values = jnp.concatenate([v_r, _flatten_frames(v_t)], axis=1)
-            out_ref = attend(q_r, keys, values)
-        return out_ref, target(q_t, k_t, v_t, k_r, v_r, reference_mask)
+    def attend_reference(q_r, k_r, v_r, frames, upcast):
+        if frames is not None:  # the reference also reads every frame (never hidden from it)
+            k_r, v_r = (jnp.concatenate([own, other], axis=1) for own, other in zip((k_r, v_r), frames))
+        return attend(q_r, k_r, v_r)
 
-    return AttentionBackend(plain=plain, target=target, rule=rule_form)
+    return AttentionBackend(plain=plain, target=target, rule=decomposed_rule(attend_reference, target))
 
 
 CUDNN = cudnn_backend("cudnn")
@@ -233,32 +226,19 @@ def _segment_ids(runs: tuple[tuple[int, int], ...]) -> np.ndarray:
     return np.concatenate([np.full((n,), s, np.int32) for s, n in runs if n > 0])
 
 
-def rule_allows(q_seg, k_seg, full_rule: bool):
-    """The rule on segment ids: 0 = reference, f >= 1 = target frame f, -1 = padding.
-
-    A query reads its own segment and the reference (targets only); under the full rule
-    the reference reads every real token. Padding queries read everything (so no row is
-    empty) and padding keys are read by padding queries only. Works on numpy and jax.
-    """
-    real_key = k_seg != PAD_SEGMENT
-    allowed = (q_seg == k_seg) | ((k_seg == 0) & (q_seg > 0)) | ((q_seg == PAD_SEGMENT) & real_key)
-    if full_rule:
-        allowed = allowed | ((q_seg == 0) & real_key)
-    return allowed
-
-
 class SegmentLayoutMask(splash.Mask):
-    """Splash mask of the rule over a segment layout, evaluated block by block.
+    """Splash mask of the rule (``segment_allows``) over a segment layout, evaluated
+    block by block.
 
     (Nq, Nk) but never stored: splash asks for one (block_q, block_kv) slice at a time
     to classify blocks as empty (skipped), full, or partial (only partial blocks are
     kept, deduplicated). With segment boundaries on block boundaries there are none.
     """
 
-    def __init__(self, q_runs, kv_runs, full_rule: bool):
-        self.key = (tuple(q_runs), tuple(kv_runs), bool(full_rule))
+    def __init__(self, q_runs, kv_runs, rule: str):
+        self.key = (tuple(q_runs), tuple(kv_runs), rule)
         self.q_ids, self.kv_ids = _segment_ids(q_runs), _segment_ids(kv_runs)
-        self.full_rule = bool(full_rule)
+        self.rule = rule
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -266,7 +246,7 @@ class SegmentLayoutMask(splash.Mask):
 
     def __getitem__(self, idx) -> np.ndarray:
         q_slice, kv_slice = idx
-        return rule_allows(self.q_ids[q_slice, None], self.kv_ids[None, kv_slice], self.full_rule)
+        return segment_allows(self.q_ids[q_slice, None], self.kv_ids[None, kv_slice], self.rule)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, SegmentLayoutMask) and self.key == other.key
@@ -298,12 +278,12 @@ def _dropped_segment_ids(q_runs, kv_runs, dropped: jax.Array) -> splash.SegmentI
     return splash.SegmentIds(q=per_example(q_ids), kv=per_example(kv_ids))
 
 
-def _splash_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, segment_ids=None):
+def _splash_attention(q, k, v, q_runs, kv_runs, rule, interpret, segment_ids=None):
     """Splash over a segment layout. q (B, Nq, H, D), k/v (B, Nk, H, D), lengths already
     padded to multiples of 128 and described by the runs; segment_ids (B, Nq), (B, Nk)
     -> (B, Nq, H, D)."""
     heads, head_dim = q.shape[2], q.shape[3]
-    mask = SegmentLayoutMask(q_runs, kv_runs, full_rule)
+    mask = SegmentLayoutMask(q_runs, kv_runs, rule)
     block_q, block_kv = _splash_block(q.shape[1]), _splash_block(k.shape[1])
     blocks = splash.BlockSizes(
         block_q=block_q,
@@ -343,23 +323,24 @@ def _padded_runs(runs, multiple: int = 128):
     return tuple(runs) + ((PAD_SEGMENT, _round_up(n, multiple) - n),)
 
 
-def _splash_layout_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, dropped=None):
+def _splash_layout_attention(q, k, v, q_runs, kv_runs, rule, interpret, dropped=None):
     """Pad to the runs, run splash, cut the padding. dropped (B,) bool or None."""
     q_runs, kv_runs = _padded_runs(q_runs), _padded_runs(kv_runs)
     n_q = q.shape[1]
     q = _pad_to(q, 1, sum(n for _, n in q_runs))
     k, v = (_pad_to(x, 1, sum(n for _, n in kv_runs)) for x in (k, v))
     segment_ids = None if dropped is None else _dropped_segment_ids(q_runs, kv_runs, dropped)
-    return _splash_attention(q, k, v, q_runs, kv_runs, full_rule, interpret, segment_ids)[:, :n_q]
+    return _splash_attention(q, k, v, q_runs, kv_runs, rule, interpret, segment_ids)[:, :n_q]
 
 
 def _splash_plain(q, k, v, *, upcast=False, interpret=False):
-    del upcast
-    return _splash_layout_attention(q, k, v, ((1, q.shape[1]),), ((1, k.shape[1]),), False, interpret)
+    del upcast  # one segment reading itself, under every rule
+    return _splash_layout_attention(q, k, v, ((1, q.shape[1]),), ((1, k.shape[1]),), "causal", interpret)
 
 
 def _splash_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False, interpret=False):
-    """Each frame's queries against its own ``[R ; T_f]`` (the cached-reference case)."""
+    """Each frame's queries against its own ``[R ; T_f]`` (the cached-reference case,
+    which exists under the causal rule only)."""
     b, f, n_t, h, d = q_t.shape
     n_r = k_r.shape[1]
 
@@ -373,7 +354,7 @@ def _splash_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False
         frame_keys(v_t, v_r),
         ((1, n_t),),
         ((0, n_r), (1, n_t)),
-        False,
+        "causal",
         interpret,
         dropped,
     )
@@ -385,16 +366,15 @@ def _splash_rule(ref, tgt, rule, reference_mask, upcast, interpret=False):
     (q_r, _, _), (q_t, _, _) = ref, tgt
     b, f, n_t, h, d = q_t.shape
     n_r = q_r.shape[1]
-    joint = [jnp.concatenate([r, _flatten_frames(t)], axis=1) for r, t in zip(ref, tgt)]
+    joint = [jnp.concatenate([r, flatten_frames(t)], axis=1) for r, t in zip(ref, tgt)]
     runs = ((0, n_r),) + tuple((frame, n_t) for frame in range(1, f + 1))
-    full_rule = rule == "full"
     dropped = None if reference_mask is None else ~reference_mask
-    out = _splash_layout_attention(*joint, runs, runs, full_rule, interpret, dropped)
+    out = _splash_layout_attention(*joint, runs, runs, rule, interpret, dropped)
     out_ref = out[:, :n_r]
-    if full_rule and dropped is not None:
+    if reference_reads_targets(rule) and dropped is not None:
         # Equal-id segments cannot say "the reference reads the targets that do not
         # read it", so the reference rows of the full rule come from a second pass.
-        out_ref = _splash_layout_attention(q_r, *joint[1:], runs[:1], runs, True, interpret)
+        out_ref = _splash_layout_attention(q_r, *joint[1:], runs[:1], runs, rule, interpret)
     return out_ref, out[:, n_r:].reshape(b, f, n_t, h, d)
 
 
@@ -632,20 +612,16 @@ def _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask=None, *, upcast=False
 
 
 def _pallas_rule(ref, tgt, rule, reference_mask, upcast, interpret=False):
-    (q_r, k_r, v_r), (q_t, k_t, v_t) = ref, tgt
-    if rule == "causal":
-        out_ref = flash_attention(q_r, k_r, v_r, interpret=interpret)
-    else:  # full: the reference also reads all frames, as its shared keys.
-        shared = (_flatten_frames(k_t), _flatten_frames(v_t))
-        out_ref = flash_attention(q_r, k_r, v_r, *shared, interpret=interpret)
-    target = _pallas_target(q_t, k_t, v_t, k_r, v_r, reference_mask, interpret=interpret)
-    return out_ref, target
+    def attend_reference(q_r, k_r, v_r, frames, upcast):
+        # Frames the reference reads (full rule) are its shared keys.
+        return flash_attention(q_r, k_r, v_r, *(frames or ()), interpret=interpret)
+
+    target = functools.partial(_pallas_target, interpret=interpret)
+    return decomposed_rule(attend_reference, target)(ref, tgt, rule, reference_mask, upcast)
 
 
 PALLAS = _kernel_backend("pallas", "gpu", _pallas_plain, _pallas_target, _pallas_rule, False)
 PALLAS_INTERPRET = _kernel_backend("pallas", "gpu", _pallas_plain, _pallas_target, _pallas_rule, True)
-
-BACKENDS = {"cudnn": CUDNN, "splash": SPLASH, "pallas": PALLAS}
 
 # What ``auto`` picks per targeted platform, and why (logged once).
 _AUTO = {

@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from consist_jax.models.attention import ReferenceLayout, dot_product_attention
+from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.layers import GroupNorm
+from consist_jax.models.self_attention import ReferenceLayout
 from consist_jax.models.transformer import FeedForward, layer_norm
 from consist_jax.parallel.frames import gather_frames, split_frames
 

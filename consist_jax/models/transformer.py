@@ -1,8 +1,9 @@
 """The UNet's spatial transformer (diffusers' Transformer2DModel, SD-1.x flavour).
 
 Only ``attn1`` (self-attention) lets the images of a batch interact, through the
-SCD rule in attention.py; cross-attention, LayerNorm and the feed-forward act on
-each image alone.
+SCD rule (attention_rule.py, applied by self_attention.py); cross-attention,
+LayerNorm and the feed-forward act on each image alone. The attention settings
+arrive as one ``AttentionConfig``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from consist_jax.models.attention import ReferenceLayout, SelfAttention, dot_product_attention
+from consist_jax.models.attention import dot_product_attention
+from consist_jax.models.self_attention import AttentionConfig, ReferenceLayout, SelfAttention
 from consist_jax.models.layers import GroupNorm, conv1x1
 
 Dtype = Any
@@ -68,18 +70,18 @@ class BasicTransformerBlock(nn.Module):
 
     heads: int
     head_dim: int
-    rule: str = "causal"
-    impl: str = "xla"
-    upcast: bool = False
+    attention: AttentionConfig = AttentionConfig()
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, context, layout: ReferenceLayout, reference_mask=None):
         attn1 = SelfAttention(
-            self.heads, self.head_dim, self.rule, self.impl, self.upcast, self.dtype, name="attn1"
+            self.heads, self.head_dim, attention=self.attention, dtype=self.dtype, name="attn1"
         )
         x = x + attn1(layer_norm("norm1", self.dtype)(x), layout, reference_mask)
-        attn2 = CrossAttention(self.heads, self.head_dim, self.upcast, self.dtype, name="attn2")
+        attn2 = CrossAttention(
+            self.heads, self.head_dim, upcast=self.attention.upcast, dtype=self.dtype, name="attn2"
+        )
         x = x + attn2(layer_norm("norm2", self.dtype)(x), context)
         return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3", self.dtype)(x))
 
@@ -91,9 +93,7 @@ class Transformer2D(nn.Module):
     num_layers: int = 1
     groups: int = 32
     use_linear_projection: bool = False
-    rule: str = "causal"
-    impl: str = "xla"
-    upcast: bool = False
+    attention: AttentionConfig = AttentionConfig()
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -109,10 +109,8 @@ class Transformer2D(nn.Module):
             block = BasicTransformerBlock(
                 self.heads,
                 channels // self.heads,
-                self.rule,
-                self.impl,
-                self.upcast,
-                self.dtype,
+                attention=self.attention,
+                dtype=self.dtype,
                 name=f"transformer_blocks.{i}",
             )
             x = block(x, context, layout, reference_mask)

@@ -7,7 +7,7 @@ The SCD call adds a clean reference latent (with its own timestep, 0 by default)
 and pose images. Reference and targets are laid out as separate images of one
 batch (see ``ReferenceLayout``): convolutions, GroupNorm, the time embedding,
 cross-attention and the feed-forward treat each image alone, and they meet only
-in self-attention, under the rule in attention.py.
+in self-attention, under the rule in attention_rule.py (the layer: self_attention.py).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 
 from consist_jax import checks
-from consist_jax.models.attention import ATTENTION_IMPLS, ATTENTION_RULES, ReferenceLayout
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
 from consist_jax.models.motion import MotionConfig, TemporalTransformer, on_target_frames
 from consist_jax.models.pose_encoder import PoseEncoder
+from consist_jax.models.self_attention import AttentionConfig, ReferenceLayout
 from consist_jax.models.transformer import Transformer2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -88,7 +88,7 @@ class UNetConfig:
     freq_shift: int = 0
     # SCD options (not in diffusers' config).
     attention_rule: str = "causal"  # "causal" (SCD) | "full" (ablation)
-    attention_impl: str = "xla"  # see attention.ATTENTION_IMPLS
+    attention_impl: str = "xla"  # see self_attention.ATTENTION_IMPLS
     reference_pose_injection: bool = True  # feed the reference pose too (SCD ablates it)
     pose_block_out_channels: Optional[tuple[int, ...]] = (16, 32, 64, 128)  # None: no pose encoder
     remat: bool = False  # rematerialise each resnet / transformer in the backward pass
@@ -121,12 +121,14 @@ class UNetConfig:
         for c, h in zip(self.block_out_channels, self.attention_heads):
             if c % h:
                 raise ValueError(f"{c} channels are not divisible by {h} attention heads")
-        if self.attention_rule not in ATTENTION_RULES:
-            raise ValueError(f"attention_rule={self.attention_rule!r}; expected one of {ATTENTION_RULES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        _ = self.attention  # building it checks attention_rule and attention_impl
         if self.motion is not None:
             self.motion.check_blocks(self.block_out_channels)
+
+    @property
+    def attention(self) -> AttentionConfig:
+        """The self-attention settings, one value carried down to every layer."""
+        return AttentionConfig(self.attention_rule, self.attention_impl, self.upcast_attention)
 
     @property
     def downsample_factor(self) -> int:
@@ -216,9 +218,7 @@ class _Blocks:
             num_layers=c.transformer_layers_per_block[block],
             groups=c.norm_num_groups,
             use_linear_projection=c.use_linear_projection,
-            rule=c.attention_rule,
-            impl=c.attention_impl,
-            upcast=c.upcast_attention,
+            attention=c.attention,
             dtype=c.dtype,
             name=name,
         )

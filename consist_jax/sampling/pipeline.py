@@ -25,11 +25,11 @@ from consist_jax.checks import check_sample_settings
 from consist_jax.convert.build import build_model
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.models.attention_rule import has_reference_cache
 from consist_jax.models.scd import SCDModel
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
-from consist_jax.sampling.two_stage import GuidanceConfig, extract_reference
-from consist_jax.sampling.video import denoise_video, window_starts
+from consist_jax.sampling.two_stage import GuidanceConfig, denoise, extract_reference, window_starts
 from consist_jax.training.checkpoint import restore_params
 
 
@@ -153,10 +153,10 @@ class SCDPipeline:
             reference = extract_reference(model, params, frozen, reference_image, reference_pose,
                                           self.reference_timestep)
             noise = jax.random.normal(rng, latent_shape, jnp.float32)
-            latents = denoise_video(model, params, reference, sampler, noise, target_poses, guidance,
-                                    window=window, overlap=overlap, progress=self._tick if progress else None,
-                                    joint=model.unet.config.attention_rule != "causal",
-                                    reference_pose=reference_pose, reference_timestep=self.reference_timestep)
+            latents = denoise(model, params, reference, sampler, noise, target_poses, guidance,
+                              window=window, overlap=overlap, progress=self._tick if progress else None,
+                              joint=not has_reference_cache(model.unet.config.attention.rule),
+                              reference_pose=reference_pose, reference_timestep=self.reference_timestep)
             return model.decode(frozen, latents)
 
         return generate

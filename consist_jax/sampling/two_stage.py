@@ -11,26 +11,36 @@ with N_r the reference's tokens at that layer's resolution. Because the causal r
 never lets the target into the reference and the reference's timestep is fixed,
 the cache is exact for every denoising step, both guidance branches and all frames.
 
-Stage 2 (``denoise``) runs the whole sampler loop (one compiled program) over the
-target latents with classifier-free guidance batched as [unconditional; conditional]:
-the unconditional branch drops the reference (the targets attend only to
-themselves) and the image-encoder context (zeros), as in training.
+Stage 2 (``denoise``, the one denoiser) runs the whole sampler loop (one compiled
+program) over the target latents with classifier-free guidance batched as
+[unconditional; conditional]: the unconditional branch drops the reference (the
+targets attend only to themselves) and the image-encoder context (zeros), as in
+training. Its arguments choose
 
-``denoise_joint`` is the same loop recomputing the reference at every step through
-the joint forward: the plain reference the cached loop must equal (tests, benchmark).
+* ``window`` / ``overlap``: videos of any length. At every step the F frames are cut
+  into windows of ``window`` frames overlapping by ``overlap``; each window is one
+  guided UNet call (its frames meet in the motion module, all of them read the same
+  reference cache), and a frame covered by several windows takes the mean of their
+  predictions. The windows run in a ``lax.scan``, so memory is bounded by one window,
+  not by the video. ``window=None``: the whole clip in one call per step.
+* ``joint``: recompute the reference at every call through the joint forward instead
+  of reading the cache: the plain reference the cached loop must equal (tests,
+  benchmark), and the only way to sample a model whose rule has no reference cache
+  (``attention_rule.has_reference_cache``: the full-rule ablation).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from consist_jax.diffusion.guidance import make_guided_model_fn
+from consist_jax.diffusion.guidance import batch_conditions, guided_prediction, make_guided_model_fn
 from consist_jax.diffusion.samplers import sample_loop
-from consist_jax.models.attention import CACHE_COLLECTION
+from consist_jax.models.self_attention import CACHE_COLLECTION
 from consist_jax.models.scd import SCDModel
 from consist_jax.models.unet import UNet
 
@@ -151,6 +161,44 @@ def guided(model_fn, context: jax.Array, guidance: GuidanceConfig):
     return make_guided_model_fn(model_fn, cond, uncond, guidance.scale, guidance.rescale)
 
 
+def window_starts(num_frames: int, window: int, overlap: int) -> np.ndarray:
+    """First frame of each window; the last window ends at the last frame. (num_windows,)."""
+    if num_frames < 1:
+        raise ValueError("a video needs at least one frame")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap={overlap} must be in [0, window={window})")
+    if num_frames <= window:
+        return np.zeros((1,), np.int32)
+    starts = list(range(0, num_frames - window + 1, window - overlap))
+    if starts[-1] + window < num_frames:
+        starts.append(num_frames - window)
+    return np.asarray(starts, np.int32)
+
+
+def _windowed(prediction: Callable, num_frames: int, window: int, overlap: int,
+              progress: Optional[Callable[[], None]]) -> Callable:
+    """(x, t) -> the mean over the temporal windows covering each frame of
+    ``prediction(x, t, start, length)``; x (B, F, ...)."""
+    length = min(window, num_frames)
+    starts = window_starts(num_frames, window, overlap)
+    coverage = jnp.zeros((num_frames,), jnp.float32)
+    for start in starts:  # static: how many windows cover each frame
+        coverage = coverage.at[int(start):int(start) + length].add(1.0)
+
+    def blended(x, t):
+        def add_window(total, start):
+            pred = prediction(x, t, start, length)
+            if progress is not None:
+                jax.debug.callback(progress)
+            current = jax.lax.dynamic_slice_in_dim(total, start, length, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(total, current + pred, start, axis=1), None
+
+        total, _ = jax.lax.scan(add_window, jnp.zeros_like(x, jnp.float32), jnp.asarray(starts))
+        return total / coverage.reshape(1, num_frames, *([1] * (x.ndim - 2)))
+
+    return blended
+
+
 def denoise(
     model: SCDModel,
     params: Any,
@@ -160,28 +208,40 @@ def denoise(
     target_pose: Optional[jax.Array],
     guidance: GuidanceConfig = GuidanceConfig(),
     rng: Optional[jax.Array] = None,
+    *,
+    window: Optional[int] = None,
+    overlap: int = 0,
+    joint: bool = False,
+    reference_pose: Optional[jax.Array] = None,
+    reference_timestep: int = 0,
+    progress: Optional[Callable[[], None]] = None,
 ) -> jax.Array:
-    """Stage 2: noise (B, F, h, w, C) -> target latents (B, F, h, w, C) against the cache.
+    """Stage 2: noise (B, F, h, w, C) -> target latents (B, F, h, w, C).
 
     target_pose: (B, F, H, W, 3) in [0, 1] or None.
+    window, overlap: temporal windows (module docstring); ``window=None`` runs the whole
+      clip in one call per step, which ``window >= F`` equals to float rounding.
+    joint: recompute the reference in every call (``reference_pose`` (B, H, W, 3) in
+      [0, 1] and ``reference_timestep`` as in ``extract_reference``) instead of reading
+      ``reference.cache``.
+    progress: a host function (no arguments) called after each window of each step
+      (``steps * len(window_starts(F, window, overlap))`` calls), or after each step
+      without windows.
     """
-    model_fn = functools.partial(cached_model_fn(model, params, reference), target_pose=target_pose)
-    return sample_loop(sampler, guided(model_fn, reference.context, guidance), noise, rng)
+    # Built once, outside the loops: the cache (or reference) is tiled for both branches here.
+    model_fn = (joint_model_fn(model, params, reference, reference_pose, reference_timestep) if joint
+                else cached_model_fn(model, params, reference))
+    if window is None:
+        prediction = guided(functools.partial(model_fn, target_pose=target_pose), reference.context, guidance)
+        return sample_loop(sampler, prediction, noise, rng, progress)
 
+    conditions = batch_conditions(*guidance_conditions(reference.context))
 
-def denoise_joint(
-    model: SCDModel,
-    params: Any,
-    reference: Reference,
-    sampler: Any,
-    noise: jax.Array,
-    reference_pose: Optional[jax.Array],
-    target_pose: Optional[jax.Array],
-    guidance: GuidanceConfig = GuidanceConfig(),
-    rng: Optional[jax.Array] = None,
-    reference_timestep: int = 0,
-) -> jax.Array:
-    """The loop of ``denoise`` with the reference recomputed at every step (joint forward)."""
-    model_fn = functools.partial(joint_model_fn(model, params, reference, reference_pose, reference_timestep),
-                                 target_pose=target_pose)
-    return sample_loop(sampler, guided(model_fn, reference.context, guidance), noise, rng)
+    def window_prediction(x, t, start, length):
+        x_w = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)
+        pose_w = None if target_pose is None else jax.lax.dynamic_slice_in_dim(target_pose, start, length, axis=1)
+        fn = functools.partial(model_fn, target_pose=pose_w)
+        return guided_prediction(fn, x_w, t, conditions, guidance.scale, guidance.rescale)
+
+    blended = _windowed(window_prediction, noise.shape[1], window, overlap, progress)
+    return sample_loop(sampler, blended, noise, rng)
