@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from parity import random_params, relative_error
+from parity import relative_error
 
 from consist_jax.diffusion.samplers import make_sampler
 from consist_jax.diffusion.schedule import NoiseSchedule
@@ -32,7 +32,8 @@ FULL = dataclasses.replace(CAUSAL, attention=AttentionConfig(rule="full"))
 def params():
     """Random parameters, every one non-zero (the zero-initialised pose output included)."""
     shapes = jax.eval_shape(lambda: init_wan_scd_params(CAUSAL, jax.random.key(0)))
-    return random_params(shapes, seed=0)
+    draw = np.random.default_rng(0)  # numpy: no per-leaf dispatch of a jax draw
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(0.2 * draw.standard_normal(s.shape), jnp.float32), shapes)
 
 
 def _inputs(rng):
@@ -187,34 +188,41 @@ MODEL = SCDModel(WanSCD(CAUSAL), PixelCodec(1), TextContext())
 
 
 def test_train_step_loss_takes_the_dit(params, rng):
-    """The pure train step's loss drives the DiT through the UNet's call: a finite loss over
-    the target tokens and gradients reaching the pose embedding."""
+    """The pure train step's loss drives the DiT through the UNet's call: per-example losses
+    over the target tokens, and the reference dropped for classifier-free guidance (a forward
+    only: the gradient is jax's; compiling the backward would double this test)."""
     inputs = _inputs(rng)
     batch = {"reference_latents": inputs["reference"], "target_latents": inputs["targets"],
              "context": inputs["context"], "reference_pose": inputs["reference_pose"],
              "target_pose": inputs["target_pose"]}
     schedule = NoiseSchedule.create("linear", 1e-4, 2e-2)
-    loss_fn = jax.jit(jax.value_and_grad(
-        lambda p: scd_loss(p, MODEL, schedule, LossConfig(drop_reference_prob=0.5), batch, jax.random.key(0))[0]))
-    value, grads = loss_fn(params)
-    assert np.isfinite(float(value))
-    assert float(jnp.abs(grads["pose_patch_embedding"]["conv_out"]["kernel"]).max()) > 0
+
+    @jax.jit
+    def per_example(params, batch, drop):
+        return scd_loss(params, MODEL, schedule, LossConfig(drop_reference_prob=drop, drop_context_prob=drop),
+                        batch, jax.random.key(0))[1]
+
+    kept, dropped = per_example(params, batch, 0.0), per_example(params, batch, 1.0)
+    assert kept.shape == (B,) and np.all(np.isfinite(np.asarray(kept)))
+    assert np.all(np.abs(np.asarray(kept) - np.asarray(dropped)) > 0)
 
 
 SAMPLER = make_sampler("ddim", NoiseSchedule.create("linear", 1e-4, 2e-2), 3, prediction_type="sample")
 GUIDANCE = GuidanceConfig(scale=2.5)
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_cached_sampling_equals_joint(params, rng, window):
+def test_cached_sampling_equals_joint(params, rng):
     """A whole guided clip sampled through the one denoiser is the same with the reference's
-    keys/values cached once or recomputed in every call (whole clip, and overlapping windows)."""
+    keys/values cached once or recomputed in every call; the clip runs in two overlapping
+    windows (window-local rotary positions, one cache for both: the long-video path; the
+    whole-clip path is the same model call without the windows' scan)."""
+    window = 2
     inputs = _inputs(rng)
     image = jnp.tanh(inputs["reference"])  # PixelCodec(1): the latent is the image
     frozen = {"text": inputs["context"]}
 
     @jax.jit
-    def both(image, reference_pose, target_pose, noise):
+    def both(params, frozen, image, reference_pose, target_pose, noise):
         ref = extract_reference(MODEL, params, frozen, image, reference_pose)
         kwargs = dict(window=window, overlap=1)
         cached = denoise(MODEL, params, ref, SAMPLER, noise, target_pose, GUIDANCE, **kwargs)
@@ -222,5 +230,5 @@ def test_cached_sampling_equals_joint(params, rng, window):
                         reference_pose=reference_pose, **kwargs)
         return cached, joint
 
-    cached, joint = both(image, inputs["reference_pose"], inputs["target_pose"], inputs["targets"])
+    cached, joint = both(params, frozen, image, inputs["reference_pose"], inputs["target_pose"], inputs["targets"])
     assert relative_error(cached, joint) <= 1e-5
