@@ -111,8 +111,9 @@ def test_causal_reference_keys_values_ignore_the_targets(params, reference_kv, e
     for layer in kv:
         for name, joint in zip(("key", "value"), kv[layer]):
             # The same float32 operations on the same tokens in two programs: only XLA's
-            # fusion choices may differ, a few roundings of O(1) values.
-            assert relative_error(cache[layer][name], joint) <= 1e-6, (layer, name)
+            # fusion choices may differ, a few roundings of O(1) values per layer (measured
+            # ~2e-7); letting the targets in moves them ~5e-2.
+            assert relative_error(cache[layer][name], joint) <= 1e-5, (layer, name)
 
 
 def test_full_rule_reference_reads_the_targets(params, reference_kv, rng):
@@ -145,7 +146,8 @@ def test_full_rule_at_one_timestep_is_wan_on_the_clip_led_by_the_reference(param
     clip = jnp.concatenate([inputs["reference"][:, None], inputs["targets"]], axis=1)
     theirs = wan({"params": _wan_params(params)}, clip, inputs["t"], inputs["context"])[:, 1:]
     # The same float32 operations, batched differently (the reference as its own stream):
-    # reassociation of a few sums of O(1) terms; a wrong position or timestep moves it O(1).
+    # reassociation of a few sums of O(1) terms (measured ~1.5e-7); a wrong position or
+    # timestep moves it O(1).
     assert relative_error(ours, theirs) <= 1e-5
 
 
