@@ -136,14 +136,14 @@ def report_time(transformer, frames, height, width, runs):
     draw = np.random.default_rng(0)
     values = {name: jax.tree_util.tree_map(lambda s: jnp.asarray(0.1 * draw.standard_normal(s.shape), s.dtype), tree)
               for name, tree in args.items()}  # (a dict comprehension keeps the argument order)
-    times = {}
-    for form in FORMS:
-        compiled = compiled_step(transformer, form, args)
-        jax.block_until_ready(compiled(*values.values()))
-        times[form] = []
-        for _ in range(runs):
+    compiled = {form: compiled_step(transformer, form, args) for form in FORMS}
+    times = {form: [] for form in FORMS}
+    for form in FORMS:  # warm up
+        jax.block_until_ready(compiled[form](*values.values()))
+    for _ in range(runs):  # alternate the forms, so a busy moment of the machine hits each alike
+        for form in FORMS:
             start = time.perf_counter()
-            jax.block_until_ready(compiled(*values.values()))
+            jax.block_until_ready(compiled[form](*values.values()))
             times[form].append(time.perf_counter() - start)
     print(f"{transformer.num_layers} layers, {transformer.num_attention_heads} x {transformer.attention_head_dim} "
           f"heads, {frames} latent frames of {height}x{width}, batch {BATCH}; {jax.devices()[0]}")
