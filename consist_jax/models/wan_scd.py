@@ -246,7 +246,7 @@ class WanSCD(nn.Module):
                 raise ValueError("reference_pose given without a reference (the cache holds the reference's pose)")
             mode = "cached" if use_reference_cache else "none"
             return self.forward(encoder_hidden_states, mode, reference_mask, tgt=tgt)
-        if (target_pose is not None and reference_pose is None and self.config.reference_pose_injection):
+        if target_pose is not None and reference_pose is None and self.config.reference_pose_injection:
             raise ValueError("reference_pose is required with target_pose when reference_pose_injection is on")
         ref = self._reference_clip(reference, reference_timesteps, reference_pose, sample.shape)
         return self.forward(encoder_hidden_states, "joint", reference_mask, ref=ref, tgt=tgt)
