@@ -214,7 +214,7 @@ _EXAMPLE_FEET = ((0.05, 0.445), (0.085, 0.435), (0.065, 0.41),
 _FACE_HALF_WIDTH = 0.045
 
 
-def _example_face() -> np.ndarray:
+def example_face_units() -> np.ndarray:
     """(68, 2) iBUG-68 landmarks in face units (half-width 1, origin at the nose tip)."""
     jaw_angle = np.pi - np.pi * np.arange(17) / 16
     jaw = np.stack([np.cos(jaw_angle), -0.3 + 1.3 * np.sin(jaw_angle)], axis=1)
@@ -260,13 +260,13 @@ def example_pose(layout: str = L.OPENPOSE_18_NAME, height: int = 512, width: int
         # Face units span x in [-1, 1] and y in [-0.65, 1.0] (centre 0.175) about the nose.
         scale = 0.8 * min(height / 1.65, width / 2.0)
         centre = [(width - 1) / 2.0, (height - 1) / 2.0 - 0.175 * scale]
-        pixels = _example_face() * scale + centre
+        pixels = example_face_units() * scale + centre
         return np.concatenate([pixels, np.full((len(pixels), 1), confidence)],
                               axis=1).astype(np.float32)
     body = np.array(_EXAMPLE_BODY)
     units = [body]
     if layout.name == L.DWPOSE_134_NAME:
-        face = body[L.NOSE] + _FACE_HALF_WIDTH * _example_face()
+        face = body[L.NOSE] + _FACE_HALF_WIDTH * example_face_units()
         units += [np.array(_EXAMPLE_FEET), face,
                   _example_hand(body[7], side=1.0), _example_hand(body[4], side=-1.0)]
     xy = np.concatenate(units)
