@@ -440,6 +440,9 @@ _FACE_HAIR_STYLES = ("short", "long", "bald")
 _JAW, _R_EYE, _L_EYE = np.arange(0, 17), np.arange(36, 42), np.arange(42, 48)
 _LOWER_LIPS = np.array([55, 56, 57, 58, 59, 65, 66, 67])
 _EYE_LIDS = np.array([1, 2, 4, 5])  # within an eye: the upper (1, 2) and lower (4, 5) lid points
+# The rigid features (iBUG-68 numbers): brows, nose bridge, nose base, eyes, lips.
+_FACE_PLATES = (np.arange(17, 22), np.arange(22, 27), np.arange(27, 31), np.arange(31, 36),
+                _R_EYE, _L_EYE, np.arange(48, 68))
 _FOREHEAD_POINTS = 9  # the arc closing the face outline above the brows
 _FOREHEAD_HEIGHT = 1.0  # face units above the jaw's ends (y = -0.3)
 
@@ -457,7 +460,7 @@ def sample_face_appearance(rng: np.random.Generator) -> FaceAppearance:
         background_period=float(rng.uniform(0.08, 0.25)),
         half_width=float(rng.uniform(0.26, 0.30)),
         jaw_length=float(rng.uniform(0.9, 1.1)),
-        eye_size=float(rng.uniform(1.0, 1.4)),
+        eye_size=float(rng.uniform(1.2, 1.6)),
         eye_spacing=float(rng.uniform(-0.05, 0.05)),
         mouth_width=float(rng.uniform(0.85, 1.15)),
     )
@@ -500,10 +503,15 @@ def face_template(appearance: FaceAppearance) -> np.ndarray:
     angle = np.linspace(0, np.pi, _FOREHEAD_POINTS + 2)[1:-1]
     forehead = np.stack([np.cos(angle), -0.3 - _FOREHEAD_HEIGHT * np.sin(angle)], -1)
     xy = np.concatenate([xy, forehead])
-    z = np.sqrt(np.clip(1 - xy[:, 0] ** 2, 0, 1))
+    # Depth: each feature a rigid plate at its depth on a cylinder of radius 1 (so turning
+    # the head moves it as a whole and keeps its outline convex, as drawn), the nose in
+    # front of it; the outline (jaw, forehead) at depth 0, narrowing as the head turns.
+    z = np.zeros(len(xy))
+    for part in _FACE_PLATES:
+        z[part] = np.sqrt(1 - np.mean(xy[part, 0]) ** 2)
     z[36:48] *= 0.85  # the eyes sit in their sockets: inside the outline when the head turns
     z[27:31] += np.linspace(0.1, 0.4, 4)  # the nose bridge, out to the tip
-    z[31:36] += [0.15, 0.25, 0.3, 0.25, 0.15]
+    z[31:36] += 0.25
     return np.concatenate([xy, z[:, None]], -1).astype(np.float32)
 
 
