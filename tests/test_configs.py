@@ -6,7 +6,7 @@ import pytest
 from consist_jax.models.attention import ATTENTION_IMPLS
 from consist_jax.training.trainer import preflight
 
-CONFIGS = ["demo", "demo_video", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
+CONFIGS = ["demo", "demo_video", "face_reenact", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
