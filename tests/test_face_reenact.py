@@ -18,6 +18,7 @@ from consist_jax.poses import (
     convert_layout,
     draw_skeletons,
     example_pose,
+    load_poses,
     save_poses,
 )
 from consist_jax.poses import layouts as L
@@ -70,6 +71,22 @@ def test_face_poses_convert_from_and_to_dwpose(rng):
     assert not back.points[:, :L.FACE_START, 2].any() and not back.points[:, L.LEFT_HAND_START:, 2].any()
     with pytest.raises(ValueError, match="share no keypoint"):
         convert_layout(face, "openpose18")
+
+
+def test_face_pose_files_read_back_and_drive_sampling(rng, tmp_path):
+    """A 68-point pose file is a face68 sequence; sample.py's reader renders it as faces."""
+    from consist_jax.sampling.io import read_poses
+
+    points = np.stack([random_face(rng, 64) for _ in range(3)])
+    save_poses(tmp_path / "face.npz", PoseSequence(points, "face68", 64, 64))
+    np.save(tmp_path / "face.npy", points)
+    for name in ("face.npz", "face.npy"):
+        loaded = load_poses(tmp_path / name, height=64, width=64)
+        assert loaded.layout == "face68"
+        np.testing.assert_array_equal(loaded.points, points)
+    images, poses = read_poses(str(tmp_path / "face.npz"), (64, 64))
+    assert poses.layout == "face68"
+    np.testing.assert_array_equal(images, draw_skeletons(points, "face68", 64, 64))
 
 
 def test_global_alignment_puts_the_driving_face_on_the_reference_face(rng):
