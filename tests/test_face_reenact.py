@@ -118,16 +118,28 @@ def test_face_parts_are_drawn_where_their_landmarks_are(rng):
     # later landmark rounds to the same pixel.
     for k, (x, y) in enumerate(pixel):
         if not any((pixel[j] == (x, y)).all() for j in range(k + 1, 68)):
-            np.testing.assert_array_equal(image[y, x], FACE.face_point_colors[k], err_msg=f"point {k}")
-    # Between two landmarks of a segment lies its part's line (dimmed), or a dot over it.
-    for (a, b), color in zip(FACE.face_edges, FACE.face_edge_colors):
-        x, y = np.rint((points[a, :2] + points[b, :2]) / 2).astype(int)
-        allowed = [tuple((color * L.LIMB_INTENSITY).astype(np.uint8))] + [tuple(c) for c in FACE.face_edge_colors] \
-            + [tuple((c * L.LIMB_INTENSITY).astype(np.uint8)) for c in FACE.face_edge_colors] \
-            + [tuple(c) for c in FACE.face_point_colors]
-        assert tuple(image[y, x]) in allowed, (a, b)
+            np.testing.assert_array_equal(image[y, x], FACE.face_point_colors[k],
+                                          err_msg=f"point {k}")
+    # Each part drawn alone: halfway along each of its segments lies the part's line, in
+    # its colour dimmed (or one of its dots, where a short segment's ends round there).
+    for part, indices, _ in L.FACE_PARTS:
+        alone = points.copy()
+        alone[:, 2] = 0.0
+        alone[list(indices), 2] = 1.0
+        part_image = draw_skeletons(alone, "face68", size, size)
+        color = np.array(L.FACE_PART_COLORS[part])
+        # (the nose's tip, shared by both nose parts, keeps the bridge's dot colour)
+        allowed = {tuple((color * L.LIMB_INTENSITY).astype(np.uint8))}
+        allowed |= {tuple(FACE.face_point_colors[k]) for k in indices}
+        for a, b in FACE.face_edges:
+            if a in indices and b in indices:
+                x, y = np.rint((points[a, :2] + points[b, :2]) / 2).astype(int)
+                assert tuple(part_image[y, x]) in allowed, (part, a, b)
+        drawn = {tuple(c) for c in part_image.reshape(-1, 3)} - {(0, 0, 0)}
+        assert drawn <= allowed, part
     # Nothing but the face: no body is drawn, the canvas away from the face is black.
-    low, high = np.floor(points[:, :2].min(0) - 2).astype(int), np.ceil(points[:, :2].max(0) + 2).astype(int)
+    low = np.floor(points[:, :2].min(0) - 2).astype(int)
+    high = np.ceil(points[:, :2].max(0) + 2).astype(int)
     outside = np.ones((size, size), bool)
     outside[max(low[1], 0):high[1], max(low[0], 0):high[0]] = False
     assert not image[outside].any()

@@ -467,7 +467,8 @@ def sample_face_appearance(rng: np.random.Generator) -> FaceAppearance:
 
 
 def _blinks(rng: np.random.Generator, num_frames: int) -> np.ndarray:
-    """(T,) eye openness: open, with a blink (2-3 frames closing and opening) every ~12."""
+    """(T,) eye openness: open, with a blink (3 frames closing and opening) every 9-15
+    frames, the first within the first 12."""
     openness = np.ones(num_frames, np.float32)
     start = int(rng.integers(0, 12))
     for t in range(start, num_frames, int(rng.integers(9, 16))):
@@ -483,7 +484,7 @@ def sample_face_motion(rng: np.random.Generator, num_frames: int, size: int) -> 
     centre = np.stack([size * between(0.44, 0.56), size * between(0.50, 0.58)], -1)
     return FaceMotion(centre=centre.astype(np.float32), scale=between(0.9, 1.05),
                       yaw=between(-0.4, 0.4), roll=between(-0.3, 0.3),
-                      mouth=np.clip(between(-0.6, 1.0), 0.0, 1.0), eyes=_blinks(rng, num_frames))
+                      mouth=between(0.0, 1.0) ** 2, eyes=_blinks(rng, num_frames))  # talking
 
 
 def face_template(appearance: FaceAppearance) -> np.ndarray:

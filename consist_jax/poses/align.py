@@ -68,7 +68,7 @@ class Alignment:
       scale: the global scale s.
       reference_anchor, driving_anchor: (2,) pixel positions matched by the offset.
       body_ratios: (18,) reference/driving length of the bone ending at each body point
-        (s for the neck and for bones unseen in either pose).
+        (s for the neck and for bones unseen in either pose; s everywhere for face68).
       head_ratio: the face's scale about the nose.
     """
 

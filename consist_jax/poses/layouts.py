@@ -177,7 +177,8 @@ class PoseLayout:
       hand_edge_colors: (20, 3) uint8.
       feet_limbs, feet_limb_colors: the optional foot limbs (DWPose only).
       face_edges: (E, 2) int, the face polylines' segments as local indices within the
-        face group (the iBUG numbers), in drawing order (face68 only; (0, 2) otherwise: DWPose draws face dots only).
+        face group (the iBUG numbers), in drawing order (face68 only; (0, 2) otherwise:
+        DWPose draws face dots only).
       face_edge_colors: (E, 3) uint8, full-intensity RGB of each segment's part.
       face_point_colors: (68, 3) uint8, RGB of each face landmark's dot (face68: its
         part's colour; DWPose: white).
