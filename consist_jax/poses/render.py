@@ -13,9 +13,8 @@ What is drawn, in order (later shapes cover earlier ones, as in OpenPose/DWPose)
 
 Sizes are OpenPose/DWPose's at a 512-pixel short side (limb half-width 4, joint radius 4,
 hand line width 2, hand joint radius 4, face dot radius 3; our face line width 2), scaled
-linearly with
-``min(height, width) / 512`` and ``stroke_scale``, and never below ``MIN_RADIUS_PX`` so a
-tiny canvas still shows every point.
+linearly with ``min(height, width) / 512`` and ``stroke_scale``, and never below
+``MIN_RADIUS_PX`` so a tiny canvas still shows every point.
 
 Rasterisation is by distance on the pixel grid (pixel (row y, column x) has its centre at
 coordinates (x, y), as in OpenPose's pixel coordinates), one vectorised pass per shape
