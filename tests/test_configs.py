@@ -18,7 +18,7 @@ from consist_jax.training.trainer import preflight
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = ["demo", "demo_video", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
+CONFIGS = ["demo", "demo_video", "face_reenact", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)

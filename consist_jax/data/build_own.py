@@ -14,6 +14,10 @@ folder name is the video's id. ``--poses_dir`` holds ``<id>.json|.npz|.npy`` (an
 JSON per frame); without it the poses are extracted with the ONNX models
 (``consist_jax.poses.extract``).
 
+Face videos (face reenactment, configs/face_reenact.py): ``--layout=face68`` keeps the
+68 face landmarks of the whole-body poses (or takes 68-point pose files as they are) and
+crops around the face instead of the person.
+
 Each video becomes one record (consist_jax.data.records): every ``--frame_step``-th frame
 cropped to a square around the person (every visible keypoint of the whole video, grown
 by ``--margin``; a person taller or wider than the frame is padded with black, never
@@ -49,7 +53,8 @@ from consist_jax.data.shards import write_split_shards
 from consist_jax.data.synthetic import identity_splits
 from consist_jax.poses import extract
 from consist_jax.poses.io import load_poses
-from consist_jax.poses.keypoints import PoseSequence
+from consist_jax.poses.keypoints import PoseSequence, convert_layout
+from consist_jax.poses.layouts import LAYOUTS
 from consist_jax.poses.sequence import crop_poses, person_box, resize_poses
 
 DATASET_NAME = "own_videos"
@@ -73,8 +78,11 @@ class BuildSettings:
     poses: str = "extracted"  # or the --poses_dir path (set by build_dataset)
     records_per_shard: int = 16
     image_encoding: str = "png"
+    layout: str | None = None  # the records' layout (face68 for faces); None: the poses' own
 
     def __post_init__(self):
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"--layout={self.layout!r}: one of {sorted(LAYOUTS)}")
         checks.positive_int("--size", self.size)
         checks.non_negative_number("--margin", self.margin)
         checks.positive_int("--frame_step", self.frame_step)
@@ -141,6 +149,7 @@ def build_example(video_id: str, path: str, settings: BuildSettings, poses_dir: 
     and resized to (size, size)."""
     source = extract.open_frames(path, fps=settings.fps)
     poses = video_poses(source, video_id, poses_dir, extractor)
+    poses = convert_layout(poses, settings.layout or poses.layout)
     num_poses, step = len(poses), settings.frame_step
     poses = poses.frames(np.arange(0, num_poses, step))
     box = square_box(poses, settings.margin)
@@ -286,13 +295,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--test_fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--records_per_shard", type=int, default=defaults.records_per_shard)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS),
+                        help="the records' keypoint layout: face68 for face videos")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
 
     def run(_):
         settings = BuildSettings(
             size=args.size, margin=args.margin, frame_step=args.frame_step, fps=args.fps,
-            test_fraction=args.test_fraction, seed=args.seed, records_per_shard=args.records_per_shard)
+            test_fraction=args.test_fraction, seed=args.seed, records_per_shard=args.records_per_shard,
+            layout=args.layout)
         report = build_dataset(args.videos, args.out, settings, poses_dir=args.poses_dir,
                                detector=args.detector, pose_model=args.pose_model)
         counts = ", ".join(f"{s} {len(v)}" for s, v in report.written.items())

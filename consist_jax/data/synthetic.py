@@ -1,4 +1,5 @@
-"""Procedural "people" videos: the synthetic dataset the demo trains and tests on.
+"""Procedural "people" (and "faces") videos: the synthetic datasets the demos train and
+test on.
 
 Each identity is an articulated figure with its own fixed appearance (skin, hair,
 shirt/sleeve/trouser/shoe colours, a torso pattern anchored to the body, a
@@ -8,11 +9,17 @@ poor copy-prediction of a later frame. Every frame comes with its OpenPose-18
 keypoints, the pose image drawn by the project's one renderer
 (consist_jax.poses.render) and the figure's mask.
 
+With ``kind="faces"`` (face reenactment, configs/face_reenact.py) each identity is a
+face instead (skin, hair, eye and lip colours, face shape), turning and tilting its
+head, opening and closing its mouth and blinking, with its 68 iBUG landmarks (layout
+``face68``) projected from the same 3-d face template the pixels are drawn from: the
+eye landmarks outline the drawn eyes, the lip landmarks the drawn lips.
+
 CLI:
     python -m consist_jax.data.synthetic --out DIR --identities 200 --frames 48 \
-        --size 64 --seed 0
+        --size 64 --seed 0 [--kind faces]
 
-Writes DIR/synthetic_people-{train,test}.array_record-SSSSS-of-NNNNN (one record
+Writes DIR/synthetic_{people,faces}-{train,test}.array_record-SSSSS-of-NNNNN (one record
 per video, format in consist_jax.data.records) and DIR/dataset_info.json.
 Deterministic by seed: every video is drawn from its own
 np.random.default_rng([seed, identity, video]) stream, independent of worker count.
@@ -33,10 +40,14 @@ from consist_jax.data import records
 from consist_jax.files import write_json
 from consist_jax.data.shards import write_split_shards
 from consist_jax.poses import layouts
+from consist_jax.poses.keypoints import example_face_units
 from consist_jax.poses.render import draw_skeletons
 
 DATASET_NAME = "synthetic_people"
 LAYOUT = layouts.OPENPOSE_18_NAME
+# kind -> (dataset name, layout)
+KINDS = {"people": (DATASET_NAME, LAYOUT),
+         "faces": ("synthetic_faces", layouts.FACE_68_NAME)}
 # Frames of (chunk, H, W) float32 scratch arrays are drawn at most this many pixels at a time.
 _PIXELS_PER_CHUNK = 1 << 21
 
@@ -55,8 +66,11 @@ class SyntheticConfig:
     image_encoding: str = "raw"  # "png" keeps large resolutions small on disk
     records_per_shard: int = 64
     workers: int = 0  # processes for drawing; 0 draws in this process
+    kind: str = "people"  # or "faces" (face reenactment: face68 landmarks)
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"synthetic.kind={self.kind!r}: one of {sorted(KINDS)}")
         for name in ("identities", "frames", "size", "videos_per_identity", "records_per_shard"):
             checks.positive_int(f"synthetic.{name}", getattr(self, name))
         checks.non_negative_int("synthetic.workers", self.workers)
@@ -384,6 +398,247 @@ def _draw_chunk(joints: dict, appearance: Appearance, size: int):
     return frames, (figure >= 0.5).astype(np.uint8)
 
 
+# ----------------------------------------------------------------------------- faces
+
+@dataclasses.dataclass(frozen=True)
+class FaceAppearance:
+    """One face identity: RGB colours in [0, 255]; shape factors multiply the template's."""
+
+    skin: np.ndarray
+    hair: np.ndarray
+    hair_style: str            # "short" | "long" | "bald"
+    iris: np.ndarray
+    lips: np.ndarray
+    background: str            # as Appearance's
+    background_colours: np.ndarray  # (2, 3)
+    background_period: float
+    half_width: float          # of the face, as a fraction of the frame size
+    jaw_length: float          # chin height, multiplies the template's
+    eye_size: float            # eye height
+    eye_spacing: float         # added to each eye's distance from the face's midline
+    mouth_width: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceMotion:
+    """Per-frame drivers of a face, each (T,) unless noted; angles in radians."""
+
+    centre: np.ndarray         # (T, 2) pixel position of the nose tip
+    scale: np.ndarray          # multiplies the face's size
+    yaw: np.ndarray            # head turn (positive: the face turns to the image's right)
+    roll: np.ndarray           # head tilt in the image plane
+    mouth: np.ndarray          # 0 closed .. 1 open
+    eyes: np.ndarray           # eye openness: 1 open .. 0 closed (a blink)
+
+
+_IRIS_COLOURS = np.array([[60, 40, 25], [110, 70, 35], [70, 110, 160], [80, 120, 70],
+                          [120, 120, 130]], np.float32)
+_LIP_COLOURS = np.array([[190, 90, 90], [160, 70, 80], [210, 120, 120], [130, 60, 60]],
+                        np.float32)
+_FACE_HAIR_STYLES = ("short", "long", "bald")
+# Landmark groups (iBUG-68 numbers) the motion moves.
+_JAW, _R_EYE, _L_EYE = np.arange(0, 17), np.arange(36, 42), np.arange(42, 48)
+_LOWER_LIPS = np.array([55, 56, 57, 58, 59, 65, 66, 67])
+_EYE_LIDS = np.array([1, 2, 4, 5])  # within an eye: the upper (1, 2) and lower (4, 5) lid points
+# The rigid features (iBUG-68 numbers): brows, nose bridge, nose base, eyes, lips.
+_FACE_PLATES = (np.arange(17, 22), np.arange(22, 27), np.arange(27, 31), np.arange(31, 36),
+                _R_EYE, _L_EYE, np.arange(48, 68))
+_FOREHEAD_POINTS = 9  # the arc closing the face outline above the brows
+_FOREHEAD_HEIGHT = 1.0  # face units above the jaw's ends (y = -0.3)
+
+
+def sample_face_appearance(rng: np.random.Generator) -> FaceAppearance:
+    """Draws one face identity."""
+    return FaceAppearance(
+        skin=_SKIN_TONES[rng.integers(len(_SKIN_TONES))] + rng.normal(0, 6, 3).astype(np.float32),
+        hair=_HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))],
+        hair_style=_FACE_HAIR_STYLES[rng.integers(len(_FACE_HAIR_STYLES))],
+        iris=_IRIS_COLOURS[rng.integers(len(_IRIS_COLOURS))],
+        lips=_LIP_COLOURS[rng.integers(len(_LIP_COLOURS))],
+        background=_BACKGROUNDS[rng.integers(len(_BACKGROUNDS))],
+        background_colours=rng.uniform(0, 255, (2, 3)).astype(np.float32),
+        background_period=float(rng.uniform(0.08, 0.25)),
+        half_width=float(rng.uniform(0.26, 0.30)),
+        jaw_length=float(rng.uniform(0.9, 1.1)),
+        eye_size=float(rng.uniform(1.2, 1.6)),
+        eye_spacing=float(rng.uniform(-0.05, 0.05)),
+        mouth_width=float(rng.uniform(0.85, 1.15)),
+    )
+
+
+def _blinks(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    """(T,) eye openness: open, with a blink (3 frames closing and opening) every 9-15
+    frames, the first within the first 12."""
+    openness = np.ones(num_frames, np.float32)
+    start = int(rng.integers(0, 12))
+    for t in range(start, num_frames, int(rng.integers(9, 16))):
+        openness[t:t + 3] = np.minimum(openness[t:t + 3], [0.4, 0.0, 0.5][:num_frames - t])
+    return openness
+
+
+def sample_face_motion(rng: np.random.Generator, num_frames: int, size: int) -> FaceMotion:
+    """Draws smooth random head motion, a talking mouth and blinks for a size x size frame."""
+    def between(low, high):
+        return low + (high - low) * 0.5 * (np.clip(smooth_signal(rng, num_frames), -1, 1) + 1)
+
+    centre = np.stack([size * between(0.44, 0.56), size * between(0.50, 0.58)], -1)
+    return FaceMotion(centre=centre.astype(np.float32), scale=between(0.9, 1.05),
+                      yaw=between(-0.4, 0.4), roll=between(-0.3, 0.3),
+                      mouth=between(0.0, 1.0) ** 2, eyes=_blinks(rng, num_frames))  # talking
+
+
+def face_template(appearance: FaceAppearance) -> np.ndarray:
+    """(68 + _FOREHEAD_POINTS, 3) the identity's face in face units (x right, y down, z
+    towards the camera; half-width 1, origin at the nose tip): the iBUG landmarks, then the
+    forehead arc that closes the outline. Depth puts the face on a cylinder, the nose in
+    front of it."""
+    xy = example_face_units().copy()
+    jaw_y = xy[_JAW, 1]
+    xy[_JAW, 1] = np.where(jaw_y > -0.3, -0.3 + (jaw_y + 0.3) * appearance.jaw_length, jaw_y)
+    for eye, side in ((_R_EYE, -1.0), (_L_EYE, 1.0)):
+        middle = xy[eye, 1].mean()
+        xy[eye, 1] = middle + (xy[eye, 1] - middle) * appearance.eye_size
+        xy[eye, 0] += side * appearance.eye_spacing
+    mouth = np.arange(48, 68)
+    xy[mouth, 0] *= appearance.mouth_width
+    angle = np.linspace(0, np.pi, _FOREHEAD_POINTS + 2)[1:-1]
+    forehead = np.stack([np.cos(angle), -0.3 - _FOREHEAD_HEIGHT * np.sin(angle)], -1)
+    xy = np.concatenate([xy, forehead])
+    # Depth: each feature a rigid plate at its depth on a cylinder of radius 1 (so turning
+    # the head moves it as a whole and keeps its outline convex, as drawn), the nose in
+    # front of it; the outline (jaw, forehead) at depth 0, narrowing as the head turns.
+    z = np.zeros(len(xy))
+    for part in _FACE_PLATES:
+        z[part] = np.sqrt(1 - np.mean(xy[part, 0]) ** 2)
+    z[36:48] *= 0.85  # the eyes sit in their sockets: inside the outline when the head turns
+    z[27:31] += np.linspace(0.1, 0.4, 4)  # the nose bridge, out to the tip
+    z[31:36] += 0.25
+    return np.concatenate([xy, z[:, None]], -1).astype(np.float32)
+
+
+def face_points(motion: FaceMotion, appearance: FaceAppearance, size: int) -> np.ndarray:
+    """(T, 68 + _FOREHEAD_POINTS, 2) pixel positions: the template with the mouth and eyes
+    of each frame, turned (yaw), projected, tilted (roll), scaled and placed."""
+    template = face_template(appearance)
+    num_frames = len(motion.yaw)
+    points = np.broadcast_to(template, (num_frames,) + template.shape).copy()
+    points[:, _LOWER_LIPS, 1] += 0.2 * motion.mouth[:, None]
+    chin = np.cos(np.linspace(-np.pi / 2, np.pi / 2, 17)) ** 2  # jaw points near the chin move
+    points[:, _JAW, 1] += 0.12 * motion.mouth[:, None] * chin
+    for eye in (_R_EYE, _L_EYE):
+        middle = points[:, eye[[0, 3]], 1].mean(-1, keepdims=True)  # the corners' height
+        lids = eye[_EYE_LIDS]
+        points[:, lids, 1] = middle + (points[:, lids, 1] - middle) * motion.eyes[:, None]
+    yaw = motion.yaw[:, None]
+    x = points[..., 0] * np.cos(yaw) + points[..., 2] * np.sin(yaw)
+    xy = _rotate(np.stack([x, points[..., 1]], -1).reshape(-1, 2),
+                 np.repeat(-motion.roll, points.shape[1])).reshape(num_frames, -1, 2)
+    pixels_per_unit = appearance.half_width * size * motion.scale[:, None, None]
+    return (motion.centre[:, None] + pixels_per_unit * xy).astype(np.float32)
+
+
+def _convex_coverage(px: np.ndarray, py: np.ndarray, polygon: np.ndarray) -> np.ndarray:
+    """Anti-aliased inside-ness (T, H, W) of convex polygons (T, N, 2) (either winding):
+    the signed distance to the nearest edge's line, with a one-pixel soft edge. A polygon
+    of under half a pixel's area covers nothing."""
+    a, b = polygon, np.roll(polygon, -1, axis=1)
+    cross = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+    area = 0.5 * cross.sum(-1)  # signed: the winding
+    edge = b - a
+    length = np.maximum(np.hypot(edge[..., 0], edge[..., 1]), 1e-6)
+    inside = np.full((len(polygon),) + np.broadcast_shapes(px.shape, py.shape), np.inf, np.float32)
+    for i in range(polygon.shape[1]):
+        ex, ey = edge[:, i, 0, None, None], edge[:, i, 1, None, None]
+        ax, ay = a[:, i, 0, None, None], a[:, i, 1, None, None]
+        distance = (ex * (py - ay) - ey * (px - ax)) / length[:, i, None, None]
+        inside = np.minimum(inside, distance * np.sign(area)[:, None, None])
+    return np.clip(inside + 0.5, 0.0, 1.0) * (np.abs(area) >= 0.5)[:, None, None]
+
+
+def draw_face(points: np.ndarray, appearance: FaceAppearance, size: int):
+    """Draws faces over their background; points (T, 68 + _FOREHEAD_POINTS, 2) from
+    `face_points`. Returns frames (T, size, size, 3) uint8 and masks (T, size, size) uint8
+    (1 on the head: face and hair). Painted back to front: long hair, neck, face, hair,
+    brows, nose, eyes (whites, irises), lips, the open mouth."""
+    frames = np.empty((len(points), size, size, 3), np.uint8)
+    masks = np.empty((len(points), size, size), np.uint8)
+    chunk = max(1, _PIXELS_PER_CHUNK // (size * size))
+    for start in range(0, len(points), chunk):
+        part = slice(start, start + chunk)
+        frames[part], masks[part] = _draw_face_chunk(points[part], appearance, size)
+    return frames, masks
+
+
+def _draw_face_chunk(points: np.ndarray, appearance: FaceAppearance, size: int):
+    py = np.arange(size, dtype=np.float32)[:, None]
+    px = np.arange(size, dtype=np.float32)[None, :]
+    num_frames = len(points)
+    canvas = np.broadcast_to(_background(appearance, px, py, size),
+                             (num_frames, size, size, 3)).copy()
+    head = np.zeros((num_frames, size, size), np.float32)
+    scratch = np.zeros_like(head)  # coverage of what is not the head
+    outline = np.concatenate([points[:, :17], points[:, 68:]], axis=1)  # jaw, then forehead
+    unit = np.hypot(*(points[:, 16] - points[:, 0]).T) / 2  # pixels per face unit
+
+    def paint(alpha, colour, on_head=True):
+        _paint(canvas, head if on_head else scratch, alpha, colour)
+
+    def capsule(a, b, radius):
+        return _coverage(_segment_distance(px, py, a, b), radius)
+
+    top = points[:, 68 + _FOREHEAD_POINTS // 2]
+    chin = points[:, 8]
+    if appearance.hair_style == "long":
+        paint(capsule(top, 2 * chin - top, 1.15 * unit), appearance.hair)
+    paint(capsule(chin, chin + (chin - top) * 0.6, 0.45 * unit), appearance.skin, on_head=False)
+    face = _convex_coverage(px, py, outline)
+    paint(face, appearance.skin)
+    if appearance.hair_style in ("short", "long"):
+        # The outline's top part, above a line just over the brows.
+        brow = 0.5 * (points[:, 19] + points[:, 24])
+        up = top - brow
+        up /= np.maximum(np.hypot(*up.T), 1e-6)[:, None]
+        hairline = brow + 0.35 * unit[:, None] * up
+        above = ((px - hairline[:, 0, None, None]) * up[:, 0, None, None]
+                 + (py - hairline[:, 1, None, None]) * up[:, 1, None, None])
+        paint(np.minimum(face, np.clip(above + 0.5, 0, 1)), appearance.hair)
+    brow_colour = 0.6 * appearance.hair
+    for brow in (range(17, 21), range(22, 26)):
+        for i in brow:
+            paint(capsule(points[:, i], points[:, i + 1], 0.05 * unit), brow_colour)
+    nose = 0.8 * appearance.skin
+    paint(capsule(points[:, 27], points[:, 30], 0.04 * unit), nose)
+    paint(_convex_coverage(px, py, points[:, 30:36]), nose)
+    for eye in (_R_EYE, _L_EYE):
+        white = _convex_coverage(px, py, points[:, eye])
+        paint(white, np.float32([245, 245, 245]))
+        centre = points[:, eye].mean(1)
+        radius = 0.45 * np.hypot(*(points[:, eye[1]] - points[:, eye[5]]).T)
+        paint(np.minimum(white, capsule(centre, centre, radius)), appearance.iris)
+    paint(_convex_coverage(px, py, points[:, 48:60]), appearance.lips)
+    paint(_convex_coverage(px, py, points[:, 60:68]), np.float32([40, 10, 15]))
+    frames = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return frames, (head >= 0.5).astype(np.uint8)
+
+
+def make_face_video(config: SyntheticConfig, identity: int, video: int) -> records.VideoExample:
+    """Draws one face video of one identity; keypoints are its 68 landmarks (face68)."""
+    appearance = sample_face_appearance(np.random.default_rng([config.seed, identity]))
+    motion = sample_face_motion(video_rng(config.seed, identity, video), config.frames,
+                                config.size)
+    points = face_points(motion, appearance, config.size)
+    frames, masks = draw_face(points, appearance, config.size)
+    landmarks = points[:, :layouts.NUM_FACE_POINTS]
+    inside = np.all((landmarks >= 0) & (landmarks <= config.size - 1), axis=-1)
+    keypoints = np.concatenate([landmarks, inside[..., None]], -1).astype(np.float32)
+    layout = KINDS["faces"][1]
+    return records.VideoExample(
+        frames=frames, keypoints=keypoints,
+        pose_images=draw_skeletons(keypoints, layout, config.size, config.size), masks=masks,
+        video_id=f"id{identity:05d}_v{video:02d}", identity_id=f"id{identity:05d}",
+        layout=layout, fps=config.fps)
+
+
 # ----------------------------------------------------------------------------- videos
 
 def video_rng(seed: int, identity: int, video: int) -> np.random.Generator:
@@ -393,6 +648,8 @@ def video_rng(seed: int, identity: int, video: int) -> np.random.Generator:
 
 def make_video(config: SyntheticConfig, identity: int, video: int) -> records.VideoExample:
     """Draws one video of one identity (appearance shared by all its videos)."""
+    if config.kind == "faces":
+        return make_face_video(config, identity, video)
     appearance = sample_appearance(np.random.default_rng([config.seed, identity]))
     motion = sample_motion(video_rng(config.seed, identity, video), config.frames, config.size)
     joints = skeleton_joints(motion, appearance, config.size)
@@ -424,8 +681,9 @@ def generate(out_dir: str, config: SyntheticConfig) -> dict:
     """Writes the dataset to out_dir and returns its dataset_info dict."""
     os.makedirs(out_dir, exist_ok=True)
     splits = identity_splits(config.identities, config.test_fraction, config.seed)
+    name, layout = KINDS[config.kind]
     info = {
-        "name": DATASET_NAME, "layout": LAYOUT, "record_format_version": records.FORMAT_VERSION,
+        "name": name, "layout": layout, "record_format_version": records.FORMAT_VERSION,
         "height": config.size, "width": config.size, "frames_per_video": config.frames,
         "fps": config.fps, "config": dataclasses.asdict(config), "splits": {},
     }
@@ -434,7 +692,7 @@ def generate(out_dir: str, config: SyntheticConfig) -> dict:
         for split, identities in splits.items():
             jobs = [(config, i, v) for i in identities for v in range(config.videos_per_identity)]
             encoded = pool.imap(_encoded_video, jobs, chunksize=4) if pool else map(_encoded_video, jobs)
-            files = write_split_shards(out_dir, DATASET_NAME, split, encoded, len(jobs),
+            files = write_split_shards(out_dir, name, split, encoded, len(jobs),
                                        config.records_per_shard)
             info["splits"][split] = {"num_records": len(jobs), "identities": identities,
                                      "files": [os.path.basename(f) for f in files]}
@@ -457,13 +715,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--videos-per-identity", type=int, default=1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--image-encoding", choices=("raw", "png"), default="raw")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="people")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     try:
         config = SyntheticConfig(
             identities=args.identities, frames=args.frames, size=args.size, seed=args.seed,
             videos_per_identity=args.videos_per_identity, test_fraction=args.test_fraction,
-            image_encoding=args.image_encoding, workers=args.workers)
+            image_encoding=args.image_encoding, workers=args.workers, kind=args.kind)
     except ValueError as e:
         parser.error(str(e))
     start = time.perf_counter()

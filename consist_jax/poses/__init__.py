@@ -24,6 +24,7 @@ from consist_jax.poses.keypoints import (
 )
 from consist_jax.poses.layouts import (
     DWPOSE_134,
+    FACE_68,
     LAYOUTS,
     OPENPOSE_18,
     PoseLayout,
@@ -43,7 +44,7 @@ from consist_jax.poses.sequence import (
 )
 
 __all__ = [
-    "ALIGN_MODES", "Alignment", "DWPOSE_134", "LAYOUTS", "OPENPOSE_18", "PoseLayout",
+    "ALIGN_MODES", "Alignment", "DWPOSE_134", "FACE_68", "LAYOUTS", "OPENPOSE_18", "PoseLayout",
     "PoseSequence", "align_poses", "apply_alignment", "convert_layout", "crop_around_person",
     "crop_poses", "draw_skeletons", "example_pose", "fit_alignment", "flip_horizontal",
     "flip_keypoints", "get_layout", "load_poses", "person_box", "resample_fps",

@@ -18,6 +18,10 @@ reference pose and the driving sequence, and applies it to every frame:
   (the forearm's ratio), the face the nose (the median ratio of the head bones), each
   rescaled uniformly about that attachment point.
 
+Face poses (``face68``, face reenactment) have no body: ``global`` takes the ratio of the
+distances between the eyes' centres (else of the jaw's ends) and puts the driving nose tip
+on the reference's; ``per_limb`` needs a body and is refused for them.
+
 Driving bone lengths come from the first frame (``driving_lengths="first"``), the median
 over the frames showing the bone (``"median"``) or their maximum (``"max"``; foreshortening
 only ever shortens a bone). A bone hidden in the reference or the driving statistic uses
@@ -48,6 +52,11 @@ GROUP_ATTACHMENTS = (
 _BODY_ORDER = (1, 0, 2, 5, 8, 11, 14, 15, 3, 6, 9, 12, 16, 17, 4, 7, 10, 13)  # parents first
 # The point matched between reference and driving: the neck, else the first seen of these.
 ANCHOR_PREFERENCE = (1, 8, 11, 2, 5, 0, 14, 15, 16, 17, 3, 6, 9, 12, 4, 7, 10, 13)
+# face68: the scale's distances (eye centre to eye centre, else the jaw's ends) and the
+# matched point (the nose tip, else the bridge's top, the chin, the lips' centre points).
+FACE_EYES = (tuple(range(36, 42)), tuple(range(42, 48)))
+FACE_JAW_ENDS = (0, 16)
+FACE_ANCHOR_PREFERENCE = (L.FACE_NOSE_TIP, 27, 8, 51, 57)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,7 +68,7 @@ class Alignment:
       scale: the global scale s.
       reference_anchor, driving_anchor: (2,) pixel positions matched by the offset.
       body_ratios: (18,) reference/driving length of the bone ending at each body point
-        (s for the neck and for bones unseen in either pose).
+        (s for the neck and for bones unseen in either pose; s everywhere for face68).
       head_ratio: the face's scale about the nose.
     """
 
@@ -111,15 +120,44 @@ def _first_finite_median(*ratio_groups, default=1.0) -> float:
     return default
 
 
-def _anchors(ref_xy, ref_visible, drv_xy, drv_visible):
-    """(reference (2,), driving (2,)) positions of one body point: the first of
-    ``ANCHOR_PREFERENCE`` (the neck, else a hip, ...) seen in the reference and in some
-    driving frame, taken in the first driving frame that shows it."""
-    for point in ANCHOR_PREFERENCE:
+def _anchors(ref_xy, ref_visible, drv_xy, drv_visible, preference=ANCHOR_PREFERENCE):
+    """(reference (2,), driving (2,)) positions of one point: the first of ``preference``
+    (for a body: the neck, else a hip, ...) seen in the reference and in some driving
+    frame, taken in the first driving frame that shows it."""
+    for point in preference:
         if ref_visible[point] and drv_visible[:, point].any():
             return ref_xy[point], drv_xy[np.argmax(drv_visible[:, point]), point]
     raise ValueError("alignment needs a body point visible both in the reference and in "
                      "the driving sequence")
+
+
+def _eye_distance(xy, visible):
+    """(...,) distance between the eyes' centres (NaN unless every eye point is visible)."""
+    centres = [xy[..., eye, :].mean(axis=-2) for eye in FACE_EYES]
+    seen = np.all(visible[..., FACE_EYES[0] + FACE_EYES[1]], axis=-1)
+    return np.where(seen, np.linalg.norm(centres[1] - centres[0], axis=-1), np.nan)
+
+
+def _fit_face_alignment(reference, driving, mode, confidence_threshold, driving_lengths):
+    """``fit_alignment`` for face68 points: (68, 3) reference, (T, 68, 3) driving."""
+    if mode == "per_limb":
+        raise ValueError("alignment mode 'per_limb' needs a body; face68 poses align with "
+                         "'global' or 'off'")
+    ref_xy, ref_visible = reference[:, :2], reference[:, 2] >= confidence_threshold
+    drv_xy, drv_visible = driving[..., :2], driving[..., 2] >= confidence_threshold
+    ratios = []
+    for distance in (_eye_distance,
+                     lambda xy, visible: _bone_lengths(xy, visible, [FACE_JAW_ENDS])[..., 0]):
+        reference_length = np.atleast_1d(distance(ref_xy, ref_visible))
+        driving_length = _driving_statistic(distance(drv_xy, drv_visible)[:, None],
+                                            driving_lengths)
+        ratios.append(_ratio(reference_length, driving_length))
+    scale = _first_finite_median(*ratios)
+    reference_anchor, driving_anchor = _anchors(ref_xy, ref_visible, drv_xy, drv_visible,
+                                                FACE_ANCHOR_PREFERENCE)
+    return Alignment(mode=mode, scale=scale, reference_anchor=reference_anchor,
+                     driving_anchor=driving_anchor, body_ratios=np.full(18, scale),
+                     head_ratio=scale)
 
 
 def fit_alignment(reference_points, driving_points, mode: str = "per_limb", *,
@@ -129,13 +167,22 @@ def fit_alignment(reference_points, driving_points, mode: str = "per_limb", *,
 
     Args:
       reference_points: (K, 3) the reference pose (pixels, confidence); only its body
-        (first 18 points, either layout) is used.
-      driving_points: (T, K', 3) the driving sequence.
+        (first 18 points, either body layout) is used -- or, for face68 (K = 68), its face.
+      driving_points: (T, K', 3) the driving sequence (face68 with a face68 reference).
       mode: ``"off"``, ``"global"`` or ``"per_limb"``.
       driving_lengths: ``"first"``, ``"median"`` or ``"max"`` (see the module docstring).
     """
     if mode not in ALIGN_MODES:
         raise ValueError(f"alignment mode must be one of {ALIGN_MODES}, got {mode!r}")
+    faces = [np.shape(p)[-2] == L.FACE_68.num_keypoints for p in (reference_points, driving_points)]
+    if any(faces):
+        if not all(faces):
+            raise ValueError(f"face68 poses align only to face68 poses, got "
+                             f"{np.shape(reference_points)[-2]} reference and "
+                             f"{np.shape(driving_points)[-2]} driving points")
+        return _fit_face_alignment(np.asarray(reference_points, np.float64),
+                                   np.asarray(driving_points, np.float64), mode,
+                                   confidence_threshold, driving_lengths)
     reference = np.asarray(reference_points, np.float64)[:18]
     driving = np.asarray(driving_points, np.float64)[:, :18]
     ref_xy, ref_visible = reference[:, :2], reference[:, 2] >= confidence_threshold

@@ -27,8 +27,8 @@ COCO_L_SHOULDER, COCO_R_SHOULDER = 5, 6
 # right hand 112-132. DWPose's 134 = OpenPose-18 body + the other 116 in the same order.
 WHOLEBODY133_BODY = 17
 
-SOURCE_FORMATS = {17: "coco17", 18: "openpose18", 25: "body25", 133: "wholebody133",
-                  134: "dwpose134"}
+SOURCE_FORMATS = {17: "coco17", 18: "openpose18", 25: "body25", 68: "face68",
+                  133: "wholebody133", 134: "dwpose134"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -37,7 +37,8 @@ class PoseSequence:
 
     Attributes:
       points: (T, K, 3) float32, x, y in pixels and confidence. Stored read-only.
-      layout: layout name (``"openpose18"`` or ``"dwpose134"``; aliases are normalised).
+      layout: layout name (``"openpose18"``, ``"dwpose134"`` or ``"face68"``; aliases are
+        normalised).
       height, width: the image size the pixel coordinates refer to.
       source: where the poses came from (a path), used in error messages only.
 
@@ -156,7 +157,7 @@ def openpose18_to_dwpose134(points: np.ndarray) -> np.ndarray:
 def to_layout_points(points: np.ndarray, what: str = "points") -> tuple[np.ndarray, str]:
     """Points of any known body format, by count, -> (points, layout name).
 
-    (T, K, 3) with K = 18 (OpenPose-18) or 134 (DWPose) is kept; K = 17 (COCO), 25
+    (T, K, 3) with K = 18 (OpenPose-18), 68 (iBUG face) or 134 (DWPose) is kept; K = 17 (COCO), 25
     (BODY_25) become OpenPose-18; K = 133 (COCO-WholeBody) becomes DWPose-134. Any other
     K raises ValueError mentioning ``what``.
     """
@@ -176,15 +177,24 @@ def to_layout_points(points: np.ndarray, what: str = "points") -> tuple[np.ndarr
 
 
 def convert_layout(pose_seq: PoseSequence, layout: str) -> PoseSequence:
-    """The same poses in another layout: DWPose -> OpenPose-18 keeps the body; OpenPose-18
-    -> DWPose adds missing (zero-confidence) feet, face and hands."""
+    """The same poses in another layout: DWPose -> OpenPose-18 keeps the body, DWPose ->
+    face68 the face; OpenPose-18 or face68 -> DWPose adds the missing (zero-confidence)
+    parts. OpenPose-18 and face68 share no point: converting between them raises
+    ValueError naming the source."""
     target = L.get_layout(layout).name
-    if target == pose_seq.layout:
+    source = pose_seq.layout
+    if target == source:
         return pose_seq
-    if target == L.OPENPOSE_18_NAME:
-        points = pose_seq.points[:, :18]
+    if L.DWPOSE_134_NAME not in (source, target):
+        raise ValueError(f"cannot convert {source} poses to {target}: they share no keypoint "
+                         f"({pose_seq.source or 'pose sequence'})")
+    parts = {L.OPENPOSE_18_NAME: L.DWPOSE_134.group_slice("body"),
+             L.FACE_68_NAME: L.DWPOSE_134.group_slice("face")}
+    if source == L.DWPOSE_134_NAME:
+        points = pose_seq.points[:, parts[target]]
     else:
-        points = openpose18_to_dwpose134(pose_seq.points)
+        points = np.zeros((pose_seq.num_frames, L.DWPOSE_134.num_keypoints, 3), np.float32)
+        points[:, parts[source]] = pose_seq.points
     return pose_seq.replace(points=points, layout=target)
 
 
@@ -204,7 +214,7 @@ _EXAMPLE_FEET = ((0.05, 0.445), (0.085, 0.435), (0.065, 0.41),
 _FACE_HALF_WIDTH = 0.045
 
 
-def _example_face() -> np.ndarray:
+def example_face_units() -> np.ndarray:
     """(68, 2) iBUG-68 landmarks in face units (half-width 1, origin at the nose tip)."""
     jaw_angle = np.pi - np.pi * np.arange(17) / 16
     jaw = np.stack([np.cos(jaw_angle), -0.3 + 1.3 * np.sin(jaw_angle)], axis=1)
@@ -243,12 +253,20 @@ def _example_hand(wrist, side: float) -> np.ndarray:
 def example_pose(layout: str = L.OPENPOSE_18_NAME, height: int = 512, width: int = 512,
                  confidence: float = 1.0) -> np.ndarray:
     """(K, 3) float32, a hand-written standing person filling most of a (height, width)
-    canvas, every point visible -- for tests, demos and golden images."""
+    canvas (for face68: a face filling most of it), every point visible -- for tests,
+    demos and golden images."""
     layout = L.get_layout(layout)
+    if layout.name == L.FACE_68_NAME:
+        # Face units span x in [-1, 1] and y in [-0.65, 1.0] (centre 0.175) about the nose.
+        scale = 0.8 * min(height / 1.65, width / 2.0)
+        centre = [(width - 1) / 2.0, (height - 1) / 2.0 - 0.175 * scale]
+        pixels = example_face_units() * scale + centre
+        return np.concatenate([pixels, np.full((len(pixels), 1), confidence)],
+                              axis=1).astype(np.float32)
     body = np.array(_EXAMPLE_BODY)
     units = [body]
     if layout.name == L.DWPOSE_134_NAME:
-        face = body[L.NOSE] + _FACE_HALF_WIDTH * _example_face()
+        face = body[L.NOSE] + _FACE_HALF_WIDTH * example_face_units()
         units += [np.array(_EXAMPLE_FEET), face,
                   _example_hand(body[7], side=1.0), _example_hand(body[4], side=-1.0)]
     xy = np.concatenate(units)

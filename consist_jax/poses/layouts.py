@@ -1,11 +1,16 @@
 """Keypoint layouts: which point is which, how they connect, how they are coloured.
 
-Two layouts, both as OpenPose/DWPose draw them:
+Three layouts:
 
 * ``openpose18`` -- the OpenPose COCO-18 body: nose, neck, right arm, left arm, right
-  leg, left leg, eyes, ears (18 points).
+  leg, left leg, eyes, ears (18 points), drawn as OpenPose draws it.
 * ``dwpose134`` -- DWPose's whole body (COCO-WholeBody with a neck added and the body
-  reordered to OpenPose-18): body 18 + feet 6 + face 68 + left hand 21 + right hand 21.
+  reordered to OpenPose-18): body 18 + feet 6 + face 68 + left hand 21 + right hand 21,
+  drawn as DWPose draws it.
+* ``face68`` -- the 68 iBUG/dlib face landmarks alone (the same points, in the same order,
+  as DWPose's face): the pose of face reenactment. Drawn as dlib's face overlay joins
+  them (jaw, brows, nose, eyes, lips as polylines), each part in its own colour (our
+  choice: DWPose draws its face as white dots, which cannot tell an eye from a lip).
 
 "Right"/"left" are the person's, as in OpenPose (the right shoulder of a person facing
 the camera appears on the image's left). Colours are RGB and are facts of the
@@ -23,6 +28,7 @@ import numpy as np
 
 OPENPOSE_18_NAME = "openpose18"
 DWPOSE_134_NAME = "dwpose134"
+FACE_68_NAME = "face68"
 
 BODY_NAMES = (
     "nose", "neck",
@@ -100,8 +106,44 @@ FACE_MIRROR_PAIRS = (
     + ((60, 64), (61, 63), (65, 67))
 )
 
+# iBUG-68 parts as dlib's face overlay (render_face_detections) draws them: each part a
+# polyline through its points in order; eyes, lips and the nose's underside are closed
+# (the nose's loop runs through the tip, point 30). Right/left are the person's.
+FACE_PARTS = (
+    ("jaw", tuple(range(0, 17)), False),
+    ("r_brow", tuple(range(17, 22)), False),
+    ("l_brow", tuple(range(22, 27)), False),
+    ("nose_bridge", tuple(range(27, 31)), False),
+    ("nose_base", tuple(range(30, 36)), True),
+    ("r_eye", tuple(range(36, 42)), True),
+    ("l_eye", tuple(range(42, 48)), True),
+    ("outer_lips", tuple(range(48, 60)), True),
+    ("inner_lips", tuple(range(60, 68)), True),
+)
+# One colour per part (full intensity for the landmark dots; lines at LIMB_INTENSITY),
+# the person's right side in warm and left in cool colours as OpenPose's limbs are.
+FACE_PART_COLORS = {
+    "jaw": (255, 255, 255), "r_brow": (255, 170, 0), "l_brow": (0, 170, 255),
+    "nose_bridge": (255, 255, 0), "nose_base": (170, 255, 0), "r_eye": (255, 0, 0),
+    "l_eye": (0, 0, 255), "outer_lips": (255, 0, 255), "inner_lips": (0, 255, 170),
+}
+FACE_NOSE_TIP = 30  # the root of the face layout's tree
+
 FEET_START, FACE_START, LEFT_HAND_START, RIGHT_HAND_START = 18, 24, 92, 113
 NUM_FACE_POINTS, NUM_HAND_POINTS = 68, 21
+
+
+def _face_edges() -> tuple[list, list, list]:
+    """(edges, edge colours, point colours) of the face parts, in FACE_PARTS order."""
+    edges, edge_colors, point_colors = [], [], [None] * NUM_FACE_POINTS
+    for part, points, closed in FACE_PARTS:
+        ends = points + (points[0],) if closed else points
+        edges += list(zip(ends[:-1], ends[1:]))
+        edge_colors += [FACE_PART_COLORS[part]] * (len(ends) - 1)
+        for point in points:
+            if point_colors[point] is None:  # the nose tip keeps the bridge's colour
+                point_colors[point] = FACE_PART_COLORS[part]
+    return edges, edge_colors, point_colors
 
 
 def _read_only(values, dtype) -> np.ndarray:
@@ -115,11 +157,12 @@ class PoseLayout:
     """A keypoint layout.
 
     Attributes:
-      name: ``"openpose18"`` or ``"dwpose134"``.
+      name: ``"openpose18"``, ``"dwpose134"`` or ``"face68"``.
       keypoint_names: K names.
       groups: group name -> (start, stop) slice bounds into the K points
-        (``body``, and for DWPose ``feet``, ``face``, ``left_hand``, ``right_hand``).
-      body_limbs: (17, 2) int, the drawn body limbs in drawing order.
+        (``body``, and for DWPose ``feet``, ``face``, ``left_hand``, ``right_hand``;
+        ``face`` only for face68).
+      body_limbs: (17, 2) int, the drawn body limbs in drawing order ((0, 2) for face68).
       body_limb_colors: (17, 3) uint8, full-intensity RGB of each limb (drawn at 0.6).
       joint_colors: (18, 3) uint8, RGB of each body joint.
       flip_permutation: (K,) int, index of each point's mirror counterpart (an
@@ -127,11 +170,18 @@ class PoseLayout:
         mirrored.
       parents: (K,) int, the kinematic tree rooted at the neck (-1 for the neck). Feet
         hang from the ankles, face points from the nose, each hand's wrist point from the
-        body wrist and its fingers along the hand bones.
+        body wrist and its fingers along the hand bones. face68's tree is rooted at the
+        nose tip (FACE_NOSE_TIP), every other point hanging from it.
       hand_edges: (20, 2) int, local hand bone indices in drawing order (DWPose only,
         (0, 2) for OpenPose-18).
       hand_edge_colors: (20, 3) uint8.
       feet_limbs, feet_limb_colors: the optional foot limbs (DWPose only).
+      face_edges: (E, 2) int, the face polylines' segments as local indices within the
+        face group (the iBUG numbers), in drawing order (face68 only; (0, 2) otherwise:
+        DWPose draws face dots only).
+      face_edge_colors: (E, 3) uint8, full-intensity RGB of each segment's part.
+      face_point_colors: (68, 3) uint8, RGB of each face landmark's dot (face68: its
+        part's colour; DWPose: white).
     """
 
     name: str
@@ -146,6 +196,9 @@ class PoseLayout:
     hand_edge_colors: np.ndarray
     feet_limbs: np.ndarray
     feet_limb_colors: np.ndarray
+    face_edges: np.ndarray
+    face_edge_colors: np.ndarray
+    face_point_colors: np.ndarray
 
     @property
     def num_keypoints(self) -> int:
@@ -166,6 +219,13 @@ def _mirror_permutation(num_points: int, pairs) -> list[int]:
     return permutation
 
 
+def _no_face_edges(num_face_points: int) -> dict:
+    """The face fields of a layout that draws its face (if any) as DWPose's white dots."""
+    return dict(face_edges=_read_only(np.zeros((0, 2)), np.int64),
+                face_edge_colors=_read_only(np.zeros((0, 3)), np.uint8),
+                face_point_colors=_read_only([FACE_DOT_COLOR] * num_face_points, np.uint8))
+
+
 def _openpose18() -> PoseLayout:
     return PoseLayout(
         name=OPENPOSE_18_NAME,
@@ -180,6 +240,7 @@ def _openpose18() -> PoseLayout:
         hand_edge_colors=_read_only(np.zeros((0, 3)), np.uint8),
         feet_limbs=_read_only(np.zeros((0, 2)), np.int64),
         feet_limb_colors=_read_only(np.zeros((0, 3)), np.uint8),
+        **_no_face_edges(0),
     )
 
 
@@ -224,20 +285,48 @@ def _dwpose134() -> PoseLayout:
         hand_edge_colors=_read_only(HAND_EDGE_COLORS, np.uint8),
         feet_limbs=_read_only(FEET_LIMBS, np.int64),
         feet_limb_colors=_read_only(FEET_LIMB_COLORS, np.uint8),
+        **_no_face_edges(NUM_FACE_POINTS),
+    )
+
+
+def _face68() -> PoseLayout:
+    edges, edge_colors, point_colors = _face_edges()
+    parents = [FACE_NOSE_TIP] * NUM_FACE_POINTS
+    parents[FACE_NOSE_TIP] = -1
+    return PoseLayout(
+        name=FACE_68_NAME,
+        keypoint_names=tuple(f"face_{i:02d}" for i in range(NUM_FACE_POINTS)),
+        groups=MappingProxyType({"face": (0, NUM_FACE_POINTS)}),
+        body_limbs=_read_only(np.zeros((0, 2)), np.int64),
+        body_limb_colors=_read_only(np.zeros((0, 3)), np.uint8),
+        joint_colors=_read_only(np.zeros((0, 3)), np.uint8),
+        flip_permutation=_read_only(_mirror_permutation(NUM_FACE_POINTS, FACE_MIRROR_PAIRS),
+                                    np.int64),
+        parents=_read_only(parents, np.int64),
+        hand_edges=_read_only(np.zeros((0, 2)), np.int64),
+        hand_edge_colors=_read_only(np.zeros((0, 3)), np.uint8),
+        feet_limbs=_read_only(np.zeros((0, 2)), np.int64),
+        feet_limb_colors=_read_only(np.zeros((0, 3)), np.uint8),
+        face_edges=_read_only(edges, np.int64),
+        face_edge_colors=_read_only(edge_colors, np.uint8),
+        face_point_colors=_read_only(point_colors, np.uint8),
     )
 
 
 OPENPOSE_18 = _openpose18()
 DWPOSE_134 = _dwpose134()
-LAYOUTS = MappingProxyType({OPENPOSE_18.name: OPENPOSE_18, DWPOSE_134.name: DWPOSE_134})
+FACE_68 = _face68()
+LAYOUTS = MappingProxyType({layout.name: layout for layout in (OPENPOSE_18, DWPOSE_134, FACE_68)})
 _ALIASES = MappingProxyType({
     "openpose": OPENPOSE_18_NAME, "openpose_18": OPENPOSE_18_NAME, "coco18": OPENPOSE_18_NAME,
     "dwpose": DWPOSE_134_NAME, "dwpose_134": DWPOSE_134_NAME, "wholebody": DWPOSE_134_NAME,
+    "face": FACE_68_NAME, "face_68": FACE_68_NAME, "ibug68": FACE_68_NAME, "dlib68": FACE_68_NAME,
 })
 
 
 def get_layout(layout: str | PoseLayout) -> PoseLayout:
-    """The layout named ``layout`` (``openpose18``/``dwpose134`` or an alias), or itself."""
+    """The layout named ``layout`` (``openpose18``/``dwpose134``/``face68`` or an alias),
+    or itself."""
     if isinstance(layout, PoseLayout):
         return layout
     key = str(layout).lower()

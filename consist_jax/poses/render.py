@@ -6,12 +6,15 @@ What is drawn, in order (later shapes cover earlier ones, as in OpenPose/DWPose)
   2. the 18 body joints as discs in the full-intensity OpenPose colours;
   3. DWPose only: per hand (left, then right) the 20 hand bones as thick lines in the
      HSV-rainbow colours, then the 21 hand joints as blue discs;
-  4. DWPose only: the 68 face landmarks as small white discs.
+  4. the 68 face landmarks: DWPose draws them as small white discs; the face68 layout
+     (face reenactment) first joins them into dlib's polylines (jaw, brows, nose, eyes,
+     lips), each part in its colour at 0.6 intensity, then draws each landmark as a disc
+     in its part's full colour. Body-less layouts (face68) draw no body.
 
 Sizes are OpenPose/DWPose's at a 512-pixel short side (limb half-width 4, joint radius 4,
-hand line width 2, hand joint radius 4, face dot radius 3), scaled linearly with
-``min(height, width) / 512`` and ``stroke_scale``, and never below ``MIN_RADIUS_PX`` so a
-tiny canvas still shows every point.
+hand line width 2, hand joint radius 4, face dot radius 3; our face line width 2), scaled
+linearly with ``min(height, width) / 512`` and ``stroke_scale``, and never below
+``MIN_RADIUS_PX`` so a tiny canvas still shows every point.
 
 Rasterisation is by distance on the pixel grid (pixel (row y, column x) has its centre at
 coordinates (x, y), as in OpenPose's pixel coordinates), one vectorised pass per shape
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from consist_jax.poses.layouts import FACE_DOT_COLOR, HAND_JOINT_COLOR, LIMB_INTENSITY, get_layout
+from consist_jax.poses.layouts import HAND_JOINT_COLOR, LIMB_INTENSITY, get_layout
 
 REFERENCE_SHORT_SIDE = 512.0
 LIMB_HALF_WIDTH = 4.0
@@ -30,6 +33,7 @@ JOINT_RADIUS = 4.0
 HAND_LINE_HALF_WIDTH = 1.0
 HAND_JOINT_RADIUS = 4.0
 FACE_DOT_RADIUS = 3.0
+FACE_LINE_HALF_WIDTH = 1.0  # as thick as DWPose's hand bones
 MIN_RADIUS_PX = 0.75  # covers at least the nearest pixel wherever the point lies
 DEFAULT_CONFIDENCE_THRESHOLD = 0.3
 MAX_WINDOW_PIXELS = 1 << 21  # pixels evaluated per vectorised pass (~8 MB per float32 temp)
@@ -140,7 +144,8 @@ def draw_skeletons(points, layout, height, width, *,
     Args:
       points: (T, K, 3) x, y in pixels (x to the right, y down; pixel centres at integer
         coordinates) and confidence. A (K, 3) single frame is accepted too.
-      layout: ``"openpose18"``/``"dwpose134"`` (or an alias) or a ``PoseLayout``.
+      layout: ``"openpose18"``/``"dwpose134"``/``"face68"`` (or an alias) or a
+        ``PoseLayout``.
       height, width: canvas size in pixels.
       confidence_threshold: points with confidence below it are not drawn, nor are limbs
         touching them.
@@ -170,14 +175,16 @@ def draw_skeletons(points, layout, height, width, *,
     def size(base):
         return stroke_pixels(base, height, width, stroke_scale)
 
-    # OpenPose multiplies the canvas by 0.6 after the limbs: the same as dimmed limb colours.
-    limb_colors = (layout.body_limb_colors * LIMB_INTENSITY).astype(np.uint8)
-    _paint_limbs(canvas, xy, visible, layout.body_limbs, limb_colors, size(LIMB_HALF_WIDTH))
-    if draw_feet and len(layout.feet_limbs):
-        feet_colors = (layout.feet_limb_colors * LIMB_INTENSITY).astype(np.uint8)
-        _paint_limbs(canvas, xy, visible, layout.feet_limbs, feet_colors, size(LIMB_HALF_WIDTH))
-    body = layout.group_slice("body")
-    _paint_discs(canvas, xy[:, body], visible[:, body], layout.joint_colors, size(JOINT_RADIUS))
+    if "body" in layout.groups:
+        # OpenPose multiplies the canvas by 0.6 after the limbs: the same as dimmed limb colours.
+        limb_colors = _dimmed(layout.body_limb_colors)
+        _paint_limbs(canvas, xy, visible, layout.body_limbs, limb_colors, size(LIMB_HALF_WIDTH))
+        if draw_feet and len(layout.feet_limbs):
+            _paint_limbs(canvas, xy, visible, layout.feet_limbs,
+                         _dimmed(layout.feet_limb_colors), size(LIMB_HALF_WIDTH))
+        body = layout.group_slice("body")
+        _paint_discs(canvas, xy[:, body], visible[:, body], layout.joint_colors,
+                     size(JOINT_RADIUS))
 
     if "left_hand" in layout.groups:
         joint_colors = np.broadcast_to(np.uint8(HAND_JOINT_COLOR), (21, 3))
@@ -189,9 +196,16 @@ def draw_skeletons(points, layout, height, width, *,
                          size(HAND_JOINT_RADIUS))
     if "face" in layout.groups:
         face = layout.group_slice("face")
-        white = np.broadcast_to(np.uint8(FACE_DOT_COLOR), (face.stop - face.start, 3))
-        _paint_discs(canvas, xy[:, face], visible[:, face], white, size(FACE_DOT_RADIUS))
+        _paint_segments(canvas, xy[:, face], visible[:, face], layout.face_edges,
+                        _dimmed(layout.face_edge_colors), size(FACE_LINE_HALF_WIDTH))
+        _paint_discs(canvas, xy[:, face], visible[:, face], layout.face_point_colors,
+                     size(FACE_DOT_RADIUS))
     return canvas[0] if single_frame else canvas
+
+
+def _dimmed(colors: np.ndarray) -> np.ndarray:
+    """(N, 3) uint8 colours at OpenPose's limb intensity."""
+    return (colors * LIMB_INTENSITY).astype(np.uint8)
 
 
 def render(pose_seq, *, confidence_threshold=DEFAULT_CONFIDENCE_THRESHOLD, stroke_scale=1.0,

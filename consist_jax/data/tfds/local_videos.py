@@ -21,6 +21,10 @@ images and masks together; "natural" order: frame2 before frame10):
         masks/*.png            optional person masks (nonzero = person), stem = frame stem
       splits/train.txt, splits/test.txt   optional split lists (splits.py)
 
+Face videos (face reenactment): ``BuildOptions(layout="face68")`` keeps the 68 face
+landmarks of whole-body (DWPose) poses, or takes 68-point pose files as they are; the
+records' layout is then ``face68``.
+
 Keypoints are preferred to pose images when both exist (the pipeline renders them at
 its output resolution and can flip them). A frame whose OpenPose JSON is absent or
 shows no person (every confidence 0) is stored as a missing pose (all-NaN keypoints);
@@ -44,6 +48,7 @@ from consist_jax.data import records
 from consist_jax.data.shards import write_split_shards
 from consist_jax.images import to_uint8
 from consist_jax.poses.io import load_poses
+from consist_jax.poses.keypoints import convert_layout
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 OPENPOSE_SUFFIX = "_keypoints"
@@ -71,12 +76,15 @@ class BuildOptions:
     resize_short_side: resize frames (and everything with them) so the short side has
       this many pixels; None keeps the source size.
     image_encoding: "png" (default: real frames are large) or "raw".
+    layout: the records' keypoint layout (``face68`` for face videos; see
+      consist_jax.poses.keypoints.convert_layout), None keeps the pose files' own.
     """
 
     fps: float = 30.0
     frame_step: int = 1
     resize_short_side: int | None = None
     image_encoding: str = "png"
+    layout: str | None = None
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -132,7 +140,7 @@ def build_video_example(video: LocalVideo, options: BuildOptions = BuildOptions(
     height, width = frames.shape[1:3]
     keypoints, layout, pose_images = None, None, None
     if video.pose_dir or video.pose_file:
-        keypoints, layout = _read_keypoints(video, stems, height, width)
+        keypoints, layout = _read_keypoints(video, stems, height, width, options.layout)
     else:
         pose_images = _read_images(video.pose_images_dir, video.pose_images_mp4, stems,
                                    "pose image", video.video_id)
@@ -199,17 +207,24 @@ def _read_frames(video: LocalVideo) -> tuple[np.ndarray, list[str]]:
     return np.stack(frames), [f.stem for f in files]
 
 
-def _read_keypoints(video: LocalVideo, stems: list[str], height: int, width: int):
-    """(T, K, 3) float32 with NaN rows for missing poses, and the layout name."""
+def _read_keypoints(video: LocalVideo, stems: list[str], height: int, width: int,
+                    layout: str | None = None):
+    """(T, K, 3) float32 with NaN rows for missing poses, and the layout name (``layout``
+    when given: the poses converted to it)."""
     if video.pose_file is not None:
         poses = load_poses(video.pose_file, height=height, width=width)
         if poses.num_frames != len(stems):
             raise ValueError(f"{video.pose_file}: {poses.num_frames} pose frames for "
                              f"{len(stems)} video frames (video {video.video_id!r})")
+        poses = convert_layout(poses, layout or poses.layout)
         points = np.array(poses.points)
     else:
         points, poses = _read_openpose_folder(video, stems, height, width)
-    # No person detected (every confidence 0) is a missing pose, not an empty one.
+        if layout is not None:  # a missing frame (NaN) has confidence 0, made NaN again below
+            poses = convert_layout(poses.replace(points=np.nan_to_num(points)), layout)
+            points = np.array(poses.points)
+    # No person (or, for face68, no face) detected -- every confidence 0 -- is a missing
+    # pose, not an empty one.
     undetected = ~np.any(points[..., 2] > 0, axis=-1)
     points[undetected] = np.nan
     return points, poses.layout
