@@ -41,38 +41,6 @@ flags.DEFINE_float("fps", 12.0, "Output frame rate.")
 flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
 
 
-def reference_pose_image(path, resolution, canvas):
-    """The reference's pose: a keypoints file (its first frame; a file without an image size
-    is taken to be on the reference's ``canvas``) or one pose image drawn on that canvas."""
-    from consist_jax.poses.render import render
-    from consist_jax.sampling import io
-
-    if path.lower().endswith(io.KEYPOINT_SUFFIXES):
-        return render(io.read_keypoints(path, resolution, canvas=canvas))[0]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference pose {path!r} does not exist")
-    return io.read_pose_images(path, resolution, canvas)[0]
-
-
-def read_inputs(pipe):
-    """(reference, reference pose or None, target poses): uint8 at the model's resolution.
-
-    The reference image's size is the canvas: pose images must be drawn on it, and keypoint
-    files that record no image size (plain OpenPose JSON) are taken to be on it.
-    """
-    from consist_jax.poses import extract
-    from consist_jax.sampling import io
-
-    reference, canvas = io.read_reference(FLAGS.reference, pipe.resolution)
-    reference_keypoints = FLAGS.reference_pose if FLAGS.reference_pose and \
-        FLAGS.reference_pose.lower().endswith(io.KEYPOINT_SUFFIXES) else None
-    poses_path = extract.poses_for_sampling(FLAGS.poses, FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
-    poses, _ = io.read_poses(poses_path, pipe.resolution, reference_keypoints=reference_keypoints,
-                             align=FLAGS.align_poses, canvas=canvas)
-    ref_pose = reference_pose_image(FLAGS.reference_pose, pipe.resolution, canvas) if FLAGS.reference_pose else None
-    return reference, ref_pose, poses
-
-
 def check_flags() -> None:
     """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
     from consist_jax import checks
@@ -90,12 +58,14 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from consist_jax.sampling import io
+    from consist_jax.sampling import inputs, io
     from consist_jax.sampling.pipeline import SCDPipeline
 
     check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
-    reference, ref_pose, poses = read_inputs(pipe)
+    reference, ref_pose, poses = inputs.read_inputs(
+        pipe.resolution, FLAGS.reference, FLAGS.poses, FLAGS.reference_pose, FLAGS.align_poses,
+        FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
     io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,

@@ -1,0 +1,157 @@
+"""The web page (python -m consist_jax.app) end to end in headless Chromium: upload a
+reference photo, its pose and a poses file, set the numbers, click Generate, and the PNG
+frames the page offers equal sample.py's frames for the same inputs bit for bit (the MP4s
+are H.264, which is lossy: checked for their frame count and size only). The page fetches
+nothing from outside 127.0.0.1.
+
+Chromium is Debian's (scripts/test.sh installs it), driven by playwright; ``playwright
+install`` (a CDN download) is never needed. CONSIST_CHROMIUM names another binary.
+"""
+import io as stdlib_io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from urllib.parse import urlsplit
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from PIL import Image
+
+from consist_jax.poses import example_pose
+from consist_jax.poses.io import save_poses
+from consist_jax.poses.keypoints import PoseSequence
+from tests.runs import REPO, run_env, script_cmd
+
+FRAMES = 2
+SERVER_START_S = 120  # the checkpoint load on a busy 2-core machine
+GENERATE_S = 300  # the first request compiles
+
+
+def _chromium() -> str:
+    path = os.environ.get("CONSIST_CHROMIUM") or shutil.which("chromium")
+    if path is None:
+        pytest.fail("chromium is not installed: run `bash scripts/test.sh` (it apt-installs Debian's chromium) "
+                    "or `apt-get install -y chromium`, or set CONSIST_CHROMIUM", pytrace=False)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_inputs(rng, folder):
+    """A random 16x16 reference, its pose and FRAMES jittered target poses (keypoint files
+    on the reference's canvas)."""
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "reference.png")
+    pose = example_pose("openpose18", 16, 16)
+    jitter = lambda n: np.concatenate([rng.normal(0, 0.4, (n, len(pose), 2)), np.zeros((n, len(pose), 1))], -1)
+    save_poses(folder / "reference_pose.npz", PoseSequence(pose + jitter(1), "openpose18", 16, 16))
+    save_poses(folder / "poses.npz", PoseSequence(pose + jitter(FRAMES), "openpose18", 16, 16))
+    return {name: str(folder / name) for name in ("reference.png", "reference_pose.npz", "poses.npz")}
+
+
+def _wait_for_server(server, url):
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"the app exited with code {server.returncode}:\n{server.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    pytest.fail(f"the app did not answer on {url} within {SERVER_START_S} s")
+
+
+def _upload(page, elem_id, path):
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(path)
+    page.locator(f"#{elem_id}").get_by_text(os.path.basename(path)).first.wait_for()  # the upload finished
+
+
+def _fill(page, elem_id, value):
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(str(value))
+    field.blur()
+
+
+def _download(page, name, folder):
+    with page.expect_download() as download:
+        page.locator("#downloads a", has_text=name).click()
+    path = str(folder / name)
+    download.value.save_as(path)
+    return path
+
+
+def test_page_generates_what_sample_py_generates(uninterrupted_run, data_dir, rng, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = _chromium()
+    files = _write_inputs(rng, tmp_path)
+    settings = dict(steps=2, guidance=round(float(rng.uniform(1.0, 4.0)), 2), seed=int(rng.integers(0, 1000)),
+                    align_poses=str(rng.choice(["off", "global", "per_limb"])), window=FRAMES, overlap=0)
+    sampled = tmp_path / "sampled"
+    # sample.py and the app's checkpoint load run side by side (both compile the same program).
+    sample_py = subprocess.Popen(
+        script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={files['reference.png']}",
+                   f"--reference_pose={files['reference_pose.npz']}", f"--poses={files['poses.npz']}",
+                   f"--out={sampled}", *(f"--{k}={v}" for k, v in settings.items())),
+        cwd=REPO, env=run_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "consist_jax.app", f"--checkpoint={uninterrupted_run}",
+                               f"--port={port}"], cwd=tmp_path, env=run_env(data_dir),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    outside = []
+    try:
+        _wait_for_server(server, url)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(accept_downloads=True)
+
+            def only_local(route):
+                if urlsplit(route.request.url).hostname not in ("127.0.0.1", "localhost"):
+                    outside.append(route.request.url)
+                    return route.abort()
+                return route.continue_()
+
+            page.route("**/*", only_local)
+            page.goto(url)
+            _upload(page, "reference", files["reference.png"])
+            _upload(page, "reference_pose", files["reference_pose.npz"])
+            _upload(page, "poses", files["poses.npz"])
+            _fill(page, "steps", settings["steps"])
+            _fill(page, "guidance", settings["guidance"])
+            _fill(page, "seed", settings["seed"])
+            page.locator("#align").get_by_label(settings["align_poses"], exact=True).check()
+            page.get_by_text("Advanced").click()
+            _fill(page, "window", settings["window"])
+            _fill(page, "overlap", settings["overlap"])
+            page.locator("#generate").click()
+            page.locator("#downloads a", has_text="result_frames.zip").wait_for(timeout=GENERATE_S * 1000)
+            assert page.locator("#video video").get_attribute("src")
+            archive = _download(page, "result_frames.zip", tmp_path)
+            video = _download(page, "result.mp4", tmp_path)
+            browser.close()
+        assert sample_py.wait(timeout=GENERATE_S) == 0, sample_py.stdout.read()[-3000:]
+    finally:
+        for process in (server, sample_py):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert outside == [], f"the page fetched from outside 127.0.0.1: {outside}"
+    expected = sorted(os.listdir(sampled))
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == expected and len(expected) == FRAMES
+        for name in expected:
+            np.testing.assert_array_equal(np.asarray(Image.open(stdlib_io.BytesIO(zf.read(name)))),
+                                          np.asarray(Image.open(sampled / name)), err_msg=name)
+    assert iio.imread(video).shape == (FRAMES, 16, 16, 3)
