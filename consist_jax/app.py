@@ -143,7 +143,7 @@ def build_page(generator: Generator):
             return generator.generate(reference, reference_pose, pose_uploads, example, settings)
         except Exception as e:
             if cli.is_user_error(e):  # shown on the page in one line; a bug keeps its traceback
-                raise gr.Error(cli.one_line(e)) from e
+                raise gr.Error(cli.one_line(e).removeprefix("error: ")) from e
             raise
 
     with gr.Blocks(title="consist_jax: animate a reference person") as page:
@@ -170,8 +170,9 @@ def build_page(generator: Generator):
                     fps = gr.Number(Settings.fps, label="Frames per second", elem_id="fps")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
-                video = gr.Video(label="reference | pose | result", elem_id="video")
-                downloads = gr.File(label="Download: result.mp4, lossless PNG frames (zip)", elem_id="downloads")
+                video = gr.Video(label="reference | pose | result", interactive=False, elem_id="video")
+                downloads = gr.File(label="Download: result.mp4, lossless PNG frames (zip)", interactive=False,
+                                    elem_id="downloads")
         button.click(on_generate, [reference, reference_pose, poses, example, steps, guidance, seed, align,
                                    sampler, window, overlap, fps], [video, downloads])
     return page

@@ -72,9 +72,10 @@ def _wait_for_server(server, url):
     pytest.fail(f"the app did not answer on {url} within {SERVER_START_S} s")
 
 
-def _upload(page, elem_id, path):
+def _upload(page, elem_id, path, shown):
+    """Uploads ``path``; returns once the component shows ``shown`` (the upload finished)."""
     page.locator(f"#{elem_id} input[type=file]").set_input_files(path)
-    page.locator(f"#{elem_id}").get_by_text(os.path.basename(path)).first.wait_for()  # the upload finished
+    page.locator(f"#{elem_id} {shown}").first.wait_for()
 
 
 def _fill(page, elem_id, value):
@@ -85,7 +86,7 @@ def _fill(page, elem_id, value):
 
 def _download(page, name, folder):
     with page.expect_download() as download:
-        page.locator("#downloads a", has_text=name).click()
+        page.locator(f"#downloads a[download='{name}']").click()
     path = str(folder / name)
     download.value.save_as(path)
     return path
@@ -125,9 +126,11 @@ def test_page_generates_what_sample_py_generates(uninterrupted_run, data_dir, rn
 
             page.route("**/*", only_local)
             page.goto(url)
-            _upload(page, "reference", files["reference.png"])
-            _upload(page, "reference_pose", files["reference_pose.npz"])
-            _upload(page, "poses", files["poses.npz"])
+            page.locator("#generate").click()  # a user error: one line on the page
+            page.get_by_text("reference: upload a photo of the person, or pick an example").wait_for()
+            _upload(page, "reference", files["reference.png"], "img")
+            _upload(page, "reference_pose", files["reference_pose.npz"], "a[download='reference_pose.npz']")
+            _upload(page, "poses", files["poses.npz"], "a[download='poses.npz']")
             _fill(page, "steps", settings["steps"])
             _fill(page, "guidance", settings["guidance"])
             _fill(page, "seed", settings["seed"])
@@ -136,7 +139,8 @@ def test_page_generates_what_sample_py_generates(uninterrupted_run, data_dir, rn
             _fill(page, "window", settings["window"])
             _fill(page, "overlap", settings["overlap"])
             page.locator("#generate").click()
-            page.locator("#downloads a", has_text="result_frames.zip").wait_for(timeout=GENERATE_S * 1000)
+            page.get_by_text(f"{settings['steps']} steps x 1 window(s)").first.wait_for()  # the progress bar
+            page.locator("#downloads a[download='result_frames.zip']").wait_for(timeout=GENERATE_S * 1000)
             assert page.locator("#video video").get_attribute("src")
             archive = _download(page, "result_frames.zip", tmp_path)
             video = _download(page, "result.mp4", tmp_path)
