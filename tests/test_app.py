@@ -34,7 +34,9 @@ SERVER_START_S = 120  # the checkpoint load on a busy 2-core machine
 GENERATE_S = 300  # the first request compiles
 
 
-def _chromium() -> str:
+@pytest.fixture(scope="session")  # session: set up before the tiny run (session-scoped) is trained
+def chromium() -> str:
+    """The browser's path."""
     path = os.environ.get("CONSIST_CHROMIUM") or shutil.which("chromium")
     if path is None:
         pytest.fail("chromium is not installed: run `bash scripts/test.sh` (it apt-installs Debian's chromium) "
@@ -139,10 +141,9 @@ def _generate_from_example(page, name, folder):
     return _download(page, "result_frames.zip", folder)
 
 
-def test_page_generates_what_sample_py_generates(uninterrupted_run, data_dir, rng, tmp_path):
+def test_page_generates_what_sample_py_generates(chromium, uninterrupted_run, data_dir, rng, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    chromium = _chromium()
     files = _write_inputs(rng, tmp_path)
     settings = dict(steps=2, guidance=round(float(rng.uniform(1.0, 4.0)), 2), seed=int(rng.integers(0, 1000)),
                     align_poses=str(rng.choice(["off", "global", "per_limb"])), window=FRAMES, overlap=0)
