@@ -113,7 +113,7 @@ class Generator:
     def generate(self, reference: Optional[str], reference_pose: Optional[str], pose_uploads: Sequence[str],
                  example: Optional[str], settings: Settings) -> tuple[str, list[str]]:
         """File paths in (an example overrides the uploads) -> write_outputs' paths."""
-        from consist_jax.sampling import inputs
+        from consist_jax.sampling import inputs, io
 
         workdir = tempfile.mkdtemp(dir=self.outputs_root)
         if example and example != UPLOAD:
@@ -125,10 +125,19 @@ class Generator:
         reference, ref_pose, pose_images = inputs.read_inputs(
             self.pipe.resolution, reference, poses, reference_pose or None, settings.align_poses,
             self.pose_detector, self.pose_model, out=os.path.join(workdir, "result.mp4"))
+        io.check_output(os.path.join(workdir, "result.mp4"), settings.fps, "frames per second",
+                        frame_size=self.pipe.resolution)  # before the compile, as sample.py
         frames = self.pipe(reference, pose_images, reference_pose=ref_pose, steps=settings.steps,
                            guidance=settings.guidance, seed=settings.seed, sampler=settings.sampler,
                            window=settings.window, overlap=settings.overlap, progress=True)
         return write_outputs(workdir, reference, pose_images, frames, settings.fps)
+
+
+def _number(name: str, value, kind):
+    """A number field's value as ``kind``; an emptied field is a user error."""
+    if value is None:
+        raise ValueError(f"{name}: enter a number")
+    return kind(value)
 
 
 def build_page(generator: Generator):
@@ -137,9 +146,10 @@ def build_page(generator: Generator):
 
     def on_generate(reference, reference_pose, pose_uploads, example, steps, guidance, seed, align,
                     sampler, window, overlap, fps, progress=gr.Progress(track_tqdm=True)):
-        settings = Settings(int(steps), float(guidance), int(seed), align, sampler, int(window), int(overlap),
-                            float(fps))
         try:
+            settings = Settings(_number("steps", steps, int), _number("guidance", guidance, float),
+                                _number("seed", seed, int), align, sampler, _number("window", window, int),
+                                _number("overlap", overlap, int), _number("frames per second", fps, float))
             return generator.generate(reference, reference_pose, pose_uploads, example, settings)
         except Exception as e:
             if cli.is_user_error(e):  # shown on the page in one line; a bug keeps its traceback

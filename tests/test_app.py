@@ -234,3 +234,25 @@ def test_uploaded_pose_files(tmp_path):
     (example / "reference.png").write_bytes(b"")
     assert app.example_folders(str(tmp_path / "examples")) == {"video_0": str(example)}
     assert app.example_paths(str(example)) == (str(example / "reference.png"), None, str(example / "poses"))
+
+
+def test_requests_are_refused_before_sampling(rng, tmp_path):
+    """A missing reference, an unwritable setting or an emptied number field: a user error
+    (shown on the page in one line) before the pipeline is called."""
+    from consist_jax import app
+
+    class NoSampling:
+        resolution = (16, 16)
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the refusal came after sampling")
+
+    files = _write_inputs(rng, tmp_path)
+    generator = app.Generator(NoSampling(), str(tmp_path), examples={})
+    with pytest.raises(ValueError, match="reference: upload a photo"):
+        generator.generate(None, None, [files["poses.npz"]], app.UPLOAD, app.Settings())
+    with pytest.raises(ValueError, match="frames per second"):
+        generator.generate(files["reference.png"], files["reference_pose.npz"], [files["poses.npz"]], None,
+                           app.Settings(fps=0.0))
+    with pytest.raises(ValueError, match="seed: enter a number"):
+        app._number("seed", None, int)
