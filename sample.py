@@ -44,18 +44,6 @@ flags.DEFINE_float("fps", 12.0, "Output frame rate.")
 flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
 
 
-def read_inputs(pipe):
-    """(reference, reference pose or None, target poses): uint8 at the model's resolution,
-    each fitted around the person (see sampling.io.read_sample_inputs). A real video given
-    as --poses has its poses extracted first when --pose_detector and --pose_model are set."""
-    from consist_jax.poses import extract
-    from consist_jax.sampling import io
-
-    poses_path = extract.poses_for_sampling(FLAGS.poses, FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
-    return io.read_sample_inputs(FLAGS.reference, poses_path, pipe.resolution,
-                                 reference_pose_path=FLAGS.reference_pose, align=FLAGS.align_poses)
-
-
 def check_flags() -> None:
     """The numbers and the output path, before the checkpoint is loaded (no compile yet)."""
     from consist_jax import checks
@@ -73,12 +61,14 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from consist_jax.sampling import io
+    from consist_jax.sampling import inputs, io
     from consist_jax.sampling.pipeline import SCDPipeline
 
     check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
-    reference, ref_pose, poses = read_inputs(pipe)
+    reference, ref_pose, poses = inputs.read_inputs(
+        pipe.resolution, FLAGS.reference, FLAGS.poses, FLAGS.reference_pose, FLAGS.align_poses,
+        FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
     io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
                   seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,

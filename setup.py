@@ -43,6 +43,10 @@ EXTRAS = {
         # Pose extraction's tests build tiny ONNX models and run them (test_pose_extract.py).
         "onnx>=1.23",
         "onnxruntime>=1.32",
+        # The web page's end-to-end test (test_app.py) drives Debian's chromium (scripts/test.sh
+        # installs it) with playwright; `playwright install` (a CDN download) is never needed.
+        "gradio>=6.31.0",
+        "playwright>=1.65.2",
     ],
     # Only needed to build the TFDS datasets from a local copy of TikTok / UBC Fashion;
     # tensorflow_datasets writes array_record without TensorFlow.
@@ -50,6 +54,8 @@ EXTRAS = {
     # Pose extraction from videos (consist_jax.poses.extract, data.build_own): the published
     # YOLOX + DWPose/RTMW ONNX models run with onnxruntime (onnxruntime-gpu works as well).
     "pose": ["onnxruntime>=1.32"],
+    # The web page (python -m consist_jax.app).
+    "app": ["gradio>=6.31.0"],
 }
 
 setup(
