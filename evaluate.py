@@ -136,8 +136,7 @@ def main(argv):
             if method == "copy_reference":
                 outputs[method] = np.repeat(reference[None], len(poses), axis=0)
             else:
-                outputs[method] = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps,
-                                       guidance=scale, seed=FLAGS.seed, window=len(poses), overlap=0)
+                outputs[method] = generate(pipe, examples[n], scale)
             summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
             if n < FLAGS.curve_videos:
                 curve_summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
@@ -156,7 +155,8 @@ def main(argv):
     written = [os.path.join(FLAGS.out, "metrics.json")]
     if FLAGS.curve_videos:
         report["protocol"]["curve_videos"] = min(FLAGS.curve_videos, len(examples))
-        report["curve"] = metric_curve(pipe, examples[:FLAGS.curve_videos], guidance, curve_summaries["scd"])
+        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], guidance,
+                                       curve_summaries["scd"])
         report["curve_baselines"] = {m: point(s) for m, s in curve_summaries.items() if m != "scd"}
     files.write_json(written[0], report)
     if grid_rows:
@@ -180,26 +180,37 @@ def point(summary) -> dict:
     return summary.result()["metrics"]
 
 
-def metric_curve(pipe, examples, guidance, evaluated) -> list[dict]:
-    """[{"step": s, metric: value}] for every kept checkpoint up to the evaluated one, on
-    ``examples``: earlier steps are sampled here with the same compiled sampler (their
-    weights swapped in), the evaluated step's point is ``evaluated`` (from the main pass)."""
+def generate(pipe, example, guidance):
+    """The protocol's sampling of one test example: its targets as one window -> uint8 (F, H, W, 3)."""
+    _, reference, ref_pose, poses, _, _ = example
+    return pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=guidance, seed=FLAGS.seed,
+                window=len(poses), overlap=0)
+
+
+def metric_curve(pipe, workdir, examples, guidance, evaluated) -> list[dict]:
+    """[{"step": s, metric: value}] for every checkpoint kept in ``workdir`` up to the evaluated
+    one, on ``examples``: earlier steps are sampled here with the same compiled sampler (their
+    weights swapped in), the evaluated step's point is ``evaluated`` (from the main pass). A
+    damaged earlier checkpoint is named on the console and left out of the curve."""
     from tqdm import tqdm
 
     from consist_jax.eval.summary import EvaluationSummary
-    from consist_jax.training.checkpoint import finished_steps, restore_params
+    from consist_jax.training.checkpoint import CheckpointDamagedError, finished_steps, restore_params
 
     evaluated_params, evaluated_step = pipe.params, pipe.step
-    earlier = [s for s in finished_steps(os.path.join(FLAGS.checkpoint, "checkpoints")) if s < evaluated_step]
+    earlier = [s for s in finished_steps(os.path.join(workdir, "checkpoints")) if s < evaluated_step]
     curve = []
     try:
         for step in tqdm(earlier, desc="curve checkpoints"):
-            pipe.params, _, pipe.step = restore_params(FLAGS.checkpoint, step)  # a damaged one is an error
+            try:
+                pipe.params, _, pipe.step = restore_params(workdir, step)
+            except CheckpointDamagedError as e:
+                print(f"metric curve: left out step {step}: {e}", flush=True)
+                continue
             summary = EvaluationSummary(None, metrics=POINT_METRICS)
-            for _, reference, ref_pose, poses, real, masks in examples:
-                generated = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=guidance,
-                                 seed=FLAGS.seed, window=len(poses), overlap=0)
-                summary.add_videos(generated[None] / 255.0, real[None] / 255.0, masks[None])
+            for example in examples:
+                real, masks = example[4:]
+                summary.add_videos(generate(pipe, example, guidance)[None] / 255.0, real[None] / 255.0, masks[None])
             curve.append({"step": step, **point(summary)})
     finally:
         pipe.params, pipe.step = evaluated_params, evaluated_step

@@ -1,6 +1,7 @@
 """The evaluation's pictures: the grid of held-out people (layout and exact cells from small
 arrays) and the metric curve that evaluate.py writes into metrics.json and plots."""
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 
 from consist_jax.eval import figures
 from tests.runs import REPO, run_env, script_cmd
+from tests.test_checkpoint_damage import _cut_in_half
 
 
 def _rows(rng, count, frames, size):
@@ -56,19 +58,23 @@ def test_grid_refuses_mismatched_rows(rng):
 
 
 def test_evaluate_writes_the_curve_grid_and_plot(uninterrupted_run, data_dir, tmp_path):
-    """A tiny run with several kept checkpoints: every kept step up to the evaluated one is a
-    curve point; the evaluated step's comes from the main pass."""
+    """A tiny run with several kept checkpoints, the earliest damaged: every other kept step
+    up to the evaluated one is a curve point (the damaged one is named and left out); the
+    evaluated step's comes from the main pass."""
     from consist_jax.training.checkpoint import finished_steps
 
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, workdir)
+    damaged, *steps = finished_steps(f"{workdir}/checkpoints")
+    _cut_in_half(str(workdir), damaged)
     out = tmp_path / "eval"
     protocol = ["--videos=2", "--frames=2", "--first_target=2", "--stride=2", "--steps=2", "--gifs=2",
                 "--curve_videos=2", "--grid_frames=2"]
-    result = subprocess.run(script_cmd("evaluate.py", f"--checkpoint={uninterrupted_run}", f"--out={out}",
-                                       *protocol), cwd=REPO, env=run_env(data_dir), capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(script_cmd("evaluate.py", f"--checkpoint={workdir}", f"--out={out}", *protocol),
+                            cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"metric curve: left out step {damaged}: " in result.stdout
     report = json.loads((out / "metrics.json").read_text())
-    steps = finished_steps(f"{uninterrupted_run}/checkpoints")
     assert len(steps) >= 2 and [p["step"] for p in report["curve"]] == steps
     videos = report["methods"]["scd"]["counts"]["videos"]  # the tiny test split may hold fewer than 2
     assert report["protocol"]["curve_videos"] == videos

@@ -94,16 +94,15 @@ def example_grid(rows: Sequence[tuple], frames: int = 4) -> np.ndarray:
 
     if not rows:
         raise ValueError("example_grid needs at least one row (label, reference, poses, generated, real)")
-    image_size = rows[0][1].shape[:2]
+    (h, w), num_frames = rows[0][1].shape[:2], len(rows[0][2])
     for label, reference, *videos in rows:
-        shapes = [reference.shape] + [v.shape[1:] for v in videos]
-        if any(s != (*image_size, 3) for s in shapes) or len({len(v) for v in videos}) != 1:
-            raise ValueError(f"grid row {label!r}: expected a ({image_size[0]}, {image_size[1]}, 3) reference and "
-                             f"(F, {image_size[0]}, {image_size[1]}, 3) poses/generated/real, got "
-                             f"{reference.shape} and {[v.shape for v in videos]}")
-    picked = grid_frames(len(rows[0][2]), frames)
-    layout = grid_layout([row[0] for row in rows], image_size, len(picked))
-    scale = layout.cell[0] // image_size[0]
+        if reference.shape != (h, w, 3) or any(v.shape != (num_frames, h, w, 3) for v in videos):
+            raise ValueError(f"grid row {label!r}: expected a ({h}, {w}, 3) reference and ({num_frames}, {h}, {w}, 3) "
+                             f"poses/generated/real (as the first row), got {reference.shape} and "
+                             f"{[v.shape for v in videos]}")
+    picked = grid_frames(num_frames, frames)
+    layout = grid_layout([row[0] for row in rows], (h, w), len(picked))
+    scale = layout.cell[0] // h
     grid = np.full((*layout.size, 3), BACKGROUND, np.uint8)
     for r, (label, reference, *videos) in enumerate(rows):
         y, x = layout.cell_origin(r, 0)
