@@ -23,8 +23,9 @@ reproduces ``generated/`` bit for bit. ``examples.png`` shows the GIF'd videos a
 ``--curve_videos=N``, the earlier checkpoints kept in the workdir are scored on the first N
 videos (same protocol, SCD only: the same compiled sampler, new weights), and the evaluated
 step's score on those videos is taken from the main pass: ``metrics.json``'s ``"curve"``
-(``"curve_baselines"``: the baselines on those videos) and ``metrics_curve.png``. Flags are checked before the checkpoint loads; a
-user error prints one line and exits 2 (CONSIST_TRACEBACK=1 for the traceback).
+(``"curve_baselines"``: the baselines on those videos) and ``metrics_curve.png``.
+Flags are checked before the checkpoint loads; a user error prints one line and exits 2
+(CONSIST_TRACEBACK=1 for the traceback).
 """
 import os
 import sys
