@@ -18,8 +18,14 @@ videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
         --reference_pose=.../reference_pose.png --poses=.../poses --out=.../resampled \
         --steps=25 --guidance=G --window=F --overlap=0 --seed=0
 
-reproduces ``generated/`` bit for bit. Flags are checked before the checkpoint loads; a
-user error prints one line and exits 2 (CONSIST_TRACEBACK=1 for the traceback).
+reproduces ``generated/`` bit for bit. ``examples.png`` shows the GIF'd videos as one grid
+(rows of people: reference | pose | generated | real, ``--grid_frames`` frames each). With
+``--curve_videos=N``, the earlier checkpoints kept in the workdir are scored on the first N
+videos (same protocol, SCD only: the same compiled sampler, new weights), and the evaluated
+step's score on those videos is taken from the main pass: ``metrics.json``'s ``"curve"``
+(``"curve_baselines"``: the baselines on those videos) and ``metrics_curve.png``.
+Flags are checked before the checkpoint loads; a user error prints one line and exits 2
+(CONSIST_TRACEBACK=1 for the traceback).
 """
 import os
 import sys
@@ -46,6 +52,9 @@ flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_integer("gifs", 6, "Videos written as GIFs.")
 flags.DEFINE_string("eval_weights", "", "Folder with LPIPS/FID/FVD weight files (safetensors).")
 flags.DEFINE_bool("baselines", True, "Also score the copy-reference and no-reference baselines.")
+flags.DEFINE_integer("grid_frames", 4, "Target frames per person in examples.png.")
+flags.DEFINE_integer("curve_videos", 0, "Score the earlier kept checkpoints on this many videos "
+                     "for the metric curve (0: no curve).")
 flags.mark_flags_as_required(["checkpoint"])
 
 
@@ -81,6 +90,8 @@ def check_flags() -> None:
     checks.non_negative_int("--first_target", FLAGS.first_target)
     checks.positive_int("--stride", FLAGS.stride)
     checks.non_negative_int("--gifs", FLAGS.gifs)
+    checks.positive_int("--grid_frames", FLAGS.grid_frames)
+    checks.non_negative_int("--curve_videos", FLAGS.curve_videos)
     if FLAGS.step is not None:
         checks.non_negative_int("--step", FLAGS.step)
     if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
@@ -100,6 +111,7 @@ def main(argv):
     from tqdm import tqdm
 
     from consist_jax import files
+    from consist_jax.eval import figures
     from consist_jax.eval.summary import EvaluationSummary
     from consist_jax.sampling import io
     from consist_jax.sampling.pipeline import SCDPipeline
@@ -114,19 +126,23 @@ def main(argv):
         methods.update(copy_reference=None, no_reference=0.0)
     metric_names = ("L1", "PSNR", "SSIM", "LPIPS", "FID", "FVD", "FID-VID")
     summaries = {m: EvaluationSummary(FLAGS.eval_weights or None, metrics=metric_names) for m in methods}
+    curve_summaries = {m: EvaluationSummary(None, metrics=POINT_METRICS) for m in methods}  # the curve's videos
     files.ensure_folder(FLAGS.out)
-    examples = test_examples(data_dir, FLAGS.split, FLAGS.videos, FLAGS.frames, FLAGS.first_target,
-                             FLAGS.stride, pipe.resolution)
-    for n, (video_id, reference, ref_pose, poses, real, masks) in enumerate(tqdm(list(examples), desc="videos")):
+    examples = list(test_examples(data_dir, FLAGS.split, FLAGS.videos, FLAGS.frames, FLAGS.first_target,
+                                  FLAGS.stride, pipe.resolution))
+    grid_rows = []
+    for n, (video_id, reference, ref_pose, poses, real, masks) in enumerate(tqdm(examples, desc="videos")):
         outputs = {}
         for method, scale in methods.items():
             if method == "copy_reference":
                 outputs[method] = np.repeat(reference[None], len(poses), axis=0)
             else:
-                outputs[method] = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps,
-                                       guidance=scale, seed=FLAGS.seed, window=len(poses), overlap=0)
+                outputs[method] = generate(pipe, examples[n], scale)
             summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
+            if n < FLAGS.curve_videos:
+                curve_summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
         if n < FLAGS.gifs:
+            grid_rows.append((video_id, reference, poses, outputs["scd"], real))
             panel = np.concatenate([io.side_by_side(reference, poses, outputs["scd"]), real], axis=2)
             io.write_video(os.path.join(FLAGS.out, f"{video_id}.gif"), panel, fps=6)
             save_example(os.path.join(FLAGS.out, "examples", video_id), reference, ref_pose, poses,
@@ -137,11 +153,69 @@ def main(argv):
                            "stride": FLAGS.stride, "steps": FLAGS.steps, "guidance": guidance,
                            "seed": FLAGS.seed},
               "methods": results}
-    files.write_json(os.path.join(FLAGS.out, "metrics.json"), report)
+    written = [os.path.join(FLAGS.out, "metrics.json")]
+    if FLAGS.curve_videos:
+        report["protocol"]["curve_videos"] = min(FLAGS.curve_videos, len(examples))
+        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], guidance,
+                                       curve_summaries["scd"])
+        report["curve_baselines"] = {m: point(s) for m, s in curve_summaries.items() if m != "scd"}
+    files.write_json(written[0], report)
+    if grid_rows:
+        written.append(os.path.join(FLAGS.out, "examples.png"))
+        figures.write_png(written[-1], figures.example_grid(grid_rows, FLAGS.grid_frames))
+    if FLAGS.curve_videos:
+        written.append(os.path.join(FLAGS.out, "metrics_curve.png"))
+        figures.write_metric_curve(written[-1], report["curve"], report["curve_baselines"])
     print(comparison_table(results))
     if FLAGS.baselines:
         print(baseline_verdict(results))
-    print(f"wrote {os.path.join(FLAGS.out, 'metrics.json')}")
+    for path in written:
+        print(f"wrote {path}")
+
+
+POINT_METRICS = ("L1", "PSNR", "SSIM")  # with masks, their figure-region variants too
+
+
+def point(summary) -> dict:
+    """An EvaluationSummary's pixel metrics, e.g. {"PSNR": ..., "SSIM_masked": ...}."""
+    return summary.result()["metrics"]
+
+
+def generate(pipe, example, guidance):
+    """The protocol's sampling of one test example: its targets as one window -> uint8 (F, H, W, 3)."""
+    _, reference, ref_pose, poses, _, _ = example
+    return pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=guidance, seed=FLAGS.seed,
+                window=len(poses), overlap=0)
+
+
+def metric_curve(pipe, workdir, examples, guidance, evaluated) -> list[dict]:
+    """[{"step": s, metric: value}] for every checkpoint kept in ``workdir`` up to the evaluated
+    one, on ``examples``: earlier steps are sampled here with the same compiled sampler (their
+    weights swapped in), the evaluated step's point is ``evaluated`` (from the main pass). A
+    damaged earlier checkpoint is named on the console and left out of the curve."""
+    from tqdm import tqdm
+
+    from consist_jax.eval.summary import EvaluationSummary
+    from consist_jax.training.checkpoint import CheckpointDamagedError, finished_steps, restore_params
+
+    evaluated_params, evaluated_step = pipe.params, pipe.step
+    earlier = [s for s in finished_steps(os.path.join(workdir, "checkpoints")) if s < evaluated_step]
+    curve = []
+    try:
+        for step in tqdm(earlier, desc="curve checkpoints"):
+            try:
+                pipe.params, _, pipe.step = restore_params(workdir, step)
+            except CheckpointDamagedError as e:
+                print(f"metric curve: left out step {step}: {e}", flush=True)
+                continue
+            summary = EvaluationSummary(None, metrics=POINT_METRICS)
+            for example in examples:
+                real, masks = example[4:]
+                summary.add_videos(generate(pipe, example, guidance)[None] / 255.0, real[None] / 255.0, masks[None])
+            curve.append({"step": step, **point(summary)})
+    finally:
+        pipe.params, pipe.step = evaluated_params, evaluated_step
+    return curve + [{"step": evaluated_step, **point(evaluated)}]
 
 
 def save_example(folder, reference, reference_pose, poses, generated):

@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardx>=2.6.5",
     "absl-py>=2.1",
+    "matplotlib>=3.11",  # evaluate.py's metric curve (consist_jax/eval/figures.py, Agg)
 ]
 
 EXTRAS = {

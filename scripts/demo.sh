@@ -2,7 +2,8 @@
 # The main job: install, train the demo config on synthetic people (CPU), sample held-out
 # identities and score them against the copy-reference and no-reference baselines, then
 # check that sample.py reproduces one of the evaluated videos bit for bit.
-# Outputs: runs/demo (checkpoints, TensorBoard), outputs/demo (GIFs, metrics.json, examples/).
+# Outputs: runs/demo (checkpoints, TensorBoard), outputs/demo (metrics.json, examples.png: a
+# grid of held-out people, metrics_curve.png: figure SSIM/PSNR against training step, GIFs, examples/).
 set -euo pipefail
 # A CPU demo: with the test extra installed (it carries libtpu for the ahead-of-time TPU
 # compiles) JAX would otherwise probe for a TPU first and print libtpu's warnings.
@@ -15,7 +16,8 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q -e .
 .venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
 FRAMES=8
-.venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0
+.venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0 \
+  --curve_videos=4
 example=$(ls -d outputs/demo/examples/*/ | head -n 1)
 guidance=$(.venv/bin/python -c "import json; print(json.load(open('outputs/demo/metrics.json'))['protocol']['guidance'])")
 .venv/bin/python sample.py --checkpoint=runs/demo --reference="$example/reference.png" \
@@ -23,6 +25,8 @@ guidance=$(.venv/bin/python -c "import json; print(json.load(open('outputs/demo/
   --steps=25 --guidance="$guidance" --window=$FRAMES --overlap=0 --seed=0
 if diff -r "$example/generated" "$example/resampled" >/dev/null; then
   echo "sample.py reproduced $example bit for bit"
+  echo "held-out people (reference | pose | generated | real): outputs/demo/examples.png"
+  echo "metric curve (figure SSIM/PSNR against training step, baselines flat): outputs/demo/metrics_curve.png"
 else
   echo "sample.py did NOT reproduce $example" >&2
   exit 1

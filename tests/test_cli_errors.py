@@ -71,6 +71,8 @@ def test_evaluate_py_refuses_before_loading(tmp_path):
         "--videos=-1": "--videos=-1: must be an integer >= 0",
         "--first_target=-1": "--first_target=-1",
         "--gifs=-1": "--gifs=-1",
+        "--grid_frames=0": "--grid_frames=0: must be an integer >= 1",
+        "--curve_videos=-1": "--curve_videos=-1: must be an integer >= 0",
         "--seed=-5": "--seed=-5",
         f"--out={plain_file}": "is a file; evaluate.py writes a folder",
         f"--out={plain_file}/eval": f"'{plain_file}' is a file, not a folder",

@@ -8,6 +8,7 @@
   resnet3d.py   Kinetics 3D ResNet-50 (DisCo's FID-VID: 2048-d clip features)
   weights.py    published weight files -> our parameter trees (safetensors only)
   summary.py    EvaluationSummary: every metric over a stream of batches -> metrics.json
+  figures.py    the grid of held-out people and the metric curve's plot (PIL, matplotlib)
 
 Importing this package never imports torch and never unpickles.
 """
