@@ -69,11 +69,12 @@ def example_paths(folder: str) -> tuple[str, Optional[str], str]:
 def poses_path(uploads: Sequence[str], workdir: str) -> str:
     """Uploaded pose files -> what sample.py's ``--poses`` takes: one video or keypoints file
     as it is; several files (pose images, per-frame JSONs) copied into a folder by name."""
-    from consist_jax.sampling import io
+    from consist_jax.images import VIDEO_SUFFIXES
+    from consist_jax.poses.io import KEYPOINT_SUFFIXES
 
     if not uploads:
         raise ValueError("poses: upload a pose video, a keypoints file or pose images, or pick an example")
-    if len(uploads) == 1 and uploads[0].lower().endswith(io.VIDEO_SUFFIXES + io.KEYPOINT_SUFFIXES):
+    if len(uploads) == 1 and uploads[0].lower().endswith(VIDEO_SUFFIXES + KEYPOINT_SUFFIXES):
         return uploads[0]
     folder = os.path.join(workdir, "poses")
     os.makedirs(folder)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The file kinds the readers recognise by suffix (lower case), in one place.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
+
 
 def to_uint8(image, path: str, mode: str = "RGB") -> np.ndarray:
     """A PIL image -> uint8 (H, W, 3) for ``mode="RGB"`` or (H, W) for ``mode="L"``.

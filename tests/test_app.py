@@ -106,6 +106,14 @@ def _download(page, name, folder):
     return path
 
 
+_WATCH_FOR_TEXT = """text => {
+    window.__textSeen = false;
+    new MutationObserver(() => {
+        if (document.body.innerText.includes(text)) window.__textSeen = true;
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def _generate_from_uploads(page, files, settings, folder):
     """A refusal first (nothing uploaded), then uploads, numbers, Generate, the progress bar:
     the downloaded (PNG frames zip, result MP4)."""
@@ -120,9 +128,12 @@ def _generate_from_uploads(page, files, settings, folder):
     page.get_by_text("Advanced").click()
     _fill(page, "window", settings["window"])
     _fill(page, "overlap", settings["overlap"])
+    # The progress bar shows while the steps run, which may be a moment after a long compile:
+    # a DOM observer records whether its text ever appeared, instead of racing to see it.
+    page.evaluate(_WATCH_FOR_TEXT, f"{settings['steps']} steps x 1 window(s)")
     page.locator("#generate").click()
-    page.get_by_text(f"{settings['steps']} steps x 1 window(s)").first.wait_for()  # the progress bar
     page.locator("#downloads a[download='result_frames.zip']").wait_for(timeout=GENERATE_S * 1000)
+    assert page.evaluate("window.__textSeen"), "no progress bar was shown while generating"
     assert page.locator("#video video").get_attribute("src")
     return _download(page, "result_frames.zip", folder), _download(page, "result.mp4", folder)
 
@@ -185,6 +196,7 @@ def test_page_generates_what_sample_py_generates(chromium, uninterrupted_run, da
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        print(f"the app's output:\n{server.stdout.read()[-5000:]}")  # shown when the test fails
     assert outside == [], f"the page fetched from outside 127.0.0.1: {outside}"
     expected = sorted(os.listdir(sampled))
     for path in (archive, example_archive):

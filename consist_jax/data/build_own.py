@@ -51,15 +51,15 @@ from consist_jax import checks, files
 from consist_jax.data import records
 from consist_jax.data.shards import write_split_shards
 from consist_jax.data.synthetic import identity_splits
+from consist_jax.images import VIDEO_SUFFIXES
 from consist_jax.poses import extract
-from consist_jax.poses.io import load_poses
+from consist_jax.poses.io import KEYPOINT_SUFFIXES, load_poses
 from consist_jax.poses.keypoints import PoseSequence, convert_layout
 from consist_jax.poses.layouts import LAYOUTS
 from consist_jax.poses.sequence import crop_poses, person_box, resize_poses
 
 DATASET_NAME = "own_videos"
 WORK_FOLDER = ".build_own"
-POSE_FILE_SUFFIXES = (".json", ".npz", ".npy")
 # What makes one video unusable (unreadable, bad poses, no person); anything else is a bug.
 VIDEO_ERRORS = (ValueError, OSError, RuntimeError)
 _log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def find_videos(folder: str) -> dict[str, str]:
         raise NotADirectoryError(f"--videos={folder!r}: not a folder")
     videos = {}
     for path in sorted(Path(folder).iterdir(), key=_natural_key):
-        is_video = path.is_file() and path.suffix.lower() in extract.VIDEO_SUFFIXES
+        is_video = path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
         if not (is_video or (path.is_dir() and not path.name.startswith("."))):
             continue
         video_id = path.stem if is_video else path.name
@@ -110,13 +110,13 @@ def find_videos(folder: str) -> dict[str, str]:
                              f"({videos[video_id]} and {path}); rename one")
         videos[video_id] = str(path)
     if not videos:
-        raise ValueError(f"--videos={folder!r}: no video files ({', '.join(extract.VIDEO_SUFFIXES)})"
+        raise ValueError(f"--videos={folder!r}: no video files ({', '.join(VIDEO_SUFFIXES)})"
                          f" or frame folders")
     return videos
 
 
 def _pose_file(poses_dir: str, video_id: str) -> str:
-    candidates = [os.path.join(poses_dir, video_id + s) for s in POSE_FILE_SUFFIXES]
+    candidates = [os.path.join(poses_dir, video_id + s) for s in KEYPOINT_SUFFIXES]
     candidates.append(os.path.join(poses_dir, video_id))
     for candidate in candidates:
         if os.path.exists(candidate):

@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from consist_jax import checks, files
+from consist_jax.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from consist_jax.poses import keypoints as K
 from consist_jax.poses import layouts as L
 from consist_jax.poses.io import save_poses
@@ -49,8 +50,6 @@ from consist_jax.poses.keypoints import PoseSequence
 
 _log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif")
 OUTPUT_SUFFIXES = (".json", ".npz")
 # DWPose's settings (its ONNX pipeline, as Moore-AnimateAnyone and rtmlib run it).
 LETTERBOX_FILL = 114.0

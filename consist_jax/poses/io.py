@@ -67,6 +67,9 @@ from consist_jax.poses import keypoints as K
 from consist_jax.poses import layouts as L
 from consist_jax.poses.keypoints import PoseSequence
 
+# Keypoint files load_poses reads (a folder of per-frame OpenPose JSON files too).
+KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
+
 COORDINATE_MODES = ("auto", "pixels", "normalized")
 # "auto" picks normalized coordinates when at least this share of the visible points lies
 # in the unit square; a frame with more than this share off the canvas is an error.

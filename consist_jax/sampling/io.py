@@ -24,15 +24,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from consist_jax import checks, files
-from consist_jax.images import flatten_alpha, has_alpha, to_uint8, upright
+from consist_jax.images import IMAGE_SUFFIXES, flatten_alpha, has_alpha, to_uint8, upright
 from consist_jax.poses.align import align_poses
-from consist_jax.poses.io import count_off_canvas, load_poses
+from consist_jax.poses.io import KEYPOINT_SUFFIXES, count_off_canvas, load_poses
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.poses.sequence import crop_poses, person_box, resize_poses
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-KEYPOINT_SUFFIXES = (".json", ".npz", ".npy")
 MAX_UPSCALE = 4  # a reference's fitted box is enlarged at most this much per side
 MAX_PAD_FRACTION = 0.5  # at most this share of a fitted side may be padding
 PERSON_MARGIN = 0.1  # the person's box grows by this share of its size on each side
