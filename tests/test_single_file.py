@@ -15,9 +15,10 @@ from parity import relative_error
 from safetensors.numpy import load_file, save_file
 
 from consist_jax.convert import single_file as sf
-from consist_jax.factory import build_model
 from consist_jax.convert.loading import CheckpointError
 from consist_jax.convert.unet import load_unet
+from consist_jax.convert.vae import load_vae
+from consist_jax.factory import build_model
 from consist_jax.models import vae as vae_lib
 from consist_jax.models.unet import UNetConfig
 from consist_jax.models.vae import VAEConfig
@@ -93,7 +94,7 @@ def test_same_params_as_the_diffusers_folder(checkpoint, loaded):
     _, _, folder, _ = checkpoint
     (unet, unet_params), (vae, vae_params) = loaded
     folder_unet, folder_unet_params = load_unet(folder + "/unet", rng=jax.random.key(0))
-    folder_vae, folder_vae_params = vae_lib.load_vae(folder + "/vae")
+    folder_vae, folder_vae_params = load_vae(folder + "/vae")
     assert unet.config == folder_unet.config and vae.config == folder_vae.config
     for ours, theirs in ((unet_params, folder_unet_params), (vae_params, folder_vae_params)):
         assert jax.tree.structure(ours) == jax.tree.structure(theirs)
