@@ -42,7 +42,6 @@ from consist_jax.diffusion.guidance import batch_conditions, guided_prediction, 
 from consist_jax.diffusion.samplers import sample_loop
 from consist_jax.models.self_attention import CACHE_COLLECTION
 from consist_jax.models.scd import SCDModel
-from consist_jax.models.unet import UNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +85,7 @@ def extract_reference(
         t_ref,
         context,
         reference_pose,
-        method=UNet.extract_reference,
+        method="extract_reference",  # UNet's or any model's with its contract (WanSCD)
         mutable=[CACHE_COLLECTION],
     )
     return Reference(variables[CACHE_COLLECTION], context, latents)
