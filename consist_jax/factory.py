@@ -67,12 +67,16 @@ WAN_SCD_OPTIONS = ("attention_rule", "attention_impl", "pose", "pose_hidden_chan
                    "reference_pose_injection", "target_frame_start")
 # WanTransformerConfig fields a run config may set on top of a pretrained DiT's config.json.
 WAN_RUNTIME_OPTIONS = ("remat", "dtype")
+# The I2V / FLF2V image inputs (None by default): SCD's reference joins as tokens instead,
+# so the section leaves them out (WanSCDConfig refuses them).
+WAN_I2V_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
 
 
 def wan_option_defaults() -> dict:
     """model.wan at the dataclasses' defaults (WanTransformerConfig, AttentionConfig,
     WanSCDConfig), as a config section (dtype by name, tuples as lists are fine)."""
-    transformer = {f.name: getattr(WanTransformerConfig(), f.name) for f in dataclasses.fields(WanTransformerConfig)}
+    transformer = {f.name: getattr(WanTransformerConfig(), f.name) for f in dataclasses.fields(WanTransformerConfig)
+                   if f.name not in WAN_I2V_FIELDS}
     transformer["dtype"] = jnp.dtype(transformer["dtype"]).name
     scd = {f.name: f.default for f in dataclasses.fields(WanSCDConfig) if f.name in WAN_SCD_OPTIONS}
     return {**transformer, "attention_rule": AttentionConfig.rule, "attention_impl": AttentionConfig.impl,
@@ -219,6 +223,9 @@ def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SC
         wan_config = wan_config_from(config.wan, pose_factor)
         if init_params:
             params = jax.jit(lambda key: init_wan_scd_params(wan_config, key))(rng)
+    if codec.latent_channels != wan_config.transformer.in_channels:
+        raise ValueError(f"model.codec ({config.codec.kind}) gives {codec.latent_channels} latent channels; the DiT "
+                         f"reads model.wan.in_channels={wan_config.transformer.in_channels}")
     denoiser = WanDenoiser(wan_config)
     context, frozen = _context(config.context, wan_config.cross_attention_dim, frozen)
     return SCDModel(denoiser, codec, context), params, frozen

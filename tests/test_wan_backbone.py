@@ -78,6 +78,7 @@ def test_pretrained_transformer_plugs_in_with_a_fresh_pose_embedding(tmp_path):
     (dict(backbone="dit"), r"model.backbone='dit': expected one of \('unet', 'wan'\)"),
     (dict(wan=dict(num_layer=2)), r"unknown model.wan key\(s\) \['num_layer'\]"),
     (dict(motion=dict(enabled=True)), r"model.backbone='wan' takes no UNet weights or motion modules"),
+    (dict(), r"model.codec \(pixel\) gives 12 latent channels; the DiT reads model.wan.in_channels=16"),
     (dict(pretrained_transformer="/nonexistent/wan"), r"model.pretrained_transformer='/nonexistent/wan' does not"),
 ])
 def test_bad_wan_config_is_one_line(changes, message):
