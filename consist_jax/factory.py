@@ -213,19 +213,15 @@ def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SC
     codec, frozen = _codec(config.codec, {}, config)
     pose_factor = codec.factor if isinstance(codec, PixelCodec) else codec.module.config.downsample_factor
     folder = config.get("pretrained_transformer", "")
-    params = None
-    if folder:
-        loaded, params = load_transformer(folder, jnp.float32)
-        wan_config = wan_config_from(config.wan, pose_factor, loaded.config)
-        if wan_config.pose_channels is not None:
-            params = {**params, "pose_patch_embedding": _fresh_pose_embedding(wan_config, rng)}
-    else:
-        wan_config = wan_config_from(config.wan, pose_factor)
-        if init_params:
-            params = jax.jit(lambda key: init_wan_scd_params(wan_config, key))(rng)
+    loaded, params = load_transformer(folder, jnp.float32) if folder else (None, None)
+    wan_config = wan_config_from(config.wan, pose_factor, loaded and loaded.config)
     if codec.latent_channels != wan_config.transformer.in_channels:
         raise ValueError(f"model.codec ({config.codec.kind}) gives {codec.latent_channels} latent channels; the DiT "
                          f"reads model.wan.in_channels={wan_config.transformer.in_channels}")
+    if folder and wan_config.pose_channels is not None:
+        params = {**params, "pose_patch_embedding": _fresh_pose_embedding(wan_config, rng)}
+    elif not folder and init_params:
+        params = jax.jit(lambda key: init_wan_scd_params(wan_config, key))(rng)
     denoiser = WanDenoiser(wan_config)
     context, frozen = _context(config.context, wan_config.cross_attention_dim, frozen)
     return SCDModel(denoiser, codec, context), params, frozen
