@@ -18,7 +18,7 @@ import ml_collections
 from absl import flags
 
 from consist_jax.data.pipeline import default_config as pipeline_defaults
-from consist_jax.factory import scd_option_defaults
+from consist_jax.factory import scd_option_defaults, wan_option_defaults
 from consist_jax.models.motion import MotionConfig
 from consist_jax.training.state import OptimizerConfig
 from consist_jax.training.step import LossConfig
@@ -55,6 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.model = ml_collections.ConfigDict()
+    # "unet" (SD-1.x UNet, model.unet) or "wan" (the Wan DiT, model.wan: WanTransformerConfig
+    # fields plus SCD's options, consist_jax/factory.py; pretrained_transformer: a diffusers
+    # WanTransformer3DModel folder, "" for a fresh DiT).
+    c.model.backbone = "unet"
+    c.model.wan = ml_collections.ConfigDict(wan_option_defaults())
+    c.model.pretrained_transformer = ""
     c.model.pretrained_unet = ""
     # One SD-1.x .safetensors file in the original LDM layout (instead of pretrained_unet): its
     # UNet, and its VAE when codec.kind="vae" has no vae_path. pretrained_single_file_config: a

@@ -5,6 +5,11 @@ It sits above both models/ (the modules) and convert/ (the weight readers), whic
 composes; training, sampling and evaluation build their model here.
 
 ``config`` is the ``model`` section of a run config (see configs/):
+    backbone:         "unet" (default) or "wan" (the Wan DiT, models/wan_denoiser.py)
+    wan:              with backbone "wan": WanTransformerConfig fields (all of them for a fresh
+                      DiT; with a pretrained one only remat and dtype apply) plus SCD's options
+                      (WAN_SCD_OPTIONS; ``pose`` switches the pose input on)
+    pretrained_transformer: a diffusers WanTransformer3DModel folder, or "" for a fresh DiT
     unet:             UNetConfig fields (all of them for a fresh UNet; with a pretrained
                       UNet only SCD's options apply: attention_rule, attention_impl,
                       reference_pose_injection, pose_block_out_channels, remat, dtype)
@@ -35,9 +40,14 @@ from consist_jax.convert.motion import add_motion_params, load_motion_adapter
 from consist_jax.convert.single_file import load_unet_single_file, load_vae_single_file
 from consist_jax.convert.unet import init_unet_params, load_unet
 from consist_jax.convert.vae import load_vae
+from consist_jax.convert.wan import load_transformer
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
+from consist_jax.models.self_attention import AttentionConfig
 from consist_jax.models.unet import UNet, UNetConfig
+from consist_jax.models.wan_denoiser import POSE_IMAGE_CHANNELS, WanDenoiser, WanDenoiserConfig
+from consist_jax.models.wan_scd import PosePatchEmbedding, WanSCDConfig, init_wan_scd_params
+from consist_jax.models.wan_transformer import WanTransformerConfig
 
 # UNetConfig fields a run config may set on top of a pretrained UNet's config.json.
 SCD_OPTIONS = (
@@ -49,6 +59,28 @@ def scd_option_defaults() -> dict:
     """SCD's UNet options at UNetConfig's defaults, as a config section (dtype by name)."""
     defaults = {name: getattr(UNetConfig(), name) for name in SCD_OPTIONS}
     return {**defaults, "dtype": jnp.dtype(defaults["dtype"]).name}
+
+
+BACKBONES = ("unet", "wan")
+# model.wan keys beyond WanTransformerConfig's fields: SCD's options on the DiT.
+WAN_SCD_OPTIONS = ("attention_rule", "attention_impl", "pose", "pose_hidden_channels",
+                   "reference_pose_injection", "target_frame_start")
+# WanTransformerConfig fields a run config may set on top of a pretrained DiT's config.json.
+WAN_RUNTIME_OPTIONS = ("remat", "dtype")
+# The I2V / FLF2V image inputs (None by default): SCD's reference joins as tokens instead,
+# so the section leaves them out (WanSCDConfig refuses them).
+WAN_I2V_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+def wan_option_defaults() -> dict:
+    """model.wan at the dataclasses' defaults (WanTransformerConfig, AttentionConfig,
+    WanSCDConfig), as a config section (dtype by name, tuples as lists are fine)."""
+    transformer = {f.name: getattr(WanTransformerConfig(), f.name) for f in dataclasses.fields(WanTransformerConfig)
+                   if f.name not in WAN_I2V_FIELDS}
+    transformer["dtype"] = jnp.dtype(transformer["dtype"]).name
+    scd = {f.name: f.default for f in dataclasses.fields(WanSCDConfig) if f.name in WAN_SCD_OPTIONS}
+    return {**transformer, "attention_rule": AttentionConfig.rule, "attention_impl": AttentionConfig.impl,
+            "pose": True, **scd}
 
 
 def _dtype(name: Any):
@@ -67,10 +99,43 @@ def unet_config_from(unet_cfg: Any) -> UNetConfig:
     return UNetConfig(**kwargs)
 
 
+def backbone(config: Any) -> str:
+    name = config.get("backbone", "unet")
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone={name!r}: expected one of {BACKBONES}")
+    return name
+
+
+def wan_config_from(wan_cfg: Any, pose_factor: int, transformer: WanTransformerConfig | None = None
+                    ) -> WanDenoiserConfig:
+    """WanDenoiserConfig from model.wan; ``transformer`` (a pretrained DiT's) replaces the
+    architecture fields, only WAN_RUNTIME_OPTIONS applying on top. pose_factor: the codec's."""
+    fields = {f.name for f in dataclasses.fields(WanTransformerConfig)}
+    unknown = set(wan_cfg) - fields - set(WAN_SCD_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown model.wan key(s) {sorted(unknown)}; allowed: WanTransformerConfig's "
+                         f"{sorted(fields)} and {list(WAN_SCD_OPTIONS)}")
+    kwargs = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(wan_cfg).items()}
+    if "dtype" in kwargs:
+        kwargs["dtype"] = _dtype(kwargs["dtype"])
+    arch = {k: v for k, v in kwargs.items() if k in fields}
+    if transformer is None:
+        transformer = WanTransformerConfig(**arch)
+    else:
+        transformer = dataclasses.replace(transformer, **{k: arch[k] for k in WAN_RUNTIME_OPTIONS if k in arch})
+    scd = {k: kwargs[k] for k in WAN_SCD_OPTIONS if k in kwargs}
+    attention = AttentionConfig(scd.pop("attention_rule", AttentionConfig.rule),
+                                scd.pop("attention_impl", AttentionConfig.impl))
+    pose = bool(scd.pop("pose", True))
+    return WanDenoiserConfig(transformer, attention, pose_channels=POSE_IMAGE_CHANNELS * pose_factor ** 2 if pose
+                             else None, pose_factor=pose_factor, **scd)
+
+
 def check_paths(config: Any) -> None:
     """Errors (before any compile) naming each pretrained path that is set but missing."""
     paths = {
         "model.pretrained_unet": config.pretrained_unet,
+        "model.pretrained_transformer": config.get("pretrained_transformer", ""),
         "model.codec.vae_path": config.codec.get("vae_path", "") if config.codec.kind == "vae" else "",
         "model.context.image_encoder_path": (
             config.context.get("image_encoder_path", "") if config.context.kind != "none" else ""
@@ -118,6 +183,8 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     callers that restore them from a checkpoint: no init program is compiled).
     """
     check_paths(config)
+    if backbone(config) == "wan":
+        return _build_wan_model(config, rng, init_params)
     unet_cfg = dict(config.unet)
     if not (config.pretrained_unet or config.get("pretrained_single_file", "")) and not init_params:
         unet, params = UNet(unet_config_from(unet_cfg)), None
@@ -135,6 +202,35 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     codec, frozen = _codec(config.codec, frozen, config)
     context, frozen = _context(config.context, unet.config.cross_attention_dim, frozen)
     return SCDModel(unet, codec, context), params, frozen
+
+
+def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SCDModel, Any, dict]:
+    """The SCD model on the Wan DiT: a pretrained transformer (float32 master params, the
+    config's compute dtype) plus a fresh pose embedding, or a fresh DiT."""
+    if is_video_model(config) or config.pretrained_unet or config.get("pretrained_single_file", ""):
+        raise ValueError("model.backbone='wan' takes no UNet weights or motion modules (model.pretrained_unet, "
+                         "pretrained_single_file, motion, motion_adapter): the DiT attends across frames itself")
+    codec, frozen = _codec(config.codec, {}, config)
+    pose_factor = codec.factor if isinstance(codec, PixelCodec) else codec.module.config.downsample_factor
+    folder = config.get("pretrained_transformer", "")
+    loaded, params = load_transformer(folder, jnp.float32) if folder else (None, None)
+    wan_config = wan_config_from(config.wan, pose_factor, loaded and loaded.config)
+    if codec.latent_channels != wan_config.transformer.in_channels:
+        raise ValueError(f"model.codec ({config.codec.kind}) gives {codec.latent_channels} latent channels; the DiT "
+                         f"reads model.wan.in_channels={wan_config.transformer.in_channels}")
+    if folder and wan_config.pose_channels is not None:
+        params = {**params, "pose_patch_embedding": _fresh_pose_embedding(wan_config, rng)}
+    elif not folder and init_params:
+        params = jax.jit(lambda key: init_wan_scd_params(wan_config, key))(rng)
+    denoiser = WanDenoiser(wan_config)
+    context, frozen = _context(config.context, wan_config.cross_attention_dim, frozen)
+    return SCDModel(denoiser, codec, context), params, frozen
+
+
+def _fresh_pose_embedding(config: WanDenoiserConfig, rng: jax.Array) -> dict:
+    c = config.transformer
+    pose = jnp.zeros((1, 1, *(2 * p for p in c.patch_size[1:]), config.pose_channels))
+    return PosePatchEmbedding(c, config.pose_hidden_channels).init(rng, pose)["params"]
 
 
 def _load_pretrained_unet(config, rng, dtype, overrides):

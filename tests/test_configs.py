@@ -18,7 +18,8 @@ from consist_jax.training.trainer import preflight
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-CONFIGS = ["demo", "demo_video", "face_reenact", "sd15_image", "sd15_video", "tryon", "ablations.full_attention", "ablations.no_ref_pose"]
+CONFIGS = ["demo", "demo_dit", "demo_video", "face_reenact", "sd15_image", "sd15_video", "tryon",
+           "ablations.full_attention", "ablations.no_ref_pose"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -63,6 +64,8 @@ def test_every_option_has_a_settable_key():
     config = base_config()
     sections = {
         "model.unet": (config.model.unet, set(factory.SCD_OPTIONS)),
+        "model.wan": (config.model.wan, _field_names(factory.WanTransformerConfig) - set(factory.WAN_I2V_FIELDS)
+                      | set(factory.WAN_SCD_OPTIONS)),
         "model.motion": (config.model.motion, _field_names(MotionConfig) | {"enabled"}),
         "train": (config.train, _field_names(LossConfig) - {"prediction_type"}),
         "optim": (config.optim, _field_names(OptimizerConfig)),
@@ -80,6 +83,8 @@ def test_section_defaults_are_the_dataclass_defaults():
     assert LossConfig.from_config(dict(config.train, prediction_type="epsilon")) == LossConfig()
     assert MotionConfig(**factory.motion_options(config.model)) == MotionConfig()
     assert factory.unet_config_from(config.model.unet) == factory.UNetConfig()
+    assert factory.wan_config_from(config.model.wan, pose_factor=1) == factory.WanDenoiserConfig(
+        factory.WanTransformerConfig(), pose_channels=3)
 
 
 @pytest.mark.parametrize("value, expected", [("frames", "frames"), ("clips,frames", ("clips", "frames"))])

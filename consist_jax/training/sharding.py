@@ -32,6 +32,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
+# mesh.param_rules for the Wan DiT (model.backbone "wan", configs/wan_*_scd.py): every
+# projection kernel of the blocks (q, k, v, out of both attentions; the feed-forward) and
+# of the embedders split over fsdp along its largest divisible dimension; biases, norms and
+# the modulation tables (width-sized vectors) replicated. Paths as in params and opt_state.
+WAN_PARAM_RULES = (
+    (r"blocks\.\d+/(attn[12]/to_(q|k|v|out\.0)|ffn/net\.[02](\.proj)?)/kernel$", "fsdp"),
+    (r"(condition_embedder/.*|patch_embedding|pose_patch_embedding/conv_\w+|proj_out)/kernel$", "fsdp"),
+    (r".*", "replicated"),
+)
+
 
 def _resolve_shape(shape: Sequence[int], count: int, what: str) -> list[int]:
     """Fills the one -1 of ``shape`` so that it holds ``count`` devices."""
