@@ -17,8 +17,9 @@ if ! command -v chromium >/dev/null; then
   else as_root=unusable; fi
   if [ "$as_root" = unusable ] || ! command -v apt-get >/dev/null; then
     echo "chromium is missing and apt-get is not usable (needs root or sudo): tests/test_app.py will fail" >&2
-  elif ! { $as_root apt-get install -y -q chromium ||
-           { $as_root apt-get update -q && $as_root apt-get install -y -q chromium; }; } >/dev/null 2>&1; then
+  elif ! { $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
+           { $as_root apt-get update -q &&
+             $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; } >/dev/null 2>&1; then
     echo "apt-get install chromium failed: tests/test_app.py will fail" >&2
   fi
 fi
