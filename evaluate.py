@@ -196,7 +196,7 @@ def metric_curve(pipe, workdir, examples, guidance, evaluated) -> list[dict]:
     from tqdm import tqdm
 
     from consist_jax.eval.summary import EvaluationSummary
-    from consist_jax.training.checkpoint import CheckpointDamagedError, finished_steps, restore_params
+    from consist_jax.checkpoints import CheckpointDamagedError, finished_steps, restore_params
 
     evaluated_params, evaluated_step = pipe.params, pipe.step
     earlier = [s for s in finished_steps(os.path.join(workdir, "checkpoints")) if s < evaluated_step]

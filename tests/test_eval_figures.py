@@ -61,7 +61,7 @@ def test_evaluate_writes_the_curve_grid_and_plot(uninterrupted_run, data_dir, tm
     """A tiny run with several kept checkpoints, the earliest damaged: every other kept step
     up to the evaluated one is a curve point (the damaged one is named and left out); the
     evaluated step's comes from the main pass."""
-    from consist_jax.training.checkpoint import finished_steps
+    from consist_jax.checkpoints import finished_steps
 
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted_run, workdir)
