@@ -48,18 +48,25 @@ def dot_product_attention(
     mask: Optional[jax.Array] = None,
     *,
     upcast: bool = False,
+    scale: Optional[float] = None,
+    bias: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Softmax attention. query (B, Nq, H, D), key/value (B, Nk, H, D) -> (B, Nq, H, D).
 
     mask: boolean, broadcastable to (B, H, Nq, Nk); True = may attend. Every query
     must see at least one key. ``upcast`` computes the scores in float32 even for
     bf16 inputs (diffusers' ``upcast_attention``); the softmax is always float32.
+    scale: the query's factor (None: 1 / sqrt(D); T5 uses 1); bias: float32 added to
+    the scores, broadcastable to (B, H, Nq, Nk) (T5's relative positions).
     """
-    scale = query.shape[-1] ** -0.5
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
     if upcast:
         query, key = query.astype(jnp.float32), key.astype(jnp.float32)
     scores = jnp.einsum("bqhd,bkhd->bhqk", query * jnp.asarray(scale, query.dtype), key)
     scores = scores.astype(jnp.float32)
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(value.dtype)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from consist_jax import checks
+from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.clip_vision import ACTIVATIONS
 
 # transformers maps feed_forward_proj "gated-gelu" to the tanh GELU ("gelu_new").
@@ -165,10 +166,8 @@ class UMT5Attention(nn.Module):
         table = nn.Embed(c.relative_attention_num_buckets, c.num_heads, dtype=jnp.float32,
                          name="relative_attention_bias")
         bias = jnp.transpose(table(buckets), (2, 0, 1))[None]  # (1, H, L, L)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) + bias
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, length, inner)
+        out = dot_product_attention(q, k, v, key_mask[:, None, None, :], scale=1.0, bias=bias)
+        out = out.reshape(b, length, inner)
         return _dense(c.d_model, c, "o")(out)
 
 

@@ -353,13 +353,13 @@ def image_files(folder: str) -> list[Path]:
 
 def read_image(path) -> np.ndarray:
     """An image file -> RGB uint8 (H, W, 3), EXIF orientation applied, 16-bit scaled."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from consist_jax.images import to_uint8
+    from consist_jax.images import to_uint8, upright
 
     try:
         with Image.open(path) as image:
-            return to_uint8(ImageOps.exif_transpose(image), str(path))
+            return to_uint8(upright(image), str(path))
     except OSError as error:  # PIL's UnidentifiedImageError and truncated files
         raise ValueError(f"{path}: not a readable image ({error})") from None
 
