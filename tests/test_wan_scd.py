@@ -234,3 +234,13 @@ def test_cached_sampling_equals_joint(params, rng):
 
     cached, joint = both(params, frozen, image, inputs["reference_pose"], inputs["target_pose"], inputs["targets"])
     assert relative_error(cached, joint) <= 1e-5
+
+
+def test_cached_mode_is_refused_under_the_full_rule(params, rng):
+    """The full rule has no reference cache: asking for it is a one-line error (traced only)."""
+    inputs = _inputs(rng)
+    cache = {CACHE_COLLECTION: {}}
+    with pytest.raises(ValueError, match="reference cache needs the causal rule: under attention_rule='full'"):
+        jax.eval_shape(lambda p: WanSCD(FULL).apply({"params": p, **cache}, inputs["targets"], inputs["t"],
+                                                      inputs["context"], target_pose=inputs["target_pose"],
+                                                      use_reference_cache=True), params)

@@ -146,6 +146,29 @@ class ReferenceLayout:
         return {"joint": 1 + self.num_frames, "extract": 1}.get(self.mode, self.num_frames)
 
 
+def write_reference_cache(layer: nn.Module, key: jax.Array, value: jax.Array) -> None:
+    """Stores ``layer``'s reference keys and values, each (B, N_r, H, D), for cached mode."""
+    layer.put_variable(CACHE_COLLECTION, "key", key)
+    layer.put_variable(CACHE_COLLECTION, "value", value)
+
+
+def read_reference_cache(layer: nn.Module, rule: str, dtype) -> tuple[jax.Array, jax.Array]:
+    """``layer``'s cached reference (key, value), each (B, N_r, H, D) in ``dtype``; a one-line
+    error when ``rule`` has no cache or no extract pass filled it."""
+    if not has_reference_cache(rule):
+        raise ValueError(
+            f"the reference cache needs the causal rule: under attention_rule={rule!r} the "
+            f"reference depends on the target, so it cannot be computed once"
+        )
+    if not layer.has_variable(CACHE_COLLECTION, "key"):
+        raise ValueError(
+            f"cached mode needs the {CACHE_COLLECTION!r} collection from an extract pass "
+            f"(missing at {'/'.join(layer.scope.path)})"
+        )
+    return (layer.get_variable(CACHE_COLLECTION, "key").astype(dtype),
+            layer.get_variable(CACHE_COLLECTION, "value").astype(dtype))
+
+
 class SelfAttention(nn.Module):
     """diffusers' ``Attention`` as a self-attention (``attn1``), SCD-aware.
 
@@ -177,8 +200,7 @@ class SelfAttention(nn.Module):
         q, k, v = project("to_q"), project("to_k"), project("to_v")
         if layout.mode in ("none", "extract"):
             if layout.mode == "extract":
-                self.put_variable(CACHE_COLLECTION, "key", k)
-                self.put_variable(CACHE_COLLECTION, "value", v)
+                write_reference_cache(self, k, v)
             out = self.attention.backend.plain(q, k, v, upcast=self.attention.upcast)
         elif layout.mode == "joint":
             out = self._joint(q, k, v, layout, reference_mask)
@@ -203,19 +225,7 @@ class SelfAttention(nn.Module):
         return jnp.concatenate([out_ref[:, None], out_tgt], axis=1).reshape(q.shape)
 
     def _cached(self, q, k, v, layout, reference_mask):
-        if not has_reference_cache(self.attention.rule):
-            raise ValueError(
-                f"the reference cache needs the causal rule: under attention_rule="
-                f"{self.attention.rule!r} the reference depends on the target, so it cannot "
-                f"be computed once"
-            )
-        if not self.has_variable(CACHE_COLLECTION, "key"):
-            raise ValueError(
-                f"cached mode needs the {CACHE_COLLECTION!r} collection from an extract pass "
-                f"(missing at {'/'.join(self.scope.path)})"
-            )
-        k_ref = self.get_variable(CACHE_COLLECTION, "key").astype(k.dtype)
-        v_ref = self.get_variable(CACHE_COLLECTION, "value").astype(v.dtype)
+        k_ref, v_ref = read_reference_cache(self, self.attention.rule, k.dtype)
         b, f = k_ref.shape[0], layout.num_frames
         if q.shape[0] != b * f:
             raise ValueError(

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from consist_jax import checks
-from consist_jax.models.attention_rule import has_reference_cache
-from consist_jax.models.self_attention import CACHE_COLLECTION, AttentionConfig, reference_target_attention
+from consist_jax.models.self_attention import (AttentionConfig, read_reference_cache,
+                                               reference_target_attention, write_reference_cache)
 from consist_jax.models.wan_transformer import (
     ConditionEmbedder,
     FeedForward,
@@ -195,8 +195,7 @@ class WanSCDBlock(nn.Module):
         if self.mode == "none":
             return {"ref": None, "tgt": config.backend.plain(*tgt, upcast=config.upcast)}
         if self.mode == "extract":
-            self.put_variable(CACHE_COLLECTION, "key", ref[1])
-            self.put_variable(CACHE_COLLECTION, "value", ref[2])
+            write_reference_cache(self, ref[1], ref[2])
             return {"ref": config.backend.plain(*ref, upcast=config.upcast), "tgt": None}
         segment = tuple(a[:, None] for a in tgt)
         if self.mode == "joint":
@@ -210,14 +209,9 @@ class WanSCDBlock(nn.Module):
 
     def cached_reference(self, q_tgt: jax.Array):
         """This layer's cached reference (key, value), each (B, N_r, H, D)."""
-        where = "/".join(self.scope.path)
-        if not self.has_variable(CACHE_COLLECTION, "key"):
-            raise ValueError(f"use_reference_cache needs the {CACHE_COLLECTION!r} collection from an "
-                             f"extract_reference pass (missing at {where})")
-        k_ref = self.get_variable(CACHE_COLLECTION, "key").astype(q_tgt.dtype)
-        v_ref = self.get_variable(CACHE_COLLECTION, "value").astype(q_tgt.dtype)
+        k_ref, v_ref = read_reference_cache(self, self.attention.rule, q_tgt.dtype)
         if k_ref.shape[0] != q_tgt.shape[0] or k_ref.shape[2:] != q_tgt.shape[2:]:
-            raise ValueError(f"reference cache at {where} has keys {k_ref.shape}; the targets' queries are "
+            raise ValueError(f"reference cache at {'/'.join(self.scope.path)} has keys {k_ref.shape}; the targets' queries are "
                              f"{q_tgt.shape} (B, N, H, D): tile the cache to the target batch")
         return k_ref, v_ref
 
@@ -264,9 +258,6 @@ class WanSCD(nn.Module):
         Returns the prediction (B, F, h, w, C_out) of the targets (of the reference in
         ``extract`` mode), float32."""
         scd, c = self.config, self.config.transformer
-        if mode == "cached" and not has_reference_cache(scd.attention.rule):
-            raise ValueError(f"the reference cache needs the causal rule: under attention rule "
-                             f"{scd.attention.rule!r} the reference reads the targets, so sample jointly")
         patch = nn.Conv(c.inner_dim, c.patch_size, strides=c.patch_size, padding="VALID", dtype=c.dtype,
                         name="patch_embedding")
         pose_embedding = (PosePatchEmbedding(c, scd.pose_hidden_channels, name="pose_patch_embedding")
