@@ -54,15 +54,16 @@ from consist_jax.models.self_attention import (AttentionConfig, read_reference_c
                                                reference_target_attention, write_reference_cache)
 from consist_jax.models.wan_transformer import (
     ConditionEmbedder,
-    FeedForward,
     FP32LayerNorm,
-    WanAttention,
     WanTransformerConfig,
+    block_layers,
+    block_rest,
     modulate,
     modulation,
     patch_grid,
     rotary_angles,
     rotary_table,
+    self_attention_inputs,
     unpatchify,
 )
 
@@ -158,33 +159,13 @@ class WanSCDBlock(nn.Module):
     def __call__(self, ref: Optional[Stream], tgt: Optional[Stream], context: jax.Array,
                  reference_mask: Optional[jax.Array]):
         c = self.config
-        dim, dtype = c.inner_dim, c.dtype
-        table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (1, 6, dim), jnp.float32)
-        norm1 = FP32LayerNorm(c.eps, name="norm1")
-        attn1 = WanAttention(dim, c.num_attention_heads, c.eps, dtype=dtype, name="attn1")
-        norm2 = FP32LayerNorm(c.eps, affine=True, name="norm2") if c.cross_attn_norm else None
-        attn2 = WanAttention(dim, c.num_attention_heads, c.eps, dtype=dtype, name="attn2")
-        norm3 = FP32LayerNorm(c.eps, name="norm3")
-        ffn = FeedForward(c.ffn_dim, dim, dtype=dtype, name="ffn")
-
-        streams = {"ref": ref, "tgt": tgt}
-        mods = {k: modulation(table, s.temb6) for k, s in streams.items() if s is not None}
-        qkv = {k: attn1.project(modulate(s.x, norm1, mods[k][0], mods[k][1], dtype), rotary=s.rotary)
-               for k, s in streams.items() if s is not None}
+        layers = block_layers(self, c, added_kv=False)
+        streams = {k: s for k, s in (("ref", ref), ("tgt", tgt)) if s is not None}
+        mods = {k: modulation(layers.table, s.temb6) for k, s in streams.items()}
+        qkv = {k: self_attention_inputs(layers, s.x, mods[k], s.rotary, c.dtype) for k, s in streams.items()}
         attended = self.self_attention(qkv.get("ref"), qkv.get("tgt"), reference_mask)
-
-        out = {}
-        for k, s in streams.items():
-            if s is None:
-                out[k] = None
-                continue
-            shift, scale, gate, c_shift, c_scale, c_gate = mods[k]
-            x = (s.x.astype(jnp.float32) + attn1.output(attended[k]) * gate).astype(dtype)
-            h = norm2(x).astype(dtype) if norm2 is not None else x
-            x = x + attn2(h, context)
-            h = ffn(modulate(x, norm3, c_shift, c_scale, dtype))
-            out[k] = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
-        return out["ref"], out["tgt"]
+        out = {k: block_rest(layers, s.x, attended[k], mods[k], context, c.dtype) for k, s in streams.items()}
+        return out.get("ref"), out.get("tgt")
 
     def self_attention(self, ref, tgt, reference_mask) -> dict:
         """ref, tgt: (q, k, v), each (B, N, H, D), or None -> {"ref", "tgt": (B, N, H, D) or None}.

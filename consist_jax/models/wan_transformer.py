@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -311,6 +311,48 @@ def modulate(x: jax.Array, norm: nn.Module, shift: jax.Array, scale: jax.Array, 
     return (norm(x) * (1 + scale) + shift).astype(dtype)
 
 
+class BlockLayers(NamedTuple):
+    """A Wan block's modules (diffusers' names), made inside the block's compact method."""
+
+    table: jax.Array  # scale_shift_table (1, 6, D)
+    norm1: nn.Module
+    attn1: WanAttention
+    norm2: Optional[nn.Module]
+    attn2: WanAttention
+    norm3: nn.Module
+    ffn: FeedForward
+
+
+def block_layers(block: nn.Module, c: WanTransformerConfig, added_kv: bool) -> BlockLayers:
+    """The modules of ``block`` (call from its ``nn.compact`` method)."""
+    dim, heads = c.inner_dim, c.num_attention_heads
+    return BlockLayers(
+        block.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (1, 6, dim), jnp.float32),
+        FP32LayerNorm(c.eps, name="norm1"),
+        WanAttention(dim, heads, c.eps, dtype=c.dtype, name="attn1"),
+        FP32LayerNorm(c.eps, affine=True, name="norm2") if c.cross_attn_norm else None,
+        WanAttention(dim, heads, c.eps, added_kv, c.dtype, name="attn2"),
+        FP32LayerNorm(c.eps, name="norm3"),
+        FeedForward(c.ffn_dim, dim, dtype=c.dtype, name="ffn"))
+
+
+def self_attention_inputs(layers: BlockLayers, x: jax.Array, mods, rotary, dtype: Dtype):
+    """The self-attention's (q, k, v), each (B, N, H, D), of the modulated ``x`` (B, N, D)."""
+    return layers.attn1.project(modulate(x, layers.norm1, mods[0], mods[1], dtype), rotary=rotary)
+
+
+def block_rest(layers: BlockLayers, x: jax.Array, attended: jax.Array, mods, context: jax.Array,
+               dtype: Dtype, image_context: Optional[jax.Array] = None) -> jax.Array:
+    """After self-attention (attended (B, N, H, D)): its gated residual, cross-attention and
+    the modulated feed-forward -> (B, N, D)."""
+    _, _, gate, c_shift, c_scale, c_gate = mods
+    x = (x.astype(jnp.float32) + layers.attn1.output(attended) * gate).astype(dtype)
+    h = layers.norm2(x).astype(dtype) if layers.norm2 is not None else x
+    x = x + layers.attn2(h, context, image_context=image_context)
+    h = layers.ffn(modulate(x, layers.norm3, c_shift, c_scale, dtype))
+    return (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+
+
 class WanBlock(nn.Module):
     """diffusers' WanTransformerBlock: x (B, N, D), context (B, L, D), temb6 (B, 6, D) -> (B, N, D)."""
 
@@ -319,21 +361,10 @@ class WanBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context, temb6, rotary, image_context=None):
         c = self.config
-        dim, dtype = c.inner_dim, c.dtype
-        table = self.param("scale_shift_table", nn.initializers.normal(dim ** -0.5), (1, 6, dim), jnp.float32)
-        shift, scale, gate, c_shift, c_scale, c_gate = modulation(table, temb6)
-
-        h = modulate(x, FP32LayerNorm(c.eps, name="norm1"), shift, scale, dtype)
-        h = WanAttention(dim, c.num_attention_heads, c.eps, dtype=dtype, name="attn1")(h, rotary=rotary)
-        x = (x.astype(jnp.float32) + h * gate).astype(dtype)
-
-        h = FP32LayerNorm(c.eps, affine=True, name="norm2")(x).astype(dtype) if c.cross_attn_norm else x
-        attn2 = WanAttention(dim, c.num_attention_heads, c.eps, c.image_dim is not None, dtype, name="attn2")
-        x = x + attn2(h, context, image_context=image_context)
-
-        h = modulate(x, FP32LayerNorm(c.eps, name="norm3"), c_shift, c_scale, dtype)
-        h = FeedForward(c.ffn_dim, dim, dtype=dtype, name="ffn")(h)
-        return (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+        layers = block_layers(self, c, added_kv=c.image_dim is not None)
+        mods = modulation(layers.table, temb6)
+        attended = attend(*self_attention_inputs(layers, x, mods, rotary, c.dtype))
+        return block_rest(layers, x, attended, mods, context, c.dtype, image_context)
 
 
 class ImageEmbedding(nn.Module):
