@@ -95,12 +95,12 @@ class BuildSettings:
 # --- the videos --------------------------------------------------------------------------------
 def find_videos(folder: str) -> dict[str, str]:
     """{video id: path} of the video files and frame folders in ``folder``, sorted."""
-    from consist_jax.poses.io import _natural_key
+    from consist_jax.poses.io import natural_key
 
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"--videos={folder!r}: not a folder")
     videos = {}
-    for path in sorted(Path(folder).iterdir(), key=_natural_key):
+    for path in sorted(Path(folder).iterdir(), key=lambda p: natural_key(p.name)):
         is_video = path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES
         if not (is_video or (path.is_dir() and not path.name.startswith("."))):
             continue

@@ -345,10 +345,10 @@ class FrameSource:
 
 def image_files(folder: str) -> list[Path]:
     """The images of a folder in natural order (frame2 before frame10)."""
-    from consist_jax.poses.io import _natural_key
+    from consist_jax.poses.io import natural_key
 
     return sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
-                  key=_natural_key)
+                  key=lambda p: natural_key(p.name))
 
 
 def read_image(path) -> np.ndarray:

@@ -78,8 +78,9 @@ _log = logging.getLogger(__name__)
 _DWPOSE_PART_SIZES = (("bodies", 18), ("feet", 6), ("faces", 68), ("hands", 42))
 
 
-def _natural_key(path: Path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+def natural_key(name: str) -> list:
+    """Sort key of a file name putting frame2 before frame10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _as_float_array(value, what: str, source: str) -> np.ndarray:
@@ -470,7 +471,7 @@ def _load_poses(path: Path, height, width, coordinates, person, default_size) ->
     frame_sources = None  # the file of each frame, when they differ
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".json"),
-                       key=_natural_key)
+                       key=lambda p: natural_key(p.name))
         if not files:
             raise ValueError(f"{source}: empty pose sequence (no .json files in the folder)")
         frames = [_read_json(f) for f in files]

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -47,7 +46,7 @@ from PIL import Image
 from consist_jax.data import records
 from consist_jax.data.shards import write_split_shards
 from consist_jax.images import to_uint8
-from consist_jax.poses.io import load_poses
+from consist_jax.poses.io import load_poses, natural_key
 from consist_jax.poses.keypoints import convert_layout
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -88,11 +87,6 @@ class BuildOptions:
 
 
 # ----------------------------------------------------------------------------- scanning
-
-def natural_key(name: str) -> list:
-    """Sort key putting frame2 before frame10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
 
 def scan_local_videos(root: str | os.PathLike) -> list[LocalVideo]:
     """Every video folder under root (layout in the module docstring), sorted by id."""
