@@ -98,6 +98,9 @@ def write_outputs(workdir: str, reference, poses, frames, fps: float) -> tuple[s
     io.write_video(png_folder, frames, fps)  # no suffix: PNG frames
     archive = os.path.join(workdir, "result_frames.zip")
     with zipfile.ZipFile(archive, "w") as zf:  # PNGs are compressed already
+        # gradio serves files under a hash of their bytes: the request's own folder name makes
+        # each archive a new download link, even when two requests give the same frames.
+        zf.comment = os.path.basename(workdir).encode()
         for name in sorted(os.listdir(png_folder)):
             zf.write(os.path.join(png_folder, name), name)
     return shown, [result, archive]
