@@ -94,9 +94,9 @@ def scd_loss(
 ) -> tuple[jax.Array, dict]:
     """The SCD loss of one batch in latent space.
 
-    inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C),
-      ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3), ``target_pose``
-      (B, F, H, W, 3), in try-on mode ``region_mask`` (B, F, h, w, 1) in latent cells, and
+    inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C) (F latent
+      frames), ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3 t), ``target_pose``
+      (B, F, H, W, 3 t) (on the latent time grid, t = 1 but for Wan's VAE), in try-on mode ``region_mask`` (B, F, h, w, 1) in latent cells, and
       optionally ``example_id`` (B,) int32 keying each example's random draws
       (default: its row).
     Returns (scalar loss, per-example loss (B,)).
@@ -137,10 +137,12 @@ def scd_loss(
 
 
 def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) -> dict:
-    """Pixel batch -> latent-space loss inputs (no gradients flow into frozen models).
+    """Pixel batch -> latent-space loss inputs (no gradients flow into frozen models). Poses
+    and the region mask go onto the latents' time grid (``SCDModel.on_latent_time``: a
+    codec compressing time stacks each latent frame's pixel frames; else unchanged).
 
     A batch that already carries ``target_latents`` / ``reference_latents`` / ``context``
-    (a cached pre-pass) is used as is.
+    (a cached pre-pass) is used as is (its poses on the latent time grid).
     """
     if "target_latents" in batch:
         return batch
@@ -149,13 +151,14 @@ def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) ->
         "reference_latents": model.encode(frozen, batch["reference"], ref_rng),
         "target_latents": model.encode(frozen, batch["target"], tgt_rng),
         "context": model.embed_reference(frozen, batch["reference"]),
-        "reference_pose": batch.get("reference_pose"),
-        "target_pose": batch.get("target_pose"),
+        "reference_pose": model.on_latent_time(batch.get("reference_pose")),
+        "target_pose": model.on_latent_time(batch.get("target_pose")),
     }
     if "example_id" in batch:
         inputs["example_id"] = batch["example_id"]
-    if "region_mask" in batch:
-        inputs["region_mask"] = region_mask_at(batch["region_mask"], inputs["target_latents"].shape[2:4])
+    if "region_mask" in batch:  # a latent frame is in the region where any of its frames is
+        mask = model.on_latent_time(batch["region_mask"]).max(axis=-1, keepdims=True)
+        inputs["region_mask"] = region_mask_at(mask, inputs["target_latents"].shape[2:4])
     return inputs
 
 
