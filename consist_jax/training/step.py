@@ -97,8 +97,8 @@ def scd_loss(
     inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C) (F latent
       frames), ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3 t), ``target_pose``
       (B, F, H, W, 3 t) (on the latent time grid, t = 1 but for Wan's VAE), in try-on
-      mode ``region_mask`` (B, F, h, w, 1) in latent cells, and optionally ``example_id`` (B,) int32 keying each example's random draws
-      (default: its row).
+      mode ``region_mask`` (B, F, h, w, 1) in latent cells, and optionally ``example_id``
+      (B,) int32 keying each example's random draws (default: its row).
     Returns (scalar loss, per-example loss (B,)).
     """
     targets = inputs["target_latents"]
