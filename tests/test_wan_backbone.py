@@ -110,8 +110,11 @@ def test_pose_channels_must_match_the_factor():
     config = wan_config_from(dict(num_layers=1), pose_factor=8)
     assert config.pose_channels == 192 and config.pose_block_out_channels == ()
     assert wan_config_from(dict(pose=False), pose_factor=8).pose_block_out_channels is None
-    with pytest.raises(ValueError, match="pose_channels=12: pose images unshuffled by pose_factor=8 have 192"):
+    with pytest.raises(ValueError, match="pose_channels=12: pose images of 3 channels unshuffled by pose_factor=8 "
+                                         "have 192"):
         dataclasses.replace(config, pose_channels=12)
+    wan_vae = wan_config_from(dict(num_layers=1), pose_factor=8, pose_temporal_factor=4)  # Wan's VAE: 4 frames
+    assert wan_vae.pose_image_channels == 12 and wan_vae.pose_channels == 768
 
 
 # ------------------------------------------------------------------ Wan's recipe: Wan VAE + flow
