@@ -268,28 +268,6 @@ def _add_motion_modules(config: Any, unet: UNet, params: Any, rng: jax.Array):
     return video, add_motion_params(params, video.config, motion_params, rng)
 
 
-def _codec(codec_cfg: Any, frozen: dict, config: Any):
-    if codec_cfg.kind == "pixel":
-        return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
-    if codec_cfg.kind == "vae":
-        if codec_cfg.get("vae_path", ""):
-            module, params = load_vae(codec_cfg.vae_path)
-        else:  # check_paths: the single file's VAE
-            module, params = load_vae_single_file(config.pretrained_single_file,
-                                                  config.get("pretrained_single_file_config", ""))
-        return VAECodec(module, int(codec_cfg.get("chunk_size", 8))), {**frozen, "vae": params}
-    if codec_cfg.kind == "wan_vae":
-        if backbone(config) != "wan":
-            raise ValueError("model.codec.kind='wan_vae' (4x in time) needs model.backbone='wan': the UNet's "
-                             "frames are the video's")
-        if codec_cfg.get("vae_path", ""):
-            module, params = load_wan_vae(codec_cfg.vae_path)
-        else:
-            module, params = _fresh_wan_vae(codec_cfg)
-        return WanVAECodec(module), {**frozen, "vae": params}
-    raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel', 'vae' or 'wan_vae'")
-
-
 def wan_vae_config_from(codec_cfg: Any) -> WanVAEConfig:
     """The fresh Wan VAE's architecture: ``model.codec.wan_vae`` (WanVAEConfig fields; {} or
     absent: Wan2.1's), tuples for sequences."""
@@ -310,6 +288,28 @@ def _fresh_wan_vae(codec_cfg: Any) -> tuple[AutoencoderKLWan, dict]:
     video = jnp.zeros((1, 1 + ENCODE_CHUNK_FRAMES, size, size, config.in_channels), jnp.float32)
     params = jax.jit(lambda key: module.init(key, video)["params"])(jax.random.key(int(codec_cfg.get("seed", 0))))
     return module, params
+
+
+def _codec(codec_cfg: Any, frozen: dict, config: Any):
+    if codec_cfg.kind == "pixel":
+        return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
+    if codec_cfg.kind == "vae":
+        if codec_cfg.get("vae_path", ""):
+            module, params = load_vae(codec_cfg.vae_path)
+        else:  # check_paths: the single file's VAE
+            module, params = load_vae_single_file(config.pretrained_single_file,
+                                                  config.get("pretrained_single_file_config", ""))
+        return VAECodec(module, int(codec_cfg.get("chunk_size", 8))), {**frozen, "vae": params}
+    if codec_cfg.kind == "wan_vae":
+        if backbone(config) != "wan":
+            raise ValueError("model.codec.kind='wan_vae' (4x in time) needs model.backbone='wan': the UNet's "
+                             "frames are the video's")
+        if codec_cfg.get("vae_path", ""):
+            module, params = load_wan_vae(codec_cfg.vae_path)
+        else:
+            module, params = _fresh_wan_vae(codec_cfg)
+        return WanVAECodec(module), {**frozen, "vae": params}
+    raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel', 'vae' or 'wan_vae'")
 
 
 def _context(context_cfg: Any, dim: int, frozen: dict):

@@ -151,9 +151,11 @@ def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) ->
         "reference_latents": model.encode(frozen, batch["reference"], ref_rng),
         "target_latents": model.encode(frozen, batch["target"], tgt_rng),
         "context": model.embed_reference(frozen, batch["reference"]),
-        "reference_pose": model.on_latent_time(batch.get("reference_pose")),
-        "target_pose": model.on_latent_time(batch.get("target_pose")),
+        "reference_pose": batch.get("reference_pose"),
+        "target_pose": batch.get("target_pose"),
     }
+    for name in ("reference_pose", "target_pose"):
+        inputs[name] = model.on_latent_time(inputs[name])
     if "example_id" in batch:
         inputs["example_id"] = batch["example_id"]
     if "region_mask" in batch:  # a latent frame is in the region where any of its frames is
