@@ -56,7 +56,7 @@ flags.DEFINE_string("caption", None, "A caption to encode once with --text_encod
 flags.DEFINE_string("negative_caption", None, "The unconditional branch's caption, encoded with --text_encoder "
                     "(default: zeros, as training drops the caption).")
 flags.DEFINE_string("text_encoder", None, "A local folder with a transformers UMT5EncoderModel (config.json, "
-                    "safetensors) and its tokenizer files, for --caption.")
+                    "safetensors) and its tokenizer files, for --caption (convert/caption_encoder.py).")
 flags.DEFINE_integer("caption_length", 512, "Tokens a --caption is padded to (Wan: 512); with --caption_embeddings "
                      "the folder's max_length applies.")
 flags.mark_flags_as_required(["checkpoint", "reference", "poses"])
@@ -96,6 +96,7 @@ def check_caption_flags() -> None:
 def read_caption_contexts():
     """(context, negative_context): (L, D) float32 caption embeddings from the caption flags
     (a negative one None: zeros), or (None, None) without caption flags."""
+    from consist_jax.convert.caption_encoder import encode_captions
     from consist_jax.data import text_embeddings as te
 
     if FLAGS.caption_embeddings is not None:
@@ -108,32 +109,6 @@ def read_caption_contexts():
                                   FLAGS.caption_length)
         return encoded["caption"], encoded.get("negative")
     return None, None
-
-
-def encode_captions(folder: str, captions: dict, length: int) -> dict:
-    """{id: text} -> {id: (length, D) float32}: UMT5 from a local folder, once per caption,
-    tokenized and padded as Wan's pipeline does (max_length, truncation, zero-padded)."""
-    import jax
-    from transformers import AutoTokenizer
-
-    from consist_jax.convert.umt5 import load_text_encoder
-    from consist_jax.data import text_embeddings as te
-
-    module, params = load_text_encoder(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"--text_encoder={folder!r}: no tokenizer there ({reason})") from None
-
-    def tokenize(texts):
-        out = tokenizer(texts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-                        return_attention_mask=True, return_tensors="np")
-        return out["input_ids"], out["attention_mask"]
-
-    encode = jax.jit(lambda ids, mask: module.apply({"params": params}, ids, mask))
-    pairs = te.compute_text_embeddings(encode, tokenize, captions, batch_size=len(captions))
-    return {caption_id: te.pad_embedding(tokens, length)[0] for caption_id, tokens in pairs}
 
 
 @cli.reports_user_errors

@@ -193,3 +193,16 @@ def test_text_dit_trains_and_samples_with_a_caption_id(text_dit_run, data_dir, e
     result = subprocess.run(script_cmd("sample.py", *common, f"--out={tmp_path / 'none'}"),
                             cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 2 and "pass context=" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_unconditional_context_is_zeros_or_the_negative_caption(rng):
+    from consist_jax.sampling.two_stage import guidance_conditions
+
+    context, negative = (rng.standard_normal((2, 5, 16)).astype(np.float32) for _ in range(2))
+    cond, uncond = guidance_conditions(context)
+    np.testing.assert_array_equal(cond["context"], context)
+    np.testing.assert_array_equal(uncond["context"], 0.0)  # as training drops the caption
+    assert not np.any(uncond["reference_mask"]) and np.all(cond["reference_mask"])
+    np.testing.assert_array_equal(guidance_conditions(context, negative)[1]["context"], negative)
+    with pytest.raises(ValueError, match=r"negative context \(2, 4, 16\) must have the context's shape"):
+        guidance_conditions(context, negative[:, :4])
