@@ -190,9 +190,11 @@ def test_text_dit_trains_and_samples_with_a_caption_id(text_dit_run, data_dir, e
                             cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(os.listdir(tmp_path / "out")) == 2
-    result = subprocess.run(script_cmd("sample.py", *common, f"--out={tmp_path / 'none'}"),
-                            cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 2 and "pass context=" in result.stderr.strip().splitlines()[-1]
+    for flags, message in [([], "pass context="),  # both before any compile
+                           (["--caption_id=waving"], "--caption_embeddings=DIR goes with --caption_id")]:
+        result = subprocess.run(script_cmd("sample.py", *common, f"--out={tmp_path / 'none'}", *flags),
+                                cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
 
 
 def test_the_unconditional_context_is_zeros_or_the_negative_caption(rng):
