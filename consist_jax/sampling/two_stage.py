@@ -152,8 +152,8 @@ def joint_model_fn(model: SCDModel, params: Any, reference: Reference, reference
 
 def guidance_conditions(context: jax.Array, negative_context: Optional[jax.Array] = None):
     """(cond, uncond): the unconditional branch drops the reference and zeroes the context, as
-    training drops them; ``negative_context`` (B, L', D) replaces the zeros (e.g. a negative caption's
-    embedding)."""
+    training drops them; ``negative_context`` (the context's shape (B, L, D)) replaces the zeros
+    (e.g. a negative caption's embedding)."""
     b = context.shape[0]
     cond = {"context": context, "reference_mask": jnp.ones((b,), bool)}
     negative = jnp.zeros_like(context) if negative_context is None else negative_context.astype(context.dtype)
