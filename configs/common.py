@@ -36,7 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.synthetic = None  # a dict of SyntheticConfig fields + generate=True to build on first use
-    # Every key of the grain pipeline (so each can be overridden from the command line).
+    # Every key of the grain pipeline (so each can be overridden from the command line),
+    # the captions of a text-conditioned model (model.context.kind "text") included:
+    # text_embeddings_dir, captions, default_caption (data/pipeline.py, docs/wan.md).
     c.data.pipeline = pipeline_defaults()
     c.data.pipeline.update(
         dict(
@@ -79,6 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.motion_adapter = ""  # AnimateDiff motion modules to start from (folder or .safetensors)
     c.model.init_from = ""  # a train.py workdir whose params start this run (image stage -> video stage)
     c.model.codec = ml_collections.ConfigDict(dict(kind="vae", vae_path="", factor=8, chunk_size=8))
+    # kind: "embedding" | "hidden_states" (a CLIP image encoder at image_encoder_path), "none",
+    # or "text" (precomputed caption embeddings in the batch: data.pipeline.text_embeddings_dir).
     c.model.context = ml_collections.ConfigDict(dict(kind="embedding", image_encoder_path=""))
 
     # kind "ddpm" (the beta_* keys) or "flow" (rectified flow as Wan: flow_shift, and the

@@ -28,7 +28,8 @@ composes; training, sampling and evaluation build their model here.
                       or "" for a fresh random one of the architecture ``wan_vae`` (WanVAEConfig
                       fields; {} is Wan2.1's) seeded by ``seed``: for tests and ahead-of-time
                       compiles, never for a real run)
-    context:          kind "none" | "embedding" | "hidden_states" (image_encoder_path)
+    context:          kind "none" | "text" (a caption embedding in the batch: data.pipeline.
+                      text_embeddings_dir) | "embedding" | "hidden_states" (image_encoder_path)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from consist_jax.convert.wan import load_transformer
 from consist_jax.convert.wan_vae import load_wan_vae
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec, WanVAECodec
+from consist_jax.models.scd import TextContext
 from consist_jax.models.self_attention import AttentionConfig
 from consist_jax.models.unet import UNet, UNetConfig
 from consist_jax.models.wan_denoiser import POSE_IMAGE_CHANNELS, WanDenoiser, WanDenoiserConfig
@@ -68,6 +70,7 @@ def scd_option_defaults() -> dict:
 
 
 BACKBONES = ("unet", "wan")
+IMAGE_CONTEXTS = ("embedding", "hidden_states")  # context kinds computed by a CLIP image encoder
 # model.wan keys beyond WanTransformerConfig's fields: SCD's options on the DiT.
 WAN_SCD_OPTIONS = ("attention_rule", "attention_impl", "pose", "pose_hidden_channels",
                    "reference_pose_injection", "target_frame_start")
@@ -146,7 +149,7 @@ def check_paths(config: Any) -> None:
         "model.pretrained_transformer": config.get("pretrained_transformer", ""),
         "model.codec.vae_path": config.codec.get("vae_path", "") if config.codec.kind in ("vae", "wan_vae") else "",
         "model.context.image_encoder_path": (
-            config.context.get("image_encoder_path", "") if config.context.kind != "none" else ""
+            config.context.get("image_encoder_path", "") if config.context.kind in IMAGE_CONTEXTS else ""
         ),
     }
     single_file = config.get("pretrained_single_file", "")
@@ -156,7 +159,7 @@ def check_paths(config: Any) -> None:
         raise FileNotFoundError(f"model.pretrained_single_file={single_file!r} does not exist")
     if config.codec.kind == "vae" and not paths["model.codec.vae_path"] and not single_file:
         raise ValueError("model.codec.kind='vae' needs model.codec.vae_path (a diffusers VAE folder)")
-    if config.context.kind != "none" and not paths["model.context.image_encoder_path"]:
+    if config.context.kind in IMAGE_CONTEXTS and not paths["model.context.image_encoder_path"]:
         raise ValueError(f"model.context.kind={config.context.kind!r} needs model.context.image_encoder_path")
     for name, path in paths.items():
         if path and not os.path.isdir(path):
@@ -315,9 +318,11 @@ def _codec(codec_cfg: Any, frozen: dict, config: Any):
 def _context(context_cfg: Any, dim: int, frozen: dict):
     if context_cfg.kind == "none":
         return NullContext(dim), frozen
-    if context_cfg.kind in ("embedding", "hidden_states"):
+    if context_cfg.kind == "text":  # precomputed caption embeddings in the batch (data.pipeline.text_embeddings_dir)
+        return TextContext(dim), frozen
+    if context_cfg.kind in IMAGE_CONTEXTS:
         module, params = load_image_encoder(context_cfg.image_encoder_path)
         return ImageEncoderContext(module, context_cfg.kind), {**frozen, "image_encoder": params}
     raise ValueError(
-        f"model.context.kind={context_cfg.kind!r}: expected 'none', 'embedding' or 'hidden_states'"
+        f"model.context.kind={context_cfg.kind!r}: expected 'none', 'text', 'embedding' or 'hidden_states'"
     )

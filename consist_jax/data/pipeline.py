@@ -6,7 +6,9 @@
          -> MakeClip (grain RandomMap, seeded per sampled position): sample the clip
             and reference frame, decode only those frames, crop/resize/flip frames,
             masks and keypoints together, render the pose images from the keypoints
-            at the output resolution (consist_jax.poses.render)
+            at the output resolution (consist_jax.poses.render); with
+            text_embeddings_dir, add the video's caption embedding
+            (data/text_embeddings.py: VideoCaptions)
       -> ClipBatchIterator (this process): raise on or skip bad examples (the first
          few skips are printed, more than max_skipped_fraction of them is an error),
          stack, normalise, and carry the checkpointable state.
@@ -28,7 +30,16 @@ Batch dict (B = batch_size, F = clip_length, H x W = resolution):
     video_index            (B,)             int64, global record index in the split
     frame_indices          (B, F)           int32, the target frames in the video
     reference_frame_index  (B,)             int32
+    context                (B, L, D)        float32; only with text_embeddings_dir: each
+                                            video's caption embedding, zero-padded to the
+                                            folder's max_length L (Wan: 512)
 F = 1 gives single frames for the image stage.
+
+Captions (text-conditioned models, model.context.kind "text"): the text encoder ran
+once per caption (data/text_embeddings.py wrote text_embeddings_dir); a record's caption
+id is captions[video_id] (captions: a JSON file {video_id: caption id}), else
+default_caption, else (neither set) its video_id. A video without a caption id, or a
+caption id not in the folder, is a bad example (raised, or skipped and counted).
 """
 from __future__ import annotations
 
@@ -39,8 +50,10 @@ import grain
 import ml_collections
 import numpy as np
 
+from consist_jax.data import records
 from consist_jax.data.clips import BadExample, ClipOptions, make_clip
 from consist_jax.data.source import RawVideoRecord, VideoRecordSource
+from consist_jax.data.text_embeddings import TextEmbeddingError, VideoCaptions
 
 ON_BAD_EXAMPLE = ("error", "skip")
 # Skips printed by name; the rest are counted (the training progress line and TensorBoard
@@ -76,6 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
         "read_prefetch": 8,              # records read ahead
         "on_bad_example": "error",       # "error" | "skip"
         "max_skipped_fraction": 0.25,    # with "skip": more bad examples than this is an error
+        "text_embeddings_dir": "",       # caption embeddings (text_embeddings.py); "": no context
+        "captions": "",                  # JSON {video_id: caption id}; "": see default_caption
+        "default_caption": "",           # caption id of videos not in captions ("" and no captions:
+                                         # a video's caption id is its video_id)
     })
 
 
@@ -84,13 +101,22 @@ class BadExampleError(RuntimeError):
 
 
 class MakeClip(grain.transforms.RandomMap):
-    """grain transform: RawVideoRecord -> clip dict of uint8 arrays, or a BadExample."""
+    """grain transform: RawVideoRecord -> clip dict of uint8 arrays (plus the float32
+    caption embedding "context" (L, D) with ``captions``), or a BadExample."""
 
-    def __init__(self, options: ClipOptions):
+    def __init__(self, options: ClipOptions, captions: VideoCaptions | None = None):
         self.options = options
+        self.captions = captions
 
     def random_map(self, element: RawVideoRecord, rng: np.random.Generator):
-        return make_clip(element, self.options, rng)
+        clip = make_clip(element, self.options, rng)
+        if self.captions is None or isinstance(clip, BadExample):
+            return clip
+        video_id = records.read_header(element.data).video_id  # make_clip read it: it parses
+        try:
+            return {**clip, "context": self.captions.context(video_id)}
+        except TextEmbeddingError as error:
+            return BadExample(element.index, element.where(), video_id, str(error))
 
 
 class ClipBatchIterator:
@@ -192,6 +218,8 @@ def collate_clips(clips: list[dict]) -> dict:
     }
     if "region_mask" in clips[0]:
         batch["region_mask"] = stacked("region_mask").astype(np.float32)
+    if "context" in clips[0]:
+        batch["context"] = stacked("context")
     return batch
 
 
@@ -232,6 +260,21 @@ def _merged_config(config) -> dict:
         raise ValueError(f"unknown pipeline config keys: {sorted(unknown)}")
     merged.update(given)
     return merged
+
+
+def video_captions(config: Mapping[str, Any]) -> VideoCaptions | None:
+    """The VideoCaptions a pipeline config names, or None without text_embeddings_dir."""
+    folder, captions, default = config["text_embeddings_dir"], config["captions"], config["default_caption"]
+    if not folder:
+        if captions or default:
+            raise ValueError("data.pipeline.captions / default_caption need data.pipeline.text_embeddings_dir "
+                             "(the folder data/text_embeddings.py wrote)")
+        return None
+    try:
+        return VideoCaptions(folder, captions, default)
+    except TextEmbeddingError as error:
+        raise TextEmbeddingError(f"data.pipeline.text_embeddings_dir={folder!r}, captions={captions!r}, "
+                                 f"default_caption={default!r}: {error}") from None
 
 
 def _process_shard(process_index: int | None, process_count: int | None) -> grain.sharding.ShardOptions:
@@ -275,7 +318,8 @@ def make_pipeline(config, split: str, *, seed: int, process_index: int | None = 
         num_records=len(source), shuffle=bool(config["shuffle"]),
         num_epochs=config["num_epochs"], seed=int(seed))
     loader = grain.DataLoader(
-        data_source=source, sampler=sampler, operations=[MakeClip(clip_options(config))],
+        data_source=source, sampler=sampler,
+        operations=[MakeClip(clip_options(config), video_captions(config))],
         worker_count=int(config["worker_count"]),
         worker_buffer_size=int(config["worker_buffer_size"]),
         shard_options=_process_shard(process_index, process_count),

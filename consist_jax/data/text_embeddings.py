@@ -3,7 +3,9 @@
 At scale (UMT5-XXL for Wan: 5.7B parameters, 4096-wide outputs) encoding every caption at
 every training step would cost more than the step. `compute_text_embeddings` encodes a
 set of captions once, in fixed-size batches; `write_text_embeddings` stores them; the
-data pipeline reads one caption's embedding per example with `TextEmbeddings.lookup`.
+data pipeline reads one caption's embedding per example with `TextEmbeddings.lookup`,
+choosing each video's caption with `VideoCaptions` (a captions file {video_id: caption id},
+a default caption id, or the video_id itself).
 
 Folder layout (safetensors only; nothing here unpickles):
 
@@ -126,6 +128,17 @@ def write_text_embeddings(folder: str, embeddings: Iterable[tuple[str, np.ndarra
 # ----------------------------------------------------------------------------------
 
 
+def pad_embedding(tokens: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, D) embedding of a caption's n tokens -> ((L, D) float32 zero-padded to L = max_length,
+    (L,) bool mask of the real tokens), as Wan's pipeline pads its text context."""
+    n = tokens.shape[0]
+    if n > max_length:
+        raise TextEmbeddingError(f"a caption of {n} tokens does not fit max_length={max_length}")
+    embedding = np.zeros((max_length, tokens.shape[1]), np.float32)
+    embedding[:n] = tokens
+    return embedding, np.arange(max_length) < n
+
+
 class TextEmbeddings:
     """Random access to a text-embeddings folder by caption id (picklable: grain workers
     reopen the shards themselves).
@@ -204,6 +217,59 @@ class TextEmbeddings:
         if tokens.ndim != 2 or tokens.shape[1] != self.dim or n > self.max_length:
             raise TextEmbeddingError(f"{path!r}: caption id {caption_id!r:.200} has shape {tokens.shape}, "
                                      f"expected (n <= {self.max_length}, {self.dim})")
-        embedding = np.zeros((self.max_length, self.dim), np.float32)
-        embedding[:n] = tokens
-        return embedding, np.arange(self.max_length) < n
+        return pad_embedding(tokens, self.max_length)
+
+
+# ----------------------------------------------------------------------------------
+# Which caption goes with which video
+# ----------------------------------------------------------------------------------
+
+
+def read_captions_file(path: str) -> dict[str, str]:
+    """A captions file: one JSON object {video_id: caption id} (str -> str)."""
+    if not os.path.isfile(path):
+        raise TextEmbeddingError(f"captions file {path!r} not found")
+    with open(path, "rb") as f:
+        try:
+            captions = json.loads(f.read().decode("utf-8"))
+        except ValueError as e:
+            raise TextEmbeddingError(f"captions file {path!r} is not valid JSON ({e})") from None
+    if not (isinstance(captions, dict) and all(isinstance(v, str) for v in captions.values())):
+        raise TextEmbeddingError(f"captions file {path!r} must be one JSON object {{video_id: caption id}} "
+                                 f"with string values")
+    return captions
+
+
+class VideoCaptions:
+    """The caption embedding of each video: the data pipeline's text context (picklable).
+
+    folder: a text-embeddings folder (write_text_embeddings).
+    captions_file: "" or a JSON file {video_id: caption id} (read_captions_file).
+    default_caption: "" or the caption id of every video the captions file does not name
+      (with no captions file: of every video).
+    With neither, a video's caption id is its own video_id (the folder was written keyed
+    by video id). A video the captions file does not name, without a default, is a
+    TextEmbeddingError naming the video and the file; so is a caption id not in the folder.
+    """
+
+    def __init__(self, folder: str, captions_file: str = "", default_caption: str = ""):
+        self.table = TextEmbeddings(folder)
+        self.captions_file = captions_file
+        self.caption_of = read_captions_file(captions_file) if captions_file else {}
+        self.default_caption = default_caption
+        if default_caption and default_caption not in self.table:  # checked once, not per example
+            self.table.lookup(default_caption)
+
+    def caption_id(self, video_id: str) -> str:
+        if video_id in self.caption_of:
+            return self.caption_of[video_id]
+        if self.default_caption:
+            return self.default_caption
+        if self.captions_file:
+            raise TextEmbeddingError(f"video {video_id!r:.200} has no caption id in the captions file "
+                                     f"{self.captions_file!r} (and no default caption)")
+        return video_id
+
+    def context(self, video_id: str) -> np.ndarray:
+        """(L, D) float32: the video's caption embedding, zero-padded as `lookup` pads."""
+        return self.table.lookup(self.caption_id(video_id))[0]

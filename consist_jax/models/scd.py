@@ -6,7 +6,9 @@
   pixel-unshuffle (``PixelCodec``, for the CPU demo). Pose frames follow the latents'
   time grid (``frames_on_latent_time``; the identity for the per-frame codecs).
 * The **context** is the cross-attention input computed from the reference image:
-  a CLIP image embedding (``ImageEncoderContext``) or a constant (``NullContext``).
+  a CLIP image embedding (``ImageEncoderContext``) or a constant (``NullContext``); or
+  a caption embedding precomputed once per caption (``TextContext``: Wan's UMT5 text),
+  which the batch or the sampler's caller carries.
   The unconditional context (classifier-free guidance) is zeros, as in SD
   image-variations.
 Codec and context models are frozen: their parameters live in a separate
@@ -203,8 +205,32 @@ class ImageEncoderContext:
         raise ValueError(f"context kind {self.kind!r}: expected 'embedding' or 'hidden_states'")
 
 
+@dataclasses.dataclass(frozen=True)
+class TextContext:
+    """A caption embedding (B, L, dim) computed once per caption (data/text_embeddings.py),
+    e.g. UMT5's for Wan: the training batch carries it as ``"context"`` and the sampler
+    takes it from its caller; it is never computed from the reference image."""
+
+    dim: int
+
+    def embed(self, frozen: Any, images: jax.Array) -> jax.Array:
+        raise ValueError("model.context.kind='text': the context is a precomputed caption embedding from the "
+                         "batch or the sampler's caller, not computed from the reference image")
+
+    def from_batch(self, batch: dict) -> jax.Array:
+        """The batch's ``"context"`` (B, L, dim); a missing or misshapen one is a one-line error."""
+        if "context" not in batch:
+            raise ValueError("model.context.kind='text' needs the caption embeddings in the batch as 'context': "
+                             "set data.pipeline.text_embeddings_dir (a folder data/text_embeddings.py wrote)")
+        context = batch["context"]
+        if context.ndim != 3 or context.shape[-1] != self.dim:
+            raise ValueError(f"batch['context'] has shape {tuple(context.shape)}; model.context.kind='text' "
+                             f"expects (B, L, {self.dim}) (the model's text dim)")
+        return context
+
+
 Codec = Union[PixelCodec, VAECodec, WanVAECodec]
-Context = Union[NullContext, ImageEncoderContext]
+Context = Union[NullContext, ImageEncoderContext, TextContext]
 
 
 @dataclasses.dataclass(frozen=True)

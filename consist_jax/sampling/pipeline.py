@@ -33,6 +33,7 @@ from consist_jax.diffusion.kinds import Schedule, make_sampler_for, sampler_name
 from consist_jax.factory import build_model
 from consist_jax.models.attention_rule import has_reference_cache
 from consist_jax.models.scd import SCDModel
+from consist_jax.models.scd import TextContext
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling.two_stage import GuidanceConfig, denoise, extract_reference, window_starts
@@ -100,14 +101,37 @@ class SCDPipeline:
             if reference_pose.shape != (h, w, 3):
                 raise ValueError(f"reference pose must be ({h}, {w}, 3), got {reference_pose.shape}")
 
+    def check_context(self, context: Optional[np.ndarray], negative_context: Optional[np.ndarray]) -> None:
+        """A caption-conditioned model (model.context.kind "text") needs its caption embedding
+        (L, D); any other model takes none. Clear errors before any compile."""
+        text = isinstance(self.model.context, TextContext)
+        if not text:
+            if context is not None or negative_context is not None:
+                raise ValueError("context= / negative_context= are caption embeddings for a model with "
+                                 "model.context.kind='text'; this model's context comes from the reference image")
+            return
+        if context is None:
+            raise ValueError("this model is conditioned on a caption (model.context.kind='text'): pass context=, "
+                             "its (L, D) embedding (data/text_embeddings.py: TextEmbeddings(folder).lookup(id)[0])")
+        dim = self.model.context.dim
+        for name, value in (("context", context), ("negative_context", negative_context)):
+            if value is not None and (value.ndim != 2 or value.shape[1] != dim or value.shape != context.shape):
+                raise ValueError(f"{name} has shape {value.shape}; the model's caption embeddings are (L, {dim}) "
+                                 f"(negative_context: context's {context.shape})")
+
     def __call__(self, reference_image, target_poses, *, reference_pose=None, steps: int = 25,
                  guidance: float = 3.0, guidance_rescale: float = 0.0, seed: int = 0,
                  sampler: Optional[str] = None, window: int = 24, overlap: int = 4,
-                 timestep_spacing: Optional[str] = None, progress: bool = False) -> np.ndarray:
+                 timestep_spacing: Optional[str] = None, progress: bool = False,
+                 context=None, negative_context=None) -> np.ndarray:
         """reference_image uint8 (H, W, 3); target_poses uint8 (F, H, W, 3) or PoseSequence;
         reference_pose uint8 (H, W, 3) or a 1-frame PoseSequence -> uint8 frames (F, H, W, 3).
 
         ``sampler``: None (or "") for the model's kind's default (ddim; flow_unipc for flow).
+        context: (L, D) float, the caption embedding of a caption-conditioned model
+        (model.context.kind "text"); negative_context: (L, D), the unconditional branch's
+        (default zeros, as training drops the caption).
+
         ``progress`` shows a bar over denoising steps x temporal windows (the same frames
         either way)."""
         reference_image = np.asarray(reference_image)
@@ -116,6 +140,9 @@ class SCDPipeline:
             reference_pose = _as_pose_images(reference_pose, "reference pose")
             reference_pose = reference_pose[0] if reference_pose.ndim == 4 else reference_pose
         self.check_inputs(reference_image, target_poses, reference_pose)
+        context, negative_context = (None if c is None else np.asarray(c, np.float32)
+                                     for c in (context, negative_context))
+        self.check_context(context, negative_context)
         check_sample_settings("", steps=steps, guidance=guidance, window=window, overlap=overlap,
                               seed=seed, guidance_rescale=guidance_rescale)
         sampler = sampler_name(self.schedule, sampler)
@@ -133,6 +160,8 @@ class SCDPipeline:
                 None if reference_pose is None else _to_unit(reference_pose)[None],
                 _to_unit(target_poses)[None],
                 jax.random.key(seed),
+                None if context is None else context[None],
+                None if negative_context is None else negative_context[None],
             )
             return np.asarray(jnp.round((frames[0] + 1.0) * 127.5)).astype(np.uint8)
         finally:
@@ -155,16 +184,18 @@ class SCDPipeline:
         latent_shape = (1, model.latent_frames(num_frames), h // f, w // f, model.codec.latent_channels)
 
         @jax.jit
-        def generate(params, frozen, guidance_scale, reference_image, reference_pose, target_poses, rng):
+        def generate(params, frozen, guidance_scale, reference_image, reference_pose, target_poses, rng,
+                     context, negative_context):
             guidance = GuidanceConfig(guidance_scale, guidance_rescale)
             reference_pose, target_poses = model.on_latent_time(reference_pose), model.on_latent_time(target_poses)
             reference = extract_reference(model, params, frozen, reference_image, reference_pose,
-                                          self.reference_timestep)
+                                          self.reference_timestep, context)
             noise = jax.random.normal(rng, latent_shape, jnp.float32)
             latents = denoise(model, params, reference, sampler, noise, target_poses, guidance,
                               window=window, overlap=overlap, progress=self._tick if progress else None,
                               joint=not has_reference_cache(model.unet.config.attention.rule),
-                              reference_pose=reference_pose, reference_timestep=self.reference_timestep)
+                              reference_pose=reference_pose, reference_timestep=self.reference_timestep,
+                              negative_context=negative_context)
             return model.decode(frozen, latents)
 
         return generate

@@ -74,10 +74,14 @@ def extract_reference(
     reference_image: jax.Array,
     reference_pose: Optional[jax.Array],
     reference_timestep: int = 0,
+    context: Optional[jax.Array] = None,
 ) -> Reference:
-    """Stage 1. reference_image (B, H, W, 3) in [-1, 1], reference_pose (B, H, W, 3) in [0, 1]."""
+    """Stage 1. reference_image (B, H, W, 3) in [-1, 1], reference_pose (B, H, W, 3) in [0, 1].
+
+    context: (B, L, D) a caption embedding (model.context.kind "text"); None: the model's
+    context computed from the reference image."""
     latents = model.encode(frozen, reference_image)
-    context = model.embed_reference(frozen, reference_image)
+    context = model.embed_reference(frozen, reference_image) if context is None else context
     t_ref = jnp.full((latents.shape[0],), reference_timestep, jnp.int32)
     _, variables = model.unet.apply(
         {"params": params},
@@ -146,17 +150,22 @@ def joint_model_fn(model: SCDModel, params: Any, reference: Reference, reference
     return model_fn
 
 
-def guidance_conditions(context: jax.Array):
-    """(cond, uncond): the unconditional branch drops the reference and zeroes the context."""
+def guidance_conditions(context: jax.Array, negative_context: Optional[jax.Array] = None):
+    """(cond, uncond): the unconditional branch drops the reference and zeroes the context, as
+    training drops them; ``negative_context`` (the context's shape (B, L, D)) replaces the zeros
+    (e.g. a negative caption's embedding)."""
     b = context.shape[0]
     cond = {"context": context, "reference_mask": jnp.ones((b,), bool)}
-    uncond = {"context": jnp.zeros_like(context), "reference_mask": jnp.zeros((b,), bool)}
+    negative = jnp.zeros_like(context) if negative_context is None else negative_context.astype(context.dtype)
+    if negative.shape != context.shape:  # both branches run as one batch: one context length
+        raise ValueError(f"negative context {negative.shape} must have the context's shape {context.shape}")
+    uncond = {"context": negative, "reference_mask": jnp.zeros((b,), bool)}
     return cond, uncond
 
 
-def guided(model_fn, context: jax.Array, guidance: GuidanceConfig):
+def guided(model_fn, context: jax.Array, guidance: GuidanceConfig, negative_context: Optional[jax.Array] = None):
     """(x, t) -> guided prediction, both branches in one batched call."""
-    cond, uncond = guidance_conditions(context)
+    cond, uncond = guidance_conditions(context, negative_context)
     return make_guided_model_fn(model_fn, cond, uncond, guidance.scale, guidance.rescale)
 
 
@@ -214,6 +223,7 @@ def denoise(
     reference_pose: Optional[jax.Array] = None,
     reference_timestep: int = 0,
     progress: Optional[Callable[[], None]] = None,
+    negative_context: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Stage 2: noise (B, F, h, w, C) -> target latents (B, F, h, w, C).
 
@@ -226,15 +236,18 @@ def denoise(
     progress: a host function (no arguments) called after each window of each step
       (``steps * len(window_starts(F, window, overlap))`` calls), or after each step
       without windows.
+    negative_context: (B, L, D) the unconditional branch's context (``guidance_conditions``);
+      None: zeros.
     """
     # Built once, outside the loops: the cache (or reference) is tiled for both branches here.
     model_fn = (joint_model_fn(model, params, reference, reference_pose, reference_timestep) if joint
                 else cached_model_fn(model, params, reference))
     if window is None:
-        prediction = guided(functools.partial(model_fn, target_pose=target_pose), reference.context, guidance)
+        prediction = guided(functools.partial(model_fn, target_pose=target_pose), reference.context, guidance,
+                            negative_context)
         return sample_loop(sampler, prediction, noise, rng, progress)
 
-    conditions = batch_conditions(*guidance_conditions(reference.context))
+    conditions = batch_conditions(*guidance_conditions(reference.context, negative_context))
 
     def window_prediction(x, t, start, length):
         x_w = jax.lax.dynamic_slice_in_dim(x, start, length, axis=1)

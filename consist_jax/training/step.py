@@ -23,6 +23,7 @@ from flax import traverse_util
 from consist_jax.diffusion.kinds import TrainingSchedule
 from consist_jax.diffusion.schedule import sample_training_noise
 from consist_jax.models.scd import SCDModel
+from consist_jax.models.scd import TextContext
 from consist_jax.training.state import (OptimizerConfig, TrainState, learning_rate_schedule, trainable_labels,
                                         update_ema)
 
@@ -147,10 +148,11 @@ def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) ->
     if "target_latents" in batch:
         return batch
     ref_rng, tgt_rng = jax.random.split(rng)
+    text = isinstance(model.context, TextContext)  # a caption embedding the batch carries
     inputs = {
         "reference_latents": model.encode(frozen, batch["reference"], ref_rng),
         "target_latents": model.encode(frozen, batch["target"], tgt_rng),
-        "context": model.embed_reference(frozen, batch["reference"]),
+        "context": model.context.from_batch(batch) if text else model.embed_reference(frozen, batch["reference"]),
         "reference_pose": batch.get("reference_pose"),
         "target_pose": batch.get("target_pose"),
     }

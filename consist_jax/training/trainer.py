@@ -133,7 +133,7 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
     }
 
 
-TRAIN_KEYS = ("reference", "reference_pose", "target", "target_pose", "region_mask")
+TRAIN_KEYS = ("reference", "reference_pose", "target", "target_pose", "region_mask", "context")
 
 
 class TrainProgram(NamedTuple):
