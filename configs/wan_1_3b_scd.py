@@ -3,7 +3,13 @@ Wan's VAE), FSDP over every chip, bfloat16 compute, each block rematerialised.
 
     python train.py --config=configs/wan_1_3b_scd.py --workdir=runs/wan_1_3b \\
         --config.model.pretrained_transformer=/path/to/Wan2.1-T2V-1.3B-Diffusers/transformer \\
-        --config.model.codec.vae_path=/path/to/Wan2.1-T2V-1.3B-Diffusers/vae
+        --config.model.codec.vae_path=/path/to/Wan2.1-T2V-1.3B-Diffusers/vae \\
+        --config.data.pipeline.text_embeddings_dir=DATA_text --config.data.pipeline.captions=captions.json
+
+The text: ``model.context.kind = "text"``, each video's caption embedding precomputed once with
+Wan's UMT5 (``python -m consist_jax.convert.caption_encoder``, docs/wan.md "Text conditioning")
+and carried by the batch (B, 512, 4096); ``data.pipeline.default_caption`` gives one caption to
+every video.
 
 What trains: the DiT (every parameter) plus SCD's fresh pose embedding, with flow matching
 as Wan trains (``diffusion.kind = "flow"``: x_t = (1 - sigma) x0 + sigma eps, the velocity
@@ -48,7 +54,7 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
     c.model.pretrained_transformer = ""  # a diffusers folder (the flag above); "" trains a fresh DiT
     c.model.wan.update(transformer, dtype="bfloat16", remat=True)
     use_wan_vae_and_flow(c)
-    c.model.context = dict(kind="none")  # the text: precomputed UMT5 embeddings in the batch
+    c.model.context = dict(kind="text")  # precomputed UMT5 caption embeddings in the batch
     c.train.update(global_batch_size=global_batch_size, num_steps=10_000)
     c.optim.update(lr=1e-5, warmup_steps=500, decay_steps=10_000, weight_decay=0.0, ema_decay=0.0)
     c.mesh.update(axes=("data", "fsdp"), shape=(1, -1), param_sharding="fsdp", param_rules=WAN_PARAM_RULES)

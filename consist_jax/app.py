@@ -29,7 +29,6 @@ from consist_jax import cli
 DEFAULT_EXAMPLES = os.path.join("outputs", "demo", "examples")
 UPLOAD = "(upload your own)"
 ALIGN_MODES = ("off", "global", "per_limb")
-SAMPLERS = ("ddim", "dpmpp_2m", "euler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Settings:
     guidance: float = 3.0
     seed: int = 0
     align_poses: str = "off"
-    sampler: str = "ddim"
+    sampler: str = ""  # "": the checkpoint's kind's default (ddim; flow_unipc for flow)
     window: int = 24
     overlap: int = 4
     fps: float = 12.0
@@ -114,6 +113,13 @@ class Generator:
         self.pipe, self.outputs_root, self.examples = pipe, outputs_root, examples
         self.pose_detector, self.pose_model = pose_detector, pose_model
 
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers of the checkpoint's diffusion kind, its default first."""
+        from consist_jax.diffusion.kinds import SAMPLERS, schedule_kind
+
+        return SAMPLERS[schedule_kind(self.pipe.schedule)]
+
     def generate(self, reference: Optional[str], reference_pose: Optional[str], pose_uploads: Sequence[str],
                  example: Optional[str], settings: Settings) -> tuple[str, list[str]]:
         """File paths in (an example overrides the uploads) -> write_outputs' paths."""
@@ -178,7 +184,8 @@ def build_page(generator: Generator):
                 align = gr.Radio(list(ALIGN_MODES), value=Settings.align_poses, elem_id="align",
                                  label="Align the poses to the reference (keypoint inputs)")
                 with gr.Accordion("Advanced", open=False):
-                    sampler = gr.Dropdown(list(SAMPLERS), value=Settings.sampler, label="Sampler", elem_id="sampler")
+                    sampler = gr.Dropdown(list(generator.samplers), value=generator.samplers[0], label="Sampler",
+                                          elem_id="sampler")
                     window = gr.Number(Settings.window, precision=0, label="Frames per window", elem_id="window")
                     overlap = gr.Number(Settings.overlap, precision=0, label="Window overlap", elem_id="overlap")
                     fps = gr.Number(Settings.fps, label="Frames per second", elem_id="fps")

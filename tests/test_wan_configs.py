@@ -20,7 +20,7 @@ from consist_jax.training.trainer import build_train_program
 
 # Each config's transformer (tests/test_wan_transformer.py checks these against diffusers').
 WAN21 = {"wan_1_3b_scd": WanTransformerConfig.wan21_t2v_1_3b, "wan_14b_scd": WanTransformerConfig.wan21_t2v_14b}
-VAE_FACTOR = 8
+VAE_FACTOR, VAE_TEMPORAL_FACTOR = 8, 4  # Wan2.1 VAE: 8x in space, 4x in time
 
 
 # Blocks are alike, and tracing 40 of them costs seconds: two at the configs' widths (the
@@ -29,7 +29,8 @@ LAYERS = 2
 
 
 def _abstract_params(config):
-    dit = wan_config_from(dict(config.model.wan, num_layers=LAYERS), pose_factor=VAE_FACTOR)
+    dit = wan_config_from(dict(config.model.wan, num_layers=LAYERS), pose_factor=VAE_FACTOR,
+                          pose_temporal_factor=VAE_TEMPORAL_FACTOR)
     return dit, jax.eval_shape(lambda: init_wan_scd_params(dit, jax.random.key(0)))
 
 
@@ -38,7 +39,7 @@ def test_config_builds_abstractly_and_shards_over_fsdp(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.model.wan.num_layers == WAN21[name]().num_layers
     dit, params = _abstract_params(config)
-    assert dit.transformer.dtype == np.dtype("bfloat16") and dit.transformer.remat and dit.pose_channels == 192
+    assert dit.transformer.dtype == np.dtype("bfloat16") and dit.transformer.remat and dit.pose_channels == 3 * 4 * 8 ** 2
     pose = params.pop("pose_patch_embedding")
     shape = lambda tree: jax.tree_util.tree_map(lambda a: a.shape, tree)  # noqa: E731
     assert shape(params) == shape(transformer_param_shapes(
