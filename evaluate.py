@@ -128,6 +128,7 @@ def main(argv):
     summaries = {m: EvaluationSummary(FLAGS.eval_weights or None, metrics=metric_names) for m in methods}
     curve_summaries = {m: EvaluationSummary(None, metrics=POINT_METRICS) for m in methods}  # the curve's videos
     files.ensure_folder(FLAGS.out)
+    context_of = caption_contexts(pipe)
     examples = list(test_examples(data_dir, FLAGS.split, FLAGS.videos, FLAGS.frames, FLAGS.first_target,
                                   FLAGS.stride, pipe.resolution))
     grid_rows = []
@@ -137,7 +138,7 @@ def main(argv):
             if method == "copy_reference":
                 outputs[method] = np.repeat(reference[None], len(poses), axis=0)
             else:
-                outputs[method] = generate(pipe, examples[n], scale)
+                outputs[method] = generate(pipe, examples[n], scale, context_of)
             summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
             if n < FLAGS.curve_videos:
                 curve_summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
@@ -156,7 +157,7 @@ def main(argv):
     written = [os.path.join(FLAGS.out, "metrics.json")]
     if FLAGS.curve_videos:
         report["protocol"]["curve_videos"] = min(FLAGS.curve_videos, len(examples))
-        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], guidance,
+        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], guidance, context_of,
                                        curve_summaries["scd"])
         report["curve_baselines"] = {m: point(s) for m, s in curve_summaries.items() if m != "scd"}
     files.write_json(written[0], report)
@@ -181,14 +182,32 @@ def point(summary) -> dict:
     return summary.result()["metrics"]
 
 
-def generate(pipe, example, guidance):
+def caption_contexts(pipe):
+    """video_id -> the pipeline's caption keywords: {"context": (L, D)} for a caption-conditioned
+    model (model.context.kind "text"; each test video's caption as training read it, from the
+    run config's data.pipeline text_embeddings_dir / captions / default_caption), else {}."""
+    from consist_jax.models.scd import TextContext
+
+    if not isinstance(pipe.model.context, TextContext):
+        return lambda video_id: {}
+    from consist_jax.data.text_embeddings import VideoCaptions
+
+    data = pipe.config["data"]["pipeline"]
+    if not data.get("text_embeddings_dir"):
+        raise ValueError("this model is conditioned on a caption (model.context.kind='text') but its run config has "
+                         "no data.pipeline.text_embeddings_dir to read the test videos' captions from")
+    captions = VideoCaptions(data["text_embeddings_dir"], data.get("captions", ""), data.get("default_caption", ""))
+    return lambda video_id: {"context": captions.context(video_id)}
+
+
+def generate(pipe, example, guidance, context_of):
     """The protocol's sampling of one test example: its targets as one window -> uint8 (F, H, W, 3)."""
-    _, reference, ref_pose, poses, _, _ = example
+    video_id, reference, ref_pose, poses, _, _ = example
     return pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=guidance, seed=FLAGS.seed,
-                window=len(poses), overlap=0)
+                window=pipe.model.latent_frames(len(poses)), overlap=0, **context_of(video_id))
 
 
-def metric_curve(pipe, workdir, examples, guidance, evaluated) -> list[dict]:
+def metric_curve(pipe, workdir, examples, guidance, context_of, evaluated) -> list[dict]:
     """[{"step": s, metric: value}] for every checkpoint kept in ``workdir`` up to the evaluated
     one, on ``examples``: earlier steps are sampled here with the same compiled sampler (their
     weights swapped in), the evaluated step's point is ``evaluated`` (from the main pass). A
@@ -211,7 +230,7 @@ def metric_curve(pipe, workdir, examples, guidance, evaluated) -> list[dict]:
             summary = EvaluationSummary(None, metrics=POINT_METRICS)
             for example in examples:
                 real, masks = example[4:]
-                summary.add_videos(generate(pipe, example, guidance)[None] / 255.0, real[None] / 255.0, masks[None])
+                summary.add_videos(generate(pipe, example, guidance, context_of)[None] / 255.0, real[None] / 255.0, masks[None])
             curve.append({"step": step, **point(summary)})
     finally:
         pipe.params, pipe.step = evaluated_params, evaluated_step

@@ -197,6 +197,19 @@ def test_text_dit_trains_and_samples_with_a_caption_id(text_dit_run, data_dir, e
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
 
 
+def test_evaluate_py_reads_each_test_videos_caption(text_dit_run, data_dir, tmp_path):
+    """evaluate.py on a caption-conditioned run samples each test video with its caption, as
+    training read it (the run config's captions file and default)."""
+    workdir, _ = text_dit_run
+    out = tmp_path / "eval"
+    result = subprocess.run(script_cmd("evaluate.py", f"--checkpoint={workdir}", f"--out={out}", "--videos=1",
+                                       "--frames=2", "--first_target=1", "--stride=1", "--steps=1", "--gifs=0",
+                                       "--nobaselines"),
+                            cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "metrics.json").is_file()
+
+
 def test_the_unconditional_context_is_zeros_or_the_negative_caption(rng):
     from consist_jax.sampling.two_stage import guidance_conditions
 
