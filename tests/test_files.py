@@ -51,23 +51,24 @@ def test_full_disk_fails_and_leaves_nothing(rng, tmp_path, name):
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0
-    assert f"WriteError: cannot write '{out}" in result.stderr, result.stderr[-2000:]
-    assert _listing(tmp_path) in ([], ["frames"])  # no file, partial or whole
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"WriteError: cannot write '{out}" in last, result.stderr[-2000:]
+    assert "File too large" in last or "SIGXFSZ (File size limit exceeded)" in last, last  # the writer's reason
+    assert "[out#0" not in result.stderr  # ffmpeg's own log is captured, not printed
+    assert _listing(tmp_path) == []  # no file, partial or whole, nor an empty folder of frames
 
 
 def test_failing_writer_keeps_the_previous_file(rng, tmp_path, monkeypatch):
-    import imageio.v2 as iio2
-
     out = tmp_path / "out.mp4"
     io.write_video(str(out), _frames(rng), fps=12.0)
     before = out.read_bytes()
 
-    def half_then_fail(path, frames, **kwargs):
+    def half_then_fail(path, frames, fps):
         with open(path, "wb") as f:
             f.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(iio2, "mimwrite", half_then_fail)
+    monkeypatch.setattr(io, "_encode_mp4", half_then_fail)
     with pytest.raises(files.WriteError, match=f"cannot write '{out}': No space left on device"):
         io.write_video(str(out), _frames(rng), fps=12.0)
     assert out.read_bytes() == before and _listing(tmp_path) == ["out.mp4"]
@@ -75,13 +76,12 @@ def test_failing_writer_keeps_the_previous_file(rng, tmp_path, monkeypatch):
 
 def test_a_truncated_video_is_refused(rng, tmp_path, monkeypatch):
     """A writer that reports success but wrote a broken file: the frames read back decide."""
-    import imageio.v2 as iio2
 
-    def truncated(path, frames, **kwargs):
+    def truncated(path, frames, fps):
         with open(path, "wb") as f:
             f.write(b"\x00" * 100)
 
-    monkeypatch.setattr(iio2, "mimwrite", truncated)
+    monkeypatch.setattr(io, "_encode_mp4", truncated)
     with pytest.raises(files.WriteError, match="out.mp4'.*does not decode"):
         io.write_video(str(tmp_path / "out.mp4"), _frames(rng), fps=12.0)
     assert _listing(tmp_path) == []
@@ -104,7 +104,11 @@ def test_write_json_and_bytes(rng, tmp_path):
 def test_check_output(tmp_path):
     (tmp_path / "plain").write_text("")
     (tmp_path / "dir.gif").mkdir()
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "notes.txt").write_text("")
     io.check_output(str(tmp_path / "new" / "out.mp4"), 12.0)
+    io.check_output(str(tmp_path / "frames"), 12.0)  # a folder without PNGs may take the frames
+    (tmp_path / "frames" / "007.PNG").write_text("")
     for path, fps, message in [
         ("out.webm", 12.0, "write .mp4, .gif or a folder"),
         ("out.mp4", float("nan"), "fps=nan"),
@@ -112,6 +116,7 @@ def test_check_output(tmp_path):
         ("plain", 12.0, "is a file; PNG frames"),
         ("plain/out.mp4", 12.0, "is a file, not a folder"),
         ("dir.gif", 12.0, "is a folder"),
+        ("frames", 12.0, "holds PNG files already: the frames of two runs would mix"),
     ]:
         with pytest.raises((ValueError, FileExistsError), match=message):
             io.check_output(str(tmp_path / path), fps)
@@ -149,6 +154,10 @@ def test_odd_frame_sizes_for_mp4(rng, tmp_path):
         io.write_video(str(tmp_path / "out.mp4"), _frames(rng)[:, :15], fps=12.0)
     io.write_video(str(tmp_path / "out.gif"), _frames(rng)[:, :15], fps=12.0)
     assert _listing(tmp_path) == ["out.gif"]
+    # Past that check, ffmpeg's own refusal is what it reports (its exit status is read),
+    # in one line; write_video's atomic_path would then remove the empty file.
+    with pytest.raises(ValueError, match=r"^ffmpeg: .*divisible by 2[^\n]*$"):
+        io._encode_mp4(str(tmp_path / "odd.mp4"), _frames(rng)[:, :15], 12.0)
 
 
 @pytest.mark.parametrize("field, value", [("identities", 0), ("frames", -1), ("test_fraction", 1.0),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import subprocess
 from typing import Optional, Sequence
 
@@ -109,6 +110,21 @@ def load_image(path: str, what: str = "image", background: int = POSE_FILL) -> n
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 
 
+def minimum_size(resolution: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (H, W) fitted to the model's ``resolution``: enlarged at most ``MAX_UPSCALE`` times."""
+    return tuple(-(-side // MAX_UPSCALE) for side in resolution)
+
+
+def check_image_size(what: str, size: tuple[int, int], resolution: tuple[int, int]) -> None:
+    """Refuses an image smaller than ``minimum_size`` on a side (a 1x1 reference holds no
+    person), before anything drawn on its canvas is read."""
+    need = minimum_size(resolution)
+    if size[0] < need[0] or size[1] < need[1]:
+        raise ValueError(f"{what} is {size[0]}x{size[1]} (HxW), too small for the model's "
+                         f"{resolution[0]}x{resolution[1]}: it must be at least {need[0]}x{need[1]} "
+                         f"(enlarged at most {MAX_UPSCALE}x)")
+
+
 def check_fit(what: str, size: tuple[int, int], box: tuple[int, int, int, int],
               resolution: tuple[int, int]) -> None:
     """Refuses a fit that would enlarge the box more than ``MAX_UPSCALE`` times per side (a
@@ -116,7 +132,7 @@ def check_fit(what: str, size: tuple[int, int], box: tuple[int, int, int, int],
     (an aspect ratio too far from the model's)."""
     x0, y0, x1, y1 = box
     fitted = (y1 - y0, x1 - x0)
-    need = tuple(-(-side // MAX_UPSCALE) for side in resolution)
+    need = minimum_size(resolution)
     shape = f"{what} is {size[0]}x{size[1]} (HxW)"
     if fitted[0] < need[0] or fitted[1] < need[1]:
         raise ValueError(f"{shape}, too small for the model's {resolution[0]}x{resolution[1]}: the part "
@@ -196,6 +212,15 @@ def _first_error(stderr: str) -> str:
     return re.sub(r" @ 0x[0-9a-f]+", "", line)
 
 
+def _ffmpeg_failure(result: subprocess.CompletedProcess) -> str:
+    """Why an ffmpeg run failed, in one line: its first error, or the signal that killed it
+    (SIGXFSZ: a file-size limit, which Python ignores but its children do not)."""
+    if result.returncode < 0:
+        number = -result.returncode
+        return f"ffmpeg was killed by {signal.Signals(number).name} ({signal.strsignal(number)})"
+    return f"ffmpeg: {_first_error(result.stderr.decode(errors='replace'))}"
+
+
 def _decode_video(path: str) -> np.ndarray:
     """A video file -> uint8 (F, H, W, 3) via ffmpeg, refusing anything it could not decode.
 
@@ -210,8 +235,13 @@ def _decode_video(path: str) -> np.ndarray:
         meta = next(reader)
         reader.close()
     except (OSError, RuntimeError, StopIteration) as e:
-        lines = [line for line in str(e).splitlines() if "error" in line.lower()]
-        reason = _first_error(lines[0] if lines else str(e))
+        lines = str(e).splitlines()
+        first = next((i for i, line in enumerate(lines) if "error" in line.lower()), None)
+        reason = _first_error(str(e) if first is None else lines[first])
+        if first and lines[first - 1].startswith("["):  # the why before it: "[mov,mp4,...] moov atom not found"
+            reason = f"{_first_error(lines[first - 1])}; {reason}"
+        if "Input #0" in str(e) and "Video:" not in str(e):  # opened, but ffmpeg found no video in it
+            reason = "it holds no video stream (a file cut short, or not a video)"
         raise ValueError(f"cannot read poses {path!r} as a video: {reason}") from None
     width, height = meta["size"]
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-threads", "1",
@@ -221,7 +251,7 @@ def _decode_video(path: str) -> np.ndarray:
     errors = result.stderr.decode(errors="replace")
     if result.returncode != 0 or errors.strip():
         raise ValueError(f"pose video {path!r} is corrupt: decoding failed at frame {count} "
-                         f"(ffmpeg: {_first_error(errors)})")
+                         f"({_ffmpeg_failure(result)})")
     promised = int(round(meta["fps"] * meta["duration"])) if meta.get("fps") and meta.get("duration") else 0
     if count < promised - max(1, int(VIDEO_FRAME_SLACK * promised)):
         raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises "
@@ -338,6 +368,7 @@ def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[i
         raise FileNotFoundError(f"poses {poses_path!r} do not exist")
     image = load_image(reference_path, "reference image", REFERENCE_FILL)
     canvas = image.shape[:2]
+    check_image_size(f"reference image {reference_path!r}", canvas, resolution)  # its canvas holds the poses
     reference_pose = _read_reference_pose(reference_pose_path, canvas) if reference_pose_path else None
     poses = _read_target_poses(poses_path, canvas, align)
     reference_person = _person(reference_pose)
@@ -434,6 +465,9 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
         raise FileExistsError(f"output {path!r} is a folder; a {suffix} output needs a file name")
     if not suffix and os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"output {path!r} is a file; PNG frames (no suffix) go to a folder")
+    if not suffix and os.path.isdir(path) and any(name.lower().endswith(".png") for name in os.listdir(path)):
+        raise FileExistsError(f"output folder {path!r} holds PNG files already: the frames of two runs would "
+                              f"mix; write to a new or empty folder")
     files.check_can_create(path)
     if suffix == ".mp4" and frame_size is not None and (frame_size[0] % 2 or frame_size[1] % 2):
         raise ValueError(f"output {path!r}: H.264 needs an even frame size, the frames are "
@@ -469,6 +503,7 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
                     raise ValueError("the PNG does not read back as written")
         return check
 
+    created = not os.path.isdir(folder)
     files.ensure_folder(folder)
     names = names or [f"{i:03d}.png" for i in range(len(frames))]
     written = []
@@ -480,7 +515,29 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
     except files.WriteError:
         for name in written:  # a video is all its frames or none
             os.remove(name)
+        if created:  # nor an empty folder that looks like a result
+            os.rmdir(folder)
         raise
+
+
+MP4_QUALITY = ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "5"]  # imageio-ffmpeg's quality=9
+
+
+def _encode_mp4(path: str, frames: np.ndarray, fps: float) -> None:
+    """uint8 (F, H, W, 3) -> an H.264 MP4 at ``path`` (even H and W), through ffmpeg itself:
+    what it reports is checked (its exit status; its messages are captured, not printed),
+    so a full disk or a refused setting is a ValueError with ffmpeg's reason."""
+    import fractions
+
+    import imageio_ffmpeg
+
+    height, width = frames.shape[1:3]
+    rate = str(fractions.Fraction(fps).limit_denominator())
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-f", "rawvideo",
+               "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-", "-an", *MP4_QUALITY, path]
+    result = subprocess.run(command, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True)
+    if result.returncode != 0:
+        raise ValueError(_ffmpeg_failure(result))
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
@@ -505,10 +562,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
             first, *rest = [Image.fromarray(frame) for frame in frames]
             first.save(tmp, save_all=True, append_images=rest, duration=1000.0 / fps, loop=0)
         else:
-            import imageio.v2 as iio2  # the imageio-ffmpeg writer
-
-            # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
-            iio2.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
+            _encode_mp4(tmp, frames, fps)
 
 
 def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
