@@ -87,6 +87,25 @@ def test_a_truncated_video_is_refused(rng, tmp_path, monkeypatch):
     assert _listing(tmp_path) == []
 
 
+def test_atomic_folder_replaces_whole_or_not_at_all(rng, tmp_path):
+    """evaluate.py's example folders: a later, shorter evaluation leaves none of the earlier
+    frames; a failed one leaves the earlier folder as it was and names the folder's path."""
+    example = tmp_path / "examples" / "v0"
+    for count in (4, 2):
+        with files.atomic_folder(str(example)) as tmp:
+            io.write_frames(os.path.join(tmp, "generated"), _frames(rng, count))
+    assert _listing(tmp_path) == ["examples", "examples/v0", "examples/v0/generated", "examples/v0/generated/000.png",
+                                  "examples/v0/generated/001.png"]
+    with pytest.raises(files.WriteError, match=f"^cannot write '{example}/generated/000.png': No space left"):
+        with files.atomic_folder(str(example)) as tmp:
+            raise files.WriteError(f"cannot write '{tmp}/generated/000.png': No space left on device")
+    with pytest.raises(ZeroDivisionError):  # a bug inside: the same, its own error
+        with files.atomic_folder(str(example)) as tmp:
+            io.write_frames(tmp, _frames(rng, 1))
+            1 / 0
+    assert len(_listing(tmp_path)) == 5
+
+
 def test_write_json_and_bytes(rng, tmp_path):
     value = {"psnr": float(rng.normal()), "frames": int(rng.integers(1, 100))}
     files.write_json(str(tmp_path / "deep" / "metrics.json"), value)
