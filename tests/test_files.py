@@ -168,6 +168,32 @@ def test_data_shards_on_a_full_disk(rng, tmp_path):
     assert _listing(out) == []
 
 
+FULL_DISK_EVENTS = """
+import resource, sys
+from consist_jax.training.metrics import MetricWriter
+writer = MetricWriter(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    for step in range(1, 1000):
+        writer.write(step, {"loss": 0.5, "lr": 1e-3})
+finally:
+    writer.close()
+"""
+
+
+def test_tensorboard_events_on_a_full_disk(rng, tmp_path):
+    """train.py's TensorBoard writer: one WriteError naming the folder (train.py's one line),
+    not tensorboardX's tracebacks from its writer thread and its flush at exit."""
+    limit = str(int(rng.integers(200, 2000)))
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_EVENTS, str(tmp_path), limit], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"consist_jax.files.WriteError: cannot write TensorBoard events to '{tmp_path}/tensorboard': " \
+                   f"File too large", result.stderr[-3000:]
+    assert "Exception in thread" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+
+
 def test_odd_frame_sizes_for_mp4(rng, tmp_path):
     with pytest.raises(ValueError, match="H.264 needs an even frame size, the frames are 15x16"):
         io.write_video(str(tmp_path / "out.mp4"), _frames(rng)[:, :15], fps=12.0)
