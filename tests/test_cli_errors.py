@@ -43,8 +43,10 @@ def test_sample_py_refuses_before_loading(tmp_path):
         "--steps=-1": "--steps=-1: must be an integer >= 1",
         "--guidance=nan": "--guidance=nan: must be a finite number",
         "--guidance=inf": "--guidance=inf",
-        "--fps=0": "--fps=0.0: must be a finite number > 0",
+        "--fps=0": "--fps=0.0: must be a finite number in [0.001, 1000.0]",
         "--fps=-1": "--fps=-1.0",
+        "--fps=1e12": "--fps=1000000000000.0: must be a finite number in [0.001, 1000.0]",  # ffmpeg refuses it
+        f"--fps=0 --out={tmp_path}/frames_0": "--fps=0.0: must be a finite number > 0",
         "--window=0": "--window=0: must be an integer >= 1",
         "--overlap=8 --window=8": "--overlap=8: must be in [0, --window=8)",
         "--overlap=-1": "--overlap=-1",

@@ -41,6 +41,8 @@ def test_videos_round_trip(rng, tmp_path):
     assert len(list(iio.imiter(tmp_path / "a.mp4"))) == 4
     for i, frame in enumerate(frames):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"frames/{i:03d}.png")), frame)
+    for fps in io.MP4_FPS:  # check_output's bounds are rates ffmpeg takes
+        io.write_video(str(tmp_path / "a.mp4"), frames, fps=fps)
 
 
 @pytest.mark.parametrize("name", ["out.mp4", "out.gif", "frames"])
@@ -131,6 +133,7 @@ def test_check_output(tmp_path):
     for path, fps, message in [
         ("out.webm", 12.0, "write .mp4, .gif or a folder"),
         ("out.mp4", float("nan"), "fps=nan"),
+        ("out.mp4", 1e-9, r"fps=1e-09: must be a finite number in \[0.001, 1000.0\]"),
         ("out.gif", 101.0, r"fps=101.0: must be a finite number in \(0, 100.0\]"),
         ("plain", 12.0, "is a file; PNG frames"),
         ("plain/out.mp4", 12.0, "is a file, not a folder"),

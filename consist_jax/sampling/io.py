@@ -443,6 +443,7 @@ def _read_reference_pose(path: str, canvas: tuple[int, int]):
 
 OUTPUT_SUFFIXES = (".mp4", ".gif")  # and no suffix: a folder of PNG frames
 MAX_GIF_FPS = 100.0  # GIF delays are whole centiseconds
+MP4_FPS = (0.001, 1000.0)  # rates ffmpeg takes (a rational of denominator <= 10**6) and players show
 
 
 def output_suffix(path: str) -> str:
@@ -459,6 +460,8 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
         raise ValueError(f"output {path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
     if suffix == ".gif":
         checks.check_number(fps_name, fps, 0, MAX_GIF_FPS, low_open=True)
+    elif suffix == ".mp4":
+        checks.check_number(fps_name, fps, *MP4_FPS)
     else:
         checks.positive_number(fps_name, fps)
     if suffix and os.path.isdir(path):
