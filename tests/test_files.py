@@ -169,6 +169,12 @@ def test_data_shards_on_a_full_disk(rng, tmp_path):
     assert result.returncode != 0
     assert f"WriteError: cannot write '{out}/" in result.stderr, result.stderr[-2000:]
     assert _listing(out) == []
+    (tmp_path / "plain").write_text("")  # its command line: one line, exit code 2
+    result = subprocess.run([sys.executable, "-m", "consist_jax.data.synthetic", f"--out={tmp_path}/plain/data",
+                             "--identities=4", "--frames=4", "--size=16", "--workers=0"], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr == f"error: WriteError: cannot create folder " \
+                                                       f"'{tmp_path}/plain/data': Not a directory\n", result.stderr
 
 
 FULL_DISK_EVENTS = """
