@@ -107,7 +107,7 @@ def test_partly_corrupt_pose_video_names_file_and_frame(rng, tmp_path):
     with pytest.raises(ValueError, match=r"poses\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "):
         io.read_pose_images(str(path), (32, 48))
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the index at the end is gone
-    with pytest.raises(ValueError, match=r"cannot read poses .*poses\.mp4' as a video: "):
+    with pytest.raises(ValueError, match=r"cannot read pose video '.*poses\.mp4': "):
         io.read_pose_images(str(path), (32, 48))
 
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import signal
 import subprocess
 from typing import Optional, Sequence
 
 import numpy as np
 
-from consist_jax import checks, files
+from consist_jax import checks, files, videos
 from consist_jax.images import IMAGE_SUFFIXES, flatten_alpha, has_alpha, to_uint8, upright
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import KEYPOINT_SUFFIXES, count_off_canvas, load_poses
@@ -37,7 +35,6 @@ MAX_PAD_FRACTION = 0.5  # at most this share of a fitted side may be padding
 PERSON_MARGIN = 0.1  # the person's box grows by this share of its size on each side
 DRAWN_LEVEL = 16  # a pose image's pixel brighter than this is drawn (above video noise)
 REFERENCE_FILL, POSE_FILL = 255, 0  # padding: white around a photo, black around a skeleton
-VIDEO_FRAME_SLACK = 0.05  # decoded frames may fall this far short of the header's count
 _log = logging.getLogger(__name__)
 
 
@@ -206,61 +203,6 @@ def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int]
     return fit_keypoints(load_poses(path, height=height, width=width, default_size=canvas), resolution)
 
 
-def _first_error(stderr: str) -> str:
-    """ffmpeg's first error line, without its "[h264 @ 0x55...]" address."""
-    line = stderr.strip().splitlines()[0] if stderr.strip() else "no message"
-    return re.sub(r" @ 0x[0-9a-f]+", "", line)
-
-
-def _ffmpeg_failure(result: subprocess.CompletedProcess) -> str:
-    """Why an ffmpeg run failed, in one line: its first error, or the signal that killed it
-    (SIGXFSZ: a file-size limit, which Python ignores but its children do not)."""
-    if result.returncode < 0:
-        number = -result.returncode
-        return f"ffmpeg was killed by {signal.Signals(number).name} ({signal.strsignal(number)})"
-    return f"ffmpeg: {_first_error(result.stderr.decode(errors='replace'))}"
-
-
-def _decode_video(path: str) -> np.ndarray:
-    """A video file -> uint8 (F, H, W, 3) via ffmpeg, refusing anything it could not decode.
-
-    ffmpeg stops at the first decoding error (``-xerror``; one thread, so frames come out in
-    order): the error names the file and the frame it reached. A clean decode that yields
-    fewer frames than the header's duration x fps promises is an error too.
-    """
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(path)
-        meta = next(reader)
-        reader.close()
-    except (OSError, RuntimeError, StopIteration) as e:
-        lines = str(e).splitlines()
-        first = next((i for i, line in enumerate(lines) if "error" in line.lower()), None)
-        reason = _first_error(str(e) if first is None else lines[first])
-        if first and lines[first - 1].startswith("["):  # the why before it: "[mov,mp4,...] moov atom not found"
-            reason = f"{_first_error(lines[first - 1])}; {reason}"
-        if "Input #0" in str(e) and "Video:" not in str(e):  # opened, but ffmpeg found no video in it
-            reason = "it holds no video stream (a file cut short, or not a video)"
-        raise ValueError(f"cannot read poses {path!r} as a video: {reason}") from None
-    width, height = meta["size"]
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-threads", "1",
-               "-xerror", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    result = subprocess.run(command, capture_output=True)
-    count = len(result.stdout) // (height * width * 3)
-    errors = result.stderr.decode(errors="replace")
-    if result.returncode != 0 or errors.strip():
-        raise ValueError(f"pose video {path!r} is corrupt: decoding failed at frame {count} "
-                         f"({_ffmpeg_failure(result)})")
-    promised = int(round(meta["fps"] * meta["duration"])) if meta.get("fps") and meta.get("duration") else 0
-    if count < promised - max(1, int(VIDEO_FRAME_SLACK * promised)):
-        raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises "
-                         f"{promised} ({meta['duration']} s at {meta['fps']} fps): frames from {count} "
-                         f"on are missing")
-    frames = np.frombuffer(result.stdout, np.uint8)[:count * height * width * 3]
-    return frames.reshape(count, height, width, 3)
-
-
 def _read_gif(path: str) -> np.ndarray:
     """An animated GIF -> uint8 (F, H, W, 3)."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -287,7 +229,7 @@ def load_pose_images(path: str) -> np.ndarray:
         elif path.lower().endswith(".gif"):
             frames = list(_read_gif(path))
         else:
-            frames = list(_decode_video(path))
+            frames = list(videos.read_frames(path, "pose video"))
         names = [f"{path} frame {i}" for i in range(len(frames))]
     if not frames:
         raise ValueError(f"{path!r} holds no frames")
@@ -540,7 +482,7 @@ def _encode_mp4(path: str, frames: np.ndarray, fps: float) -> None:
                "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-", "-an", *MP4_QUALITY, path]
     result = subprocess.run(command, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True)
     if result.returncode != 0:
-        raise ValueError(_ffmpeg_failure(result))
+        raise ValueError(videos.ffmpeg_failure(result.returncode, result.stderr.decode(errors="replace")))
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
