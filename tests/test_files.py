@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from consist_jax import files
+from consist_jax import files, videos
 from consist_jax.sampling import io
 from tests.runs import REPO
 
@@ -70,7 +70,7 @@ def test_failing_writer_keeps_the_previous_file(rng, tmp_path, monkeypatch):
             f.write(before[: len(before) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "_encode_mp4", half_then_fail)
+    monkeypatch.setattr(videos, "write_mp4", half_then_fail)
     with pytest.raises(files.WriteError, match=f"cannot write '{out}': No space left on device"):
         io.write_video(str(out), _frames(rng), fps=12.0)
     assert out.read_bytes() == before and _listing(tmp_path) == ["out.mp4"]
@@ -83,7 +83,7 @@ def test_a_truncated_video_is_refused(rng, tmp_path, monkeypatch):
         with open(path, "wb") as f:
             f.write(b"\x00" * 100)
 
-    monkeypatch.setattr(io, "_encode_mp4", truncated)
+    monkeypatch.setattr(videos, "write_mp4", truncated)
     with pytest.raises(files.WriteError, match="out.mp4'.*does not decode"):
         io.write_video(str(tmp_path / "out.mp4"), _frames(rng), fps=12.0)
     assert _listing(tmp_path) == []
@@ -211,7 +211,7 @@ def test_odd_frame_sizes_for_mp4(rng, tmp_path):
     # Past that check, ffmpeg's own refusal is what it reports (its exit status is read),
     # in one line; write_video's atomic_path would then remove the empty file.
     with pytest.raises(ValueError, match=r"^ffmpeg: .*divisible by 2[^\n]*$"):
-        io._encode_mp4(str(tmp_path / "odd.mp4"), _frames(rng)[:, :15], 12.0)
+        videos.write_mp4(str(tmp_path / "odd.mp4"), _frames(rng)[:, :15], 12.0)
 
 
 @pytest.mark.parametrize("field, value", [("identities", 0), ("frames", -1), ("test_fraction", 1.0),

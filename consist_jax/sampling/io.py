@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from typing import Optional, Sequence
 
 import numpy as np
@@ -420,14 +419,15 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
 
 
 def _check_frames_read_back(expected: int, exact: bool):
-    """A check for files.atomic_path: the video decodes to ``expected`` frames (GIF
-    writers merge identical consecutive frames, so a GIF may hold fewer)."""
+    """A check for files.atomic_path: the video decodes to ``expected`` frames (an MP4, read
+    as every video is read, ``exact``; GIF writers merge identical consecutive frames, so a
+    GIF may hold fewer)."""
 
     def check(tmp: str) -> None:
         import imageio.v3 as iio
 
         try:
-            count = sum(1 for _ in iio.imiter(tmp))
+            count = sum(1 for _ in (videos.iter_frames(tmp, "written video") if exact else iio.imiter(tmp)))
         except Exception as e:  # imageio raises several types for undecodable files
             raise ValueError("the written file does not decode (truncated?)") from e
         if count != expected if exact else not 1 <= count <= expected:
@@ -465,28 +465,8 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
         raise
 
 
-MP4_QUALITY = ["-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "5"]  # imageio-ffmpeg's quality=9
-
-
-def _encode_mp4(path: str, frames: np.ndarray, fps: float) -> None:
-    """uint8 (F, H, W, 3) -> an H.264 MP4 at ``path`` (even H and W), through ffmpeg itself:
-    what it reports is checked (its exit status; its messages are captured, not printed),
-    so a full disk or a refused setting is a ValueError with ffmpeg's reason."""
-    import fractions
-
-    import imageio_ffmpeg
-
-    height, width = frames.shape[1:3]
-    rate = str(fractions.Fraction(fps).limit_denominator())
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-f", "rawvideo",
-               "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-", "-an", *MP4_QUALITY, path]
-    result = subprocess.run(command, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True)
-    if result.returncode != 0:
-        raise ValueError(videos.ffmpeg_failure(result.returncode, result.stderr.decode(errors="replace")))
-
-
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
-    """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix, or
+    """uint8 (F, H, W, 3) -> an MP4 (H.264 through ffmpeg: videos.write_mp4) or GIF, by the suffix, or
     PNG frames when ``path`` has no suffix (a folder).
 
     Written under a temporary name, its frames counted back, then renamed: on any
@@ -507,7 +487,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
             first, *rest = [Image.fromarray(frame) for frame in frames]
             first.save(tmp, save_all=True, append_images=rest, duration=1000.0 / fps, loop=0)
         else:
-            _encode_mp4(tmp, frames, fps)
+            videos.write_mp4(tmp, frames, fps)
 
 
 def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:
