@@ -15,11 +15,13 @@ builder.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import signal
 import subprocess
 import tempfile
+import warnings
 from typing import Iterator, Optional
 
 import numpy as np
@@ -34,6 +36,16 @@ class VideoInfo:
     width: int
     fps: Optional[float]
     num_frames: Optional[int]
+
+
+@contextlib.contextmanager
+def _starting_ffmpeg():
+    """ffmpeg starts by fork + exec, no Python code running in the child; JAX's at-fork hook
+    warns about it as about a bare fork (a deadlock risk it does not have), in lines that
+    would break a CLI's one-line error: that warning is dropped here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
 
 
 def first_error(stderr: str) -> str:
@@ -57,7 +69,8 @@ def probe(path: str, what: str = "video") -> VideoInfo:
 
     try:
         reader = imageio_ffmpeg.read_frames(path)
-        meta = next(reader)
+        with _starting_ffmpeg():
+            meta = next(reader)
         reader.close()
     except (OSError, RuntimeError, StopIteration) as e:
         raise ValueError(f"cannot read {what} {path!r}: {_open_failure(str(e))}") from None
@@ -91,7 +104,8 @@ def iter_frames(path: str, what: str = "video") -> Iterator[np.ndarray]:
                "-xerror", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     count = 0
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg never blocks on it
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        with _starting_ffmpeg():
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
         try:
             while len(data := process.stdout.read(size)) == size:
                 yield np.frombuffer(data, np.uint8).reshape(info.height, info.width, 3)
@@ -137,6 +151,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: float) -> None:
     rate = str(fractions.Fraction(fps).limit_denominator())
     command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-y", "-f", "rawvideo",
                "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", rate, "-i", "-", "-an", *MP4_QUALITY, path]
-    result = subprocess.run(command, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True)
+    with _starting_ffmpeg():
+        result = subprocess.run(command, input=np.ascontiguousarray(frames, np.uint8).tobytes(), capture_output=True)
     if result.returncode != 0:
         raise ValueError(ffmpeg_failure(result.returncode, result.stderr.decode(errors="replace")))
