@@ -215,3 +215,20 @@ def test_sample_py_input_refusals_are_one_line(peers_pair, uninterrupted_run, da
     }
     results = _refusals("sample.py", [base + c.split() for c in cases], run_env(data_dir))
     _assert_one_line_refusals(results, cases.values())
+
+
+def test_sample_py_refusal_after_the_load_is_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
+    """The real entry point: a partly corrupt pose video is refused in exactly one line on
+    stderr (no orbax note from the checkpoint load, no JAX at-fork warning from ffmpeg's start)."""
+    from tests.test_videos import _corrupt, _write_mp4
+
+    reference, _, _ = peers_pair
+    _write_mp4(str(tmp_path / "corrupt.mp4"), np.random.default_rng(0))
+    _corrupt(tmp_path / "corrupt.mp4")
+    result = subprocess.run(
+        script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={reference}",
+                   f"--poses={tmp_path}/corrupt.mp4", f"--out={tmp_path}/out.mp4"),
+        cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: pose video '{tmp_path}/corrupt.mp4' is corrupt: decoding failed at frame ")
+    assert os.listdir(tmp_path) == ["corrupt.mp4"]
