@@ -238,13 +238,17 @@ def metric_curve(pipe, workdir, examples, guidance, context_of, evaluated) -> li
 
 
 def save_example(folder, reference, reference_pose, poses, generated):
-    """The inputs as sample.py reads them, and the generated frames (lossless PNGs)."""
+    """The inputs as sample.py reads them, and the generated frames (lossless PNGs), as one
+    folder that replaces the one of an earlier evaluation (whose frames would otherwise mix
+    with these when fewer are written) only once it is complete."""
+    from consist_jax import files
     from consist_jax.sampling import io
 
-    io.write_frames(folder, reference[None], names=("reference.png",))
-    io.write_frames(folder, reference_pose[None], names=("reference_pose.png",))
-    io.write_frames(os.path.join(folder, "poses"), poses)
-    io.write_frames(os.path.join(folder, "generated"), generated)
+    with files.atomic_folder(folder) as tmp:
+        io.write_frames(tmp, reference[None], names=("reference.png",))
+        io.write_frames(tmp, reference_pose[None], names=("reference_pose.png",))
+        io.write_frames(os.path.join(tmp, "poses"), poses)
+        io.write_frames(os.path.join(tmp, "generated"), generated)
 
 
 def baseline_verdict(results):

@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from consist_jax import files  # noqa: E402
+
 VARIANTS = {
     "causal (SCD)": "configs/demo.py",
     "full attention": "configs/ablations/full_attention.py",
@@ -50,8 +53,7 @@ def train_and_evaluate(name: str, config: str, seed: int, args) -> dict:
         overrides += [f"--config.train.num_steps={args.steps}", f"--config.optim.decay_steps={args.steps}"]
     if not os.path.exists(timing):
         seconds = run([sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}", *overrides])
-        with open(timing, "w") as f:
-            json.dump({"seconds": seconds}, f)
+        files.write_json(timing, {"seconds": seconds})  # atomic: its presence marks a finished run
     if not os.path.exists(os.path.join(out, "metrics.json")):
         run([sys.executable, "evaluate.py", f"--checkpoint={workdir}", f"--out={out}", f"--videos={args.videos}",
              f"--frames={args.frames}", f"--seed={seed}", "--gifs=2"])

@@ -24,7 +24,7 @@ import tempfile
 import zipfile
 from typing import Optional, Sequence
 
-from consist_jax import cli
+from consist_jax import cli, files
 
 DEFAULT_EXAMPLES = os.path.join("outputs", "demo", "examples")
 UPLOAD = "(upload your own)"
@@ -76,17 +76,38 @@ def poses_path(uploads: Sequence[str], workdir: str) -> str:
     if len(uploads) == 1 and uploads[0].lower().endswith(VIDEO_SUFFIXES + KEYPOINT_SUFFIXES):
         return uploads[0]
     folder = os.path.join(workdir, "poses")
-    os.makedirs(folder)
+    files.ensure_folder(folder)
     for path in uploads:
         target = os.path.join(folder, os.path.basename(path))
         if os.path.exists(target):
             raise ValueError(f"poses: two uploaded files are named {os.path.basename(path)!r}")
-        shutil.copyfile(path, target)
+        try:
+            shutil.copyfile(path, target)
+        except OSError as e:  # a full disk: a user error shown in one line, not a bug
+            raise files.WriteError(f"cannot copy the upload {path!r} to {target!r}: {e.strerror or e}") from e
     return folder
 
 
+def write_archive(path: str, folder: str, comment: bytes = b"") -> None:
+    """The files of ``folder`` (PNG frames) -> a ZIP at ``path``, stored (PNGs are compressed
+    already), written atomically and read back: the names, and every member's CRC."""
+    names = sorted(os.listdir(folder))
+
+    def reads_back(tmp):
+        with zipfile.ZipFile(tmp) as zf:
+            if zf.namelist() != names or zf.testzip() is not None:
+                raise ValueError("the archive does not read back as written")
+
+    with files.atomic_path(path, reads_back) as tmp:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            zf.comment = comment
+            for name in names:
+                zf.write(os.path.join(folder, name), name)
+
+
 def write_outputs(workdir: str, reference, poses, frames, fps: float) -> tuple[str, list[str]]:
-    """(side-by-side MP4 to show, [result MP4, ZIP of lossless PNG frames] to download)."""
+    """(side-by-side MP4 to show, [result MP4, ZIP of lossless PNG frames] to download), each
+    written atomically and read back (a failed write is a WriteError naming the file)."""
     from consist_jax.sampling import io
 
     shown = os.path.join(workdir, "side_by_side.mp4")
@@ -96,12 +117,9 @@ def write_outputs(workdir: str, reference, poses, frames, fps: float) -> tuple[s
     png_folder = os.path.join(workdir, "frames")
     io.write_video(png_folder, frames, fps)  # no suffix: PNG frames
     archive = os.path.join(workdir, "result_frames.zip")
-    with zipfile.ZipFile(archive, "w") as zf:  # PNGs are compressed already
-        # gradio serves files under a hash of their bytes: the request's own folder name makes
-        # each archive a new download link, even when two requests give the same frames.
-        zf.comment = os.path.basename(workdir).encode()
-        for name in sorted(os.listdir(png_folder)):
-            zf.write(os.path.join(png_folder, name), name)
+    # gradio serves files under a hash of their bytes: the request's own folder name makes
+    # each archive a new download link, even when two requests give the same frames.
+    write_archive(archive, png_folder, comment=os.path.basename(workdir).encode())
     return shown, [result, archive]
 
 

@@ -10,7 +10,9 @@ passed over for the newest intact one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -95,15 +97,35 @@ def read_failure(where: str, error: BaseException) -> CheckpointDamagedError:
     return CheckpointDamagedError(f"{where} could not be read: {innermost_cause(error)}")
 
 
+class _ItemAloneNote(logging.Filter):
+    """orbax warns "Metadata file does not exist" when one item of a step is read on its own
+    (the step's metadata file lies a folder up): expected here, and a second line beside a
+    CLI's one-line output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _without_item_alone_note():
+    note, absl_logger = _ItemAloneNote(), logging.getLogger("absl")  # orbax logs through absl
+    absl_logger.addFilter(note)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(note)
+
+
 def read_state(state_dir: str) -> dict:
     """A saved train state (dict) on this host's first device, whatever mesh and number of
     processes wrote it (orbax would otherwise lay it out as saved, and fail on another topology)."""
     checkpointer = ocp.StandardCheckpointer()
-    saved = checkpointer.metadata(state_dir).item_metadata
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    dict(saved))
-    return checkpointer.restore(state_dir, target)
+    with _without_item_alone_note():
+        saved = checkpointer.metadata(state_dir).item_metadata
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                        dict(saved))
+        return checkpointer.restore(state_dir, target)
 
 
 def restore_params(workdir: str, step: Optional[int] = None, use_ema: bool = True) -> tuple[dict, dict, int]:

@@ -79,6 +79,33 @@ def atomic_path(path: str, check: Optional[Callable[[str], None]] = None) -> Ite
         raise WriteError(f"cannot write {path!r}: {_describe(e)}") from e
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Yields a temporary folder next to ``path``; after the block, it replaces ``path`` (a
+    folder of that name is deleted first: only for folders the project owns, e.g. an
+    evaluated example). On any error the temporary folder is removed, ``path`` is left as
+    it was, and a WriteError raised inside names ``path`` instead of the temporary folder."""
+    import shutil
+
+    ensure_folder(os.path.dirname(os.path.abspath(path)))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise WriteError(f"cannot write folder {path!r}: it is a file")
+    tmp = temporary_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ensure_folder(tmp)
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except WriteError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(str(e).replace(tmp, os.path.abspath(path))) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """``data`` to ``path`` atomically, synced to disk and its size checked."""
 

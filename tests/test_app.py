@@ -248,6 +248,30 @@ def test_uploaded_pose_files(tmp_path):
     assert app.example_paths(str(example)) == (str(example / "reference.png"), None, str(example / "poses"))
 
 
+def test_outputs_are_whole_or_absent(rng, tmp_path, monkeypatch):
+    """The page's files go through files.py's verified writes: the ZIP reads back; a disk that
+    takes no more is a WriteError naming the file (one line on the page), and nothing partial
+    is left; an upload that cannot be copied is one too."""
+    from consist_jax import app, files
+
+    frames = rng.integers(0, 256, (FRAMES, 16, 16, 3), dtype=np.uint8)
+    _, (_, archive) = app.write_outputs(str(tmp_path / "ok"), frames[0], frames, frames, 12.0)
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.namelist() == ["000.png", "001.png"] and zf.comment == b"ok"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zipfile.ZipFile, "write", full_disk)
+    with pytest.raises(files.WriteError, match=r"cannot write '.*failed/result_frames.zip': No space left"):
+        app.write_outputs(str(tmp_path / "failed"), frames[0], frames, frames, 12.0)
+    assert sorted(os.listdir(tmp_path / "failed")) == ["frames", "result.mp4", "side_by_side.mp4"]
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    uploads = [str(tmp_path / "ok" / "frames" / name) for name in ("000.png", "001.png")]
+    with pytest.raises(files.WriteError, match=r"cannot copy the upload '.*000.png' to .*: No space left"):
+        app.poses_path(uploads, str(tmp_path / "request"))
+
+
 def test_requests_are_refused_before_sampling(rng, tmp_path):
     """A missing reference, an unwritable setting or an emptied number field: a user error
     (shown on the page in one line) before the pipeline is called."""

@@ -1,6 +1,7 @@
 """User errors of train.py / sample.py / evaluate.py: refused before any compile (before the
 checkpoint is even loaded), as one line naming the flag or key and its range, exit code 2."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,14 +35,18 @@ def test_sample_py_refuses_before_loading(tmp_path):
     plain_file = tmp_path / "plain"
     plain_file.write_text("")
     (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "000.png").write_bytes(b"an earlier run's frame")
     base = [f"--checkpoint={NOWHERE}", "--reference=ref.png", "--poses=poses", f"--out={tmp_path}/out.mp4"]
     cases = {
         "--steps=0": "--steps=0: must be an integer >= 1",
         "--steps=-1": "--steps=-1: must be an integer >= 1",
         "--guidance=nan": "--guidance=nan: must be a finite number",
         "--guidance=inf": "--guidance=inf",
-        "--fps=0": "--fps=0.0: must be a finite number > 0",
+        "--fps=0": "--fps=0.0: must be a finite number in [0.001, 1000.0]",
         "--fps=-1": "--fps=-1.0",
+        "--fps=1e12": "--fps=1000000000000.0: must be a finite number in [0.001, 1000.0]",  # ffmpeg refuses it
+        f"--fps=0 --out={tmp_path}/frames_0": "--fps=0.0: must be a finite number > 0",
         "--window=0": "--window=0: must be an integer >= 1",
         "--overlap=8 --window=8": "--overlap=8: must be in [0, --window=8)",
         "--overlap=-1": "--overlap=-1",
@@ -52,11 +57,13 @@ def test_sample_py_refuses_before_loading(tmp_path):
         f"--out={plain_file}/x.mp4": f"'{plain_file}' is a file, not a folder",
         f"--out={tmp_path}/folder.mp4": "is a folder; a .mp4 output needs a file name",
         f"--out={tmp_path}/x.gif --fps=1000": "--fps=1000.0: must be a finite number in (0, 100.0]",
+        f"--out={tmp_path}/frames": "holds PNG files already: the frames of two runs would mix",
         "": f"'{NOWHERE}' has no checkpoints/ folder",  # the valid flags reach the load
     }
     results = _refusals("sample.py", [base + c.split() for c in cases], run_env(str(tmp_path)))
     _assert_one_line_refusals(results, cases.values())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.mp4", "plain"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.mp4", "frames", "plain"]  # nothing written
+    assert os.listdir(tmp_path / "frames") == ["000.png"]
 
 
 def test_evaluate_py_refuses_before_loading(tmp_path):

@@ -1,10 +1,12 @@
 """A config.json of the wrong shape (a list, a negative channel count, a string where a
-number goes) is refused with one line naming the file and the key, before any weights load."""
+number goes) is refused with one line naming the file and the key, before any weights load
+(the folders hold no weights: a refusal after the config would name the missing file)."""
 import json
 
 import pytest
 
 from consist_jax.convert.clip_vision import load_image_encoder, load_preprocess_config
+from consist_jax.convert.motion import load_motion_adapter
 from consist_jax.convert.unet import load_unet
 from consist_jax.convert.vae import load_vae
 
@@ -14,6 +16,8 @@ TINY_UNET = dict(block_out_channels=[8, 16], down_block_types=["CrossAttnDownBlo
 TINY_VAE = dict(block_out_channels=[8, 16], norm_num_groups=4, layers_per_block=1, latent_channels=4)
 TINY_CLIP = dict(model_type="clip_vision_model", hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                  num_attention_heads=2, image_size=8, patch_size=4, projection_dim=8)
+TINY_MOTION = dict(block_out_channels=[8, 16], motion_layers_per_block=1, motion_num_attention_heads=2,
+                   motion_norm_num_groups=4)
 
 
 def _folder(tmp_path, config, name="config.json"):
@@ -33,6 +37,11 @@ def _folder(tmp_path, config, name="config.json"):
     (load_vae, TINY_VAE, {"scaling_factor": None}, "scaling_factor=None: must be a finite number > 0"),
     (load_image_encoder, TINY_CLIP, {"hidden_size": -8}, "hidden_size=-8"),
     (load_image_encoder, TINY_CLIP, {"patch_size": 0}, "patch_size=0"),
+    (load_motion_adapter, TINY_MOTION, {"block_out_channels": [8, -16]}, "block_out_channels[1]=-16: must be an"),
+    (load_motion_adapter, TINY_MOTION, {"block_out_channels": 8}, "block_out_channels=8: must be a non-empty list"),
+    (load_motion_adapter, TINY_MOTION, {"motion_layers_per_block": -1}, "motion_layers_per_block=-1: must be an"),
+    (load_motion_adapter, TINY_MOTION, {"motion_layers_per_block": [1, 2]}, "=[1, 2]: differs between blocks"),
+    (load_motion_adapter, TINY_MOTION, {"motion_norm_num_groups": 3}, "divisible by its 2 heads and 3 norm groups"),
 ])
 def test_bad_keys_name_the_file_and_key(tmp_path, load, good, bad, message):
     folder = _folder(tmp_path, {**good, **bad})
@@ -42,7 +51,7 @@ def test_bad_keys_name_the_file_and_key(tmp_path, load, good, bad, message):
     assert text.startswith(f"'{folder}/config.json': ") and message in text and "\n" not in text, text
 
 
-@pytest.mark.parametrize("load", [load_unet, load_vae, load_image_encoder])
+@pytest.mark.parametrize("load", [load_unet, load_vae, load_image_encoder, load_motion_adapter])
 @pytest.mark.parametrize("content", [[], "text", 3, None])
 def test_a_config_that_is_not_an_object(tmp_path, load, content):
     folder = _folder(tmp_path, content)

@@ -89,6 +89,14 @@ def test_progress_line_shows_the_count():
     assert "30 bad examples skipped" in _progress_line(3, 8, dict(metrics, **{"data/skipped": 30.0}))
 
 
+def test_the_count_reaches_tensorboard(uninterrupted_run):
+    """train.py logs the running count with every logged step (0 for clean data), so the
+    skips are visible in TensorBoard, not only in the checkpoint's metadata."""
+    from tests.runs import tensorboard_scalars
+
+    assert tensorboard_scalars(uninterrupted_run, "train/data/skipped") == [(step, 0.0) for step in range(1, 9)]
+
+
 def test_fraction_out_of_range_is_named():
     with pytest.raises(ValueError, match=r"max_skipped_fraction must be in \[0, 1\], got 1.5"):
         _iterator([], fraction=1.5)

@@ -198,13 +198,37 @@ def test_sample_py_with_the_peers_pair(peers_pair, uninterrupted_run, data_dir, 
 
 def test_sample_py_input_refusals_are_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
     """Refused inputs after the checkpoint load: one line, exit code 2, before any compile."""
-    reference, _, video = peers_pair
+    from tests.test_videos import _corrupt, _write_mp4
+
+    reference, reference_pose, video = peers_pair
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "other.png")
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "dot.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    base = [f"--checkpoint={uninterrupted_run}", f"--poses={video}", f"--out={tmp_path}/out.mp4"]
+    _write_mp4(str(tmp_path / "corrupt.mp4"), np.random.default_rng(0))
+    _corrupt(tmp_path / "corrupt.mp4")
+    base = [f"--checkpoint={uninterrupted_run}", f"--out={tmp_path}/out.mp4"]
     cases = {
-        f"--reference={reference} --reference_pose={tmp_path}/other.png": "is on a 10x12 canvas (HxW)",
-        f"--reference={tmp_path}/broken.png": "cannot read",
+        f"--poses={video} --reference={reference} --reference_pose={tmp_path}/other.png": "is on a 10x12 canvas (HxW)",
+        f"--poses={video} --reference={tmp_path}/broken.png": "cannot read",
+        f"--poses={reference_pose} --reference={tmp_path}/dot.png": "is 1x1 (HxW), too small for the model's",
+        f"--poses={tmp_path}/corrupt.mp4 --reference={reference}": "corrupt.mp4' is corrupt: decoding failed at frame",
     }
     results = _refusals("sample.py", [base + c.split() for c in cases], run_env(data_dir))
     _assert_one_line_refusals(results, cases.values())
+
+
+def test_sample_py_refusal_after_the_load_is_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
+    """The real entry point: a partly corrupt pose video is refused in exactly one line on
+    stderr (no orbax note from the checkpoint load, no JAX at-fork warning from ffmpeg's start)."""
+    from tests.test_videos import _corrupt, _write_mp4
+
+    reference, _, _ = peers_pair
+    _write_mp4(str(tmp_path / "corrupt.mp4"), np.random.default_rng(0))
+    _corrupt(tmp_path / "corrupt.mp4")
+    result = subprocess.run(
+        script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={reference}",
+                   f"--poses={tmp_path}/corrupt.mp4", f"--out={tmp_path}/out.mp4"),
+        cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.startswith(f"error: pose video '{tmp_path}/corrupt.mp4' is corrupt: decoding failed at frame ")
+    assert os.listdir(tmp_path) == ["corrupt.mp4"]

@@ -107,7 +107,7 @@ def test_partly_corrupt_pose_video_names_file_and_frame(rng, tmp_path):
     with pytest.raises(ValueError, match=r"poses\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "):
         io.read_pose_images(str(path), (32, 48))
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the index at the end is gone
-    with pytest.raises(ValueError, match=r"cannot read poses .*poses\.mp4' as a video"):
+    with pytest.raises(ValueError, match=r"cannot read pose video '.*poses\.mp4': "):
         io.read_pose_images(str(path), (32, 48))
 
 
@@ -140,6 +140,26 @@ def test_keypoints_without_a_canvas_are_on_the_reference(tmp_path):
     assert images.shape == (1, 32, 24, 3) and images.any()
     with pytest.raises(ValueError, match=r"poses\.json: the file does not record the image size"):
         io.read_poses(str(path), (32, 24))
+
+
+def test_keypoints_without_a_canvas_that_miss_the_reference(rng, tmp_path):
+    """Keypoints of a larger image that record no size are taken to be on the reference's
+    canvas: the error says so and how to fix the file (sample.py has no size flags). A
+    reference below the stated minimum is refused first, naming the reference, not the poses."""
+    pose = example_pose("openpose18", 64, 48)
+    path = tmp_path / "poses.json"
+    path.write_text(json.dumps({"people": [{"pose_keypoints_2d": pose.ravel().tolist()}]}))
+    reference = tmp_path / "ref.png"
+    Image.fromarray(rng.integers(0, 256, (16, 12, 3), dtype=np.uint8)).save(reference)
+    with pytest.raises(ValueError, match=r"poses\.json: frame 0: .* off the 16x12 \(HxW\) canvas as pixels coordinates; the file "
+                                         r"records no image size, so this default one was assumed: write the size "
+                                         r".*'canvas_height'/'canvas_width'") as error:
+        io.read_sample_inputs(str(reference), str(path), RESOLUTION)
+    assert "height=" not in str(error.value)  # no hint at arguments the command line lacks
+    Image.fromarray(rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)).save(tmp_path / "dot.png")
+    with pytest.raises(ValueError, match=r"reference image '.*dot\.png' is 1x1 \(HxW\), too small for the "
+                                         r"model's 16x16: it must be at least 4x4"):
+        io.read_sample_inputs(str(tmp_path / "dot.png"), str(path), RESOLUTION, reference_pose_path=str(path))
 
 
 def test_keypoints_are_fitted_around_the_person(tmp_path):

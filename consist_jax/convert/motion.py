@@ -27,13 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from consist_jax import checks
 from consist_jax.convert.loading import (
     PICKLE_SUFFIXES,
     CheckpointError,
     apply_rename_rules,
     config_from_file,
     find_weight_files,
-    read_config,
     read_state_dict,
     state_dict_to_params,
 )
@@ -168,10 +168,7 @@ def load_motion_adapter(path: str, *, dtype: Any = jnp.float32, **overrides) -> 
       merge it into an image UNet's params with ``add_motion_params``.
     """
     if os.path.isdir(path):
-        config = read_config(path)
-        motion = config_from_file(MotionConfig.from_diffusers, path, **overrides)
-        channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
-        layers_per_block = _uniform_layers(config.get("motion_layers_per_block", 2), path)
+        motion, channels, layers_per_block = config_from_file(_adapter_structure, path, **overrides)
         files = find_weight_files(path, "diffusion_pytorch_model")
         state = apply_rename_rules(read_state_dict(files), ORIGINAL_RENAME_RULES)
     elif os.path.isfile(path) or path.endswith(PICKLE_SUFFIXES):  # read_state_dict refuses pickles
@@ -193,11 +190,19 @@ def load_motion_adapter(path: str, *, dtype: Any = jnp.float32, **overrides) -> 
     return motion, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def _uniform_layers(value, source: str) -> int:
-    values = set(value) if isinstance(value, (list, tuple)) else {value}
-    if len(values) != 1:
-        raise ValueError(f"{source}: motion_layers_per_block {value} differs between blocks (our UNet's does not)")
-    return values.pop()
+def _adapter_structure(config: dict, **overrides) -> tuple[MotionConfig, tuple[int, ...], int]:
+    """A ``MotionAdapter`` config.json -> (MotionConfig, block_out_channels, layers_per_block),
+    checked before any weights are read (config_from_file names the file in any error)."""
+    motion = MotionConfig.from_diffusers(config, **overrides)
+    channels = checks.positive_ints("block_out_channels", config.get("block_out_channels", (320, 640, 1280, 1280)))
+    layers = config.get("motion_layers_per_block", 2)
+    per_block = checks.positive_ints("motion_layers_per_block", layers) if isinstance(layers, (list, tuple)) \
+        else (checks.positive_int("motion_layers_per_block", layers),)
+    if len(set(per_block)) != 1:
+        raise ValueError(f"motion_layers_per_block={layers}: differs between blocks (our UNet's does not)")
+    layers_per_block = per_block[0]
+    adapter_unet_config(motion, channels, layers_per_block)  # the remaining ranges (layers, heads vs widths)
+    return motion, channels, layers_per_block
 
 
 def _motion_modules(tree: dict, prefix: tuple = ()):

@@ -75,8 +75,9 @@ class BadExample:
     reason: str
 
     def message(self) -> str:
-        video = f"video {self.video_id!r}" if self.video_id is not None else "unknown video"
-        return f"bad example: {self.where}, {video}: {self.reason}"
+        # No video id: the record's header did not parse (its reason may still name the id).
+        video = f", video {self.video_id!r}" if self.video_id is not None else ""
+        return f"bad example: {self.where}{video}: {self.reason}"
 
 
 class ClipError(ValueError):

@@ -37,7 +37,7 @@ import numpy as np
 
 from consist_jax import checks
 from consist_jax.data import records
-from consist_jax.files import write_json
+from consist_jax.files import ensure_folder, write_json
 from consist_jax.data.shards import write_split_shards
 from consist_jax.poses import layouts
 from consist_jax.poses.keypoints import example_face_units
@@ -679,7 +679,7 @@ def _encoded_video(args) -> bytes:
 
 def generate(out_dir: str, config: SyntheticConfig) -> dict:
     """Writes the dataset to out_dir and returns its dataset_info dict."""
-    os.makedirs(out_dir, exist_ok=True)
+    ensure_folder(out_dir)
     splits = identity_splits(config.identities, config.test_fraction, config.seed)
     name, layout = KINDS[config.kind]
     info = {
@@ -725,10 +725,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             image_encoding=args.image_encoding, workers=args.workers, kind=args.kind)
     except ValueError as e:
         parser.error(str(e))
-    start = time.perf_counter()
-    info = generate(args.out, config)
-    counts = {s: v["num_records"] for s, v in info["splits"].items()}
-    print(f"wrote {counts} videos to {args.out} in {time.perf_counter() - start:.1f} s")
+
+    def run(_):
+        start = time.perf_counter()
+        info = generate(args.out, config)
+        counts = {s: v["num_records"] for s, v in info["splits"].items()}
+        print(f"wrote {counts} videos to {args.out} in {time.perf_counter() - start:.1f} s")
+
+    from consist_jax import cli
+
+    cli.reports_user_errors(run)(argv)  # a full disk or a file at --out: one line, exit 2
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from consist_jax import checks, files
+from consist_jax import checks, files, videos
 from consist_jax.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from consist_jax.poses import keypoints as K
 from consist_jax.poses import layouts as L
@@ -329,7 +329,7 @@ class FrameSource:
     num_frames: int | None  # None when the container does not say
 
     def batches(self, size: int) -> Iterator[np.ndarray]:
-        frames = _iter_video(self.path) if os.path.isfile(self.path) else _iter_images(self.path)
+        frames = videos.iter_frames(self.path) if os.path.isfile(self.path) else _iter_images(self.path)
         batch = []
         for frame in frames:
             if frame.shape != (self.height, self.width, 3):
@@ -369,26 +369,6 @@ def _iter_images(folder: str) -> Iterator[np.ndarray]:
         yield read_image(path)
 
 
-def _iter_video(path: str) -> Iterator[np.ndarray]:
-    reader = _open_video(path)
-    try:
-        for frame in reader:
-            yield np.asarray(frame)[..., :3].astype(np.uint8)
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: undecodable video frame ({files._describe(error)})") from None
-    finally:
-        reader.close()
-
-
-def _open_video(path: str):
-    import imageio.v2 as imageio
-
-    try:
-        return imageio.get_reader(path, format="FFMPEG")
-    except (OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable video ({files._describe(error)})") from None
-
-
 def open_frames(path: str, fps: float | None = None) -> FrameSource:
     """A ``FrameSource`` for a video file or a folder of images (their fps: the video's,
     else ``fps``, else 30). Raises naming the path when there is nothing to read."""
@@ -403,21 +383,12 @@ def open_frames(path: str, fps: float | None = None) -> FrameSource:
         raise FileNotFoundError(f"{path}: no such video or image folder")
     if not path.lower().endswith(VIDEO_SUFFIXES):
         raise ValueError(f"{path}: not a video ({', '.join(VIDEO_SUFFIXES)}) or image folder")
-    reader = _open_video(path)
-    try:
-        meta = reader.get_meta_data()
-        first = next(iter(reader), None)
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: undecodable video ({files._describe(error)})") from None
-    finally:
-        reader.close()
-    if first is None:
-        raise ValueError(f"{path}: the video has no frames")
-    first = np.asarray(first)[..., :3]
-    video_fps = meta.get("fps")
-    frames = meta.get("duration", 0) * video_fps if video_fps else None
-    return FrameSource(path, float(video_fps or fps or DEFAULT_FPS), first.shape[0],
-                       first.shape[1], int(round(frames)) if frames else None)
+    info = videos.probe(path)
+    frames = videos.iter_frames(path)
+    if next(frames, None) is None:  # a decoding error in the first frame is raised here too
+        raise ValueError(f"video {path!r} has no frames")
+    frames.close()
+    return FrameSource(path, float(info.fps or fps or DEFAULT_FPS), info.height, info.width, info.num_frames)
 
 
 def extract_poses(source: FrameSource, extractor: WholeBodyExtractor, *, batch_size: int = 8,

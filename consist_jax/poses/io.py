@@ -425,17 +425,20 @@ def count_off_canvas(pose_seq: PoseSequence) -> tuple[np.ndarray, np.ndarray]:
     return np.sum(shown & ~inside, axis=-1), np.sum(shown, axis=-1)
 
 
-def _check_on_canvas(pose_seq: PoseSequence, coordinates: str, frame_sources):
+def _check_on_canvas(pose_seq: PoseSequence, coordinates: str, frame_sources, size_assumed: bool = False):
     """Raises when a frame's shown points lie mostly off the canvas; ``frame_sources``
-    (T,) names the file of each frame."""
+    (T,) names the file of each frame; ``size_assumed``: the canvas is ``default_size``
+    (the file records none), so the hint is one a command-line user can follow."""
     off, shown = count_off_canvas(pose_seq)
     bad = np.nonzero(off > BULK_FRACTION * shown)[0]
     if len(bad):
         t = int(bad[0])
+        hint = ("the file records no image size, so this default one was assumed: write the size of "
+                "the image the poses were drawn on into the file ('canvas_height'/'canvas_width' or 'height'/'width')"
+                if size_assumed else "pass the right height/width or coordinates= ('pixels' or 'normalized')")
         raise ValueError(
             f"{frame_sources[t]}: frame {t}: {off[t]} of {shown[t]} visible keypoints lie off "
-            f"the {pose_seq.height}x{pose_seq.width} (HxW) canvas as {coordinates} coordinates; "
-            f"pass the right height/width or coordinates= ('pixels' or 'normalized')")
+            f"the {pose_seq.height}x{pose_seq.width} (HxW) canvas as {coordinates} coordinates; {hint}")
 
 
 def load_poses(path, *, height: int | None = None, width: int | None = None,
@@ -515,10 +518,11 @@ def _load_poses(path: Path, height, width, coordinates, person, default_size) ->
     if declared_layout is not None and L.get_layout(declared_layout).name != layout:
         raise ValueError(f"{source}: 'layout' says {declared_layout} but the points are "
                          f"{layout} ({points.shape[1]} points)")
+    size_assumed = file_size == (None, None) and height is None and width is None and default_size is not None
     height, width = _resolve_size(file_size, height, width, default_size, source)
     points, coordinates = _to_pixels(points, height, width, coordinates)
     poses = PoseSequence(points, layout, height, width, source=source)
-    _check_on_canvas(poses, coordinates, frame_sources or [source] * len(poses))
+    _check_on_canvas(poses, coordinates, frame_sources or [source] * len(poses), size_assumed)
     return poses
 
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import subprocess
 from typing import Optional, Sequence
 
 import numpy as np
 
-from consist_jax import checks, files
+from consist_jax import checks, files, videos
 from consist_jax.images import IMAGE_SUFFIXES, flatten_alpha, has_alpha, to_uint8, upright
 from consist_jax.poses.align import align_poses
 from consist_jax.poses.io import KEYPOINT_SUFFIXES, count_off_canvas, load_poses
@@ -36,7 +34,6 @@ MAX_PAD_FRACTION = 0.5  # at most this share of a fitted side may be padding
 PERSON_MARGIN = 0.1  # the person's box grows by this share of its size on each side
 DRAWN_LEVEL = 16  # a pose image's pixel brighter than this is drawn (above video noise)
 REFERENCE_FILL, POSE_FILL = 255, 0  # padding: white around a photo, black around a skeleton
-VIDEO_FRAME_SLACK = 0.05  # decoded frames may fall this far short of the header's count
 _log = logging.getLogger(__name__)
 
 
@@ -109,6 +106,21 @@ def load_image(path: str, what: str = "image", background: int = POSE_FILL) -> n
         raise ValueError(f"cannot read {path!r} as an image: {e}") from e
 
 
+def minimum_size(resolution: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (H, W) fitted to the model's ``resolution``: enlarged at most ``MAX_UPSCALE`` times."""
+    return tuple(-(-side // MAX_UPSCALE) for side in resolution)
+
+
+def check_image_size(what: str, size: tuple[int, int], resolution: tuple[int, int]) -> None:
+    """Refuses an image smaller than ``minimum_size`` on a side (a 1x1 reference holds no
+    person), before anything drawn on its canvas is read."""
+    need = minimum_size(resolution)
+    if size[0] < need[0] or size[1] < need[1]:
+        raise ValueError(f"{what} is {size[0]}x{size[1]} (HxW), too small for the model's "
+                         f"{resolution[0]}x{resolution[1]}: it must be at least {need[0]}x{need[1]} "
+                         f"(enlarged at most {MAX_UPSCALE}x)")
+
+
 def check_fit(what: str, size: tuple[int, int], box: tuple[int, int, int, int],
               resolution: tuple[int, int]) -> None:
     """Refuses a fit that would enlarge the box more than ``MAX_UPSCALE`` times per side (a
@@ -116,7 +128,7 @@ def check_fit(what: str, size: tuple[int, int], box: tuple[int, int, int, int],
     (an aspect ratio too far from the model's)."""
     x0, y0, x1, y1 = box
     fitted = (y1 - y0, x1 - x0)
-    need = tuple(-(-side // MAX_UPSCALE) for side in resolution)
+    need = minimum_size(resolution)
     shape = f"{what} is {size[0]}x{size[1]} (HxW)"
     if fitted[0] < need[0] or fitted[1] < need[1]:
         raise ValueError(f"{shape}, too small for the model's {resolution[0]}x{resolution[1]}: the part "
@@ -190,47 +202,6 @@ def read_keypoints(path: str, resolution: tuple[int, int], height: Optional[int]
     return fit_keypoints(load_poses(path, height=height, width=width, default_size=canvas), resolution)
 
 
-def _first_error(stderr: str) -> str:
-    """ffmpeg's first error line, without its "[h264 @ 0x55...]" address."""
-    line = stderr.strip().splitlines()[0] if stderr.strip() else "no message"
-    return re.sub(r" @ 0x[0-9a-f]+", "", line)
-
-
-def _decode_video(path: str) -> np.ndarray:
-    """A video file -> uint8 (F, H, W, 3) via ffmpeg, refusing anything it could not decode.
-
-    ffmpeg stops at the first decoding error (``-xerror``; one thread, so frames come out in
-    order): the error names the file and the frame it reached. A clean decode that yields
-    fewer frames than the header's duration x fps promises is an error too.
-    """
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(path)
-        meta = next(reader)
-        reader.close()
-    except (OSError, RuntimeError, StopIteration) as e:
-        lines = [line for line in str(e).splitlines() if "error" in line.lower()]
-        reason = _first_error(lines[0] if lines else str(e))
-        raise ValueError(f"cannot read poses {path!r} as a video: {reason}") from None
-    width, height = meta["size"]
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", "-threads", "1",
-               "-xerror", "-i", path, "-map", "0:v:0", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    result = subprocess.run(command, capture_output=True)
-    count = len(result.stdout) // (height * width * 3)
-    errors = result.stderr.decode(errors="replace")
-    if result.returncode != 0 or errors.strip():
-        raise ValueError(f"pose video {path!r} is corrupt: decoding failed at frame {count} "
-                         f"(ffmpeg: {_first_error(errors)})")
-    promised = int(round(meta["fps"] * meta["duration"])) if meta.get("fps") and meta.get("duration") else 0
-    if count < promised - max(1, int(VIDEO_FRAME_SLACK * promised)):
-        raise ValueError(f"pose video {path!r} decoded to {count} frames but its header promises "
-                         f"{promised} ({meta['duration']} s at {meta['fps']} fps): frames from {count} "
-                         f"on are missing")
-    frames = np.frombuffer(result.stdout, np.uint8)[:count * height * width * 3]
-    return frames.reshape(count, height, width, 3)
-
-
 def _read_gif(path: str) -> np.ndarray:
     """An animated GIF -> uint8 (F, H, W, 3)."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
@@ -257,7 +228,7 @@ def load_pose_images(path: str) -> np.ndarray:
         elif path.lower().endswith(".gif"):
             frames = list(_read_gif(path))
         else:
-            frames = list(_decode_video(path))
+            frames = list(videos.read_frames(path, "pose video"))
         names = [f"{path} frame {i}" for i in range(len(frames))]
     if not frames:
         raise ValueError(f"{path!r} holds no frames")
@@ -338,6 +309,7 @@ def read_sample_inputs(reference_path: str, poses_path: str, resolution: tuple[i
         raise FileNotFoundError(f"poses {poses_path!r} do not exist")
     image = load_image(reference_path, "reference image", REFERENCE_FILL)
     canvas = image.shape[:2]
+    check_image_size(f"reference image {reference_path!r}", canvas, resolution)  # its canvas holds the poses
     reference_pose = _read_reference_pose(reference_pose_path, canvas) if reference_pose_path else None
     poses = _read_target_poses(poses_path, canvas, align)
     reference_person = _person(reference_pose)
@@ -412,6 +384,7 @@ def _read_reference_pose(path: str, canvas: tuple[int, int]):
 
 OUTPUT_SUFFIXES = (".mp4", ".gif")  # and no suffix: a folder of PNG frames
 MAX_GIF_FPS = 100.0  # GIF delays are whole centiseconds
+MP4_FPS = (0.001, 1000.0)  # rates ffmpeg takes (a rational of denominator <= 10**6) and players show
 
 
 def output_suffix(path: str) -> str:
@@ -428,12 +401,17 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
         raise ValueError(f"output {path!r}: write .mp4, .gif or a folder of PNGs (no suffix)")
     if suffix == ".gif":
         checks.check_number(fps_name, fps, 0, MAX_GIF_FPS, low_open=True)
+    elif suffix == ".mp4":
+        checks.check_number(fps_name, fps, *MP4_FPS)
     else:
         checks.positive_number(fps_name, fps)
     if suffix and os.path.isdir(path):
         raise FileExistsError(f"output {path!r} is a folder; a {suffix} output needs a file name")
     if not suffix and os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"output {path!r} is a file; PNG frames (no suffix) go to a folder")
+    if not suffix and os.path.isdir(path) and any(name.lower().endswith(".png") for name in os.listdir(path)):
+        raise FileExistsError(f"output folder {path!r} holds PNG files already: the frames of two runs would "
+                              f"mix; write to a new or empty folder")
     files.check_can_create(path)
     if suffix == ".mp4" and frame_size is not None and (frame_size[0] % 2 or frame_size[1] % 2):
         raise ValueError(f"output {path!r}: H.264 needs an even frame size, the frames are "
@@ -441,14 +419,15 @@ def check_output(path: str, fps: float, fps_name: str = "fps",
 
 
 def _check_frames_read_back(expected: int, exact: bool):
-    """A check for files.atomic_path: the video decodes to ``expected`` frames (GIF
-    writers merge identical consecutive frames, so a GIF may hold fewer)."""
+    """A check for files.atomic_path: the video decodes to ``expected`` frames (an MP4, read
+    as every video is read, ``exact``; GIF writers merge identical consecutive frames, so a
+    GIF may hold fewer)."""
 
     def check(tmp: str) -> None:
         import imageio.v3 as iio
 
         try:
-            count = sum(1 for _ in iio.imiter(tmp))
+            count = sum(1 for _ in (videos.iter_frames(tmp, "written video") if exact else iio.imiter(tmp)))
         except Exception as e:  # imageio raises several types for undecodable files
             raise ValueError("the written file does not decode (truncated?)") from e
         if count != expected if exact else not 1 <= count <= expected:
@@ -469,6 +448,7 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
                     raise ValueError("the PNG does not read back as written")
         return check
 
+    created = not os.path.isdir(folder)
     files.ensure_folder(folder)
     names = names or [f"{i:03d}.png" for i in range(len(frames))]
     written = []
@@ -480,11 +460,13 @@ def write_frames(folder: str, frames: np.ndarray, names: Optional[Sequence[str]]
     except files.WriteError:
         for name in written:  # a video is all its frames or none
             os.remove(name)
+        if created:  # nor an empty folder that looks like a result
+            os.rmdir(folder)
         raise
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
-    """uint8 (F, H, W, 3) -> an MP4 (H.264 via imageio-ffmpeg) or GIF, by the suffix, or
+    """uint8 (F, H, W, 3) -> an MP4 (H.264 through ffmpeg: videos.write_mp4) or GIF, by the suffix, or
     PNG frames when ``path`` has no suffix (a folder).
 
     Written under a temporary name, its frames counted back, then renamed: on any
@@ -505,10 +487,7 @@ def write_video(path: str, frames: np.ndarray, fps: float = 12.0) -> None:
             first, *rest = [Image.fromarray(frame) for frame in frames]
             first.save(tmp, save_all=True, append_images=rest, duration=1000.0 / fps, loop=0)
         else:
-            import imageio.v2 as iio2  # the imageio-ffmpeg writer
-
-            # macro_block_size=1 keeps small frames unscaled; libx264 needs even sizes.
-            iio2.mimwrite(tmp, list(frames), fps=fps, codec="libx264", macro_block_size=1, quality=9)
+            videos.write_mp4(tmp, frames, fps)
 
 
 def side_by_side(reference: np.ndarray, poses: np.ndarray, frames: np.ndarray) -> np.ndarray:

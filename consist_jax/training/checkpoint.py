@@ -17,8 +17,10 @@ resumed run moves it to ``{workdir}/checkpoints_damaged/``.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -31,6 +33,9 @@ from jax.experimental import multihost_utils
 from consist_jax import files
 from consist_jax.checkpoints import (FILE_SIZES, ITEMS, finished_steps, innermost_cause, newest_intact_step,
                                      read_failure, restore_params, verify_step)
+
+
+PARTIAL_STEP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
 
 
 class CheckpointMismatchError(ValueError):
@@ -117,7 +122,7 @@ class _SaveErrorEchoes(logging.Filter):
         if self.failed and (from_orbax or record.name == "asyncio"):
             return False
         text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
-        if ".orbax-checkpoint-tmp" in text:
+        if PARTIAL_STEP_SUFFIX in text:
             return False
         if from_orbax:
             # orbax keeps the exception and raises it again from wait_until_finished, where
@@ -226,7 +231,8 @@ class Checkpointer:
         self._pending = None
 
     def close(self) -> None:
-        """Finishes the pending save; after a failed save, only releases orbax's threads."""
+        """Finishes the pending save; after a failed save, releases orbax's threads and
+        removes the partial step they leave."""
         try:
             if not self._failed:
                 self.wait()
@@ -236,6 +242,16 @@ class Checkpointer:
             except Exception:  # noqa: BLE001 - the failure was already raised once, with its step
                 if not self._failed:
                     raise
+            if self._failed:
+                self._remove_partial_steps()
+
+    def _remove_partial_steps(self) -> None:
+        """Deletes orbax's temporary step folders ``{step}.orbax-checkpoint-tmp*`` (no writer
+        is left to finish them): a failed save leaves no partial checkpoint to fill the disk."""
+        if jax.process_index() != 0:
+            return
+        for path in glob.glob(os.path.join(glob.escape(self.directory), f"*{PARTIAL_STEP_SUFFIX}*")):
+            shutil.rmtree(path, ignore_errors=True)
 
     @contextlib.contextmanager
     def _save_errors(self):

@@ -39,10 +39,10 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-import imageio.v2 as imageio
 import numpy as np
 from PIL import Image
 
+from consist_jax import videos
 from consist_jax.data import records
 from consist_jax.data.shards import write_split_shards
 from consist_jax.images import to_uint8
@@ -266,14 +266,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _read_mp4(path: Path) -> np.ndarray:
-    reader = imageio.get_reader(os.fspath(path), format="FFMPEG")
-    try:
-        frames = [np.asarray(frame)[..., :3] for frame in reader]
-    finally:
-        reader.close()
-    if not frames:
-        raise ValueError(f"{path}: no frames")
-    return np.stack(frames).astype(np.uint8)
+    return videos.read_frames(os.fspath(path))  # every frame, or an error naming the frame
 
 
 # ----------------------------------------------------------------------------- writing
