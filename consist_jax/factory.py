@@ -41,17 +41,20 @@ import jax
 import jax.numpy as jnp
 
 from consist_jax.convert.clip_vision import load_image_encoder
-from consist_jax.convert.motion import add_motion_params, load_motion_adapter
+from consist_jax.convert.loading import config_from_file
+from consist_jax.convert.motion import adapter_structure, add_motion_params, load_motion_adapter
 from consist_jax.convert.single_file import load_unet_single_file, load_vae_single_file
 from consist_jax.convert.unet import init_unet_params, load_unet
 from consist_jax.convert.vae import load_vae
 from consist_jax.convert.wan import load_transformer
 from consist_jax.convert.wan_vae import load_wan_vae
+from consist_jax.models.clip_vision import CLIPVisionConfig
 from consist_jax.models.motion import MotionConfig
 from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec, WanVAECodec
 from consist_jax.models.scd import TextContext
 from consist_jax.models.self_attention import AttentionConfig
 from consist_jax.models.unet import UNet, UNetConfig
+from consist_jax.models.vae import VAEConfig
 from consist_jax.models.wan_denoiser import POSE_IMAGE_CHANNELS, WanDenoiser, WanDenoiserConfig
 from consist_jax.models.wan_scd import PosePatchEmbedding, WanSCDConfig, init_wan_scd_params
 from consist_jax.models.wan_transformer import WanTransformerConfig
@@ -170,6 +173,25 @@ def check_paths(config: Any) -> None:
     init_from = config.get("init_from", "")
     if init_from and not os.path.isdir(os.path.join(init_from, "checkpoints")):
         raise FileNotFoundError(f"model.init_from={init_from!r} is not a train.py workdir (no checkpoints/)")
+    check_config_files(config, paths)
+
+
+def check_config_files(config: Any, paths: dict) -> None:
+    """Reads every named folder's config.json now, before any work: the UNet's init (or a
+    pretrained load) compiles, so a bad VAE, image-encoder, Wan or motion-adapter config
+    found after it would cost that time. Errors name the file and the key."""
+    readers = {
+        "model.pretrained_unet": UNetConfig.from_diffusers,
+        "model.pretrained_transformer": WanTransformerConfig.from_diffusers,
+        "model.codec.vae_path": (WanVAEConfig if config.codec.kind == "wan_vae" else VAEConfig).from_diffusers,
+        "model.context.image_encoder_path": CLIPVisionConfig.from_transformers,
+    }
+    for name, path in paths.items():
+        if path:
+            config_from_file(readers[name], path)
+    adapter = config.get("motion_adapter", "")
+    if adapter and os.path.isdir(adapter):
+        config_from_file(adapter_structure, adapter)
 
 
 def motion_options(config: Any) -> dict:

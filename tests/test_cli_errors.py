@@ -108,9 +108,15 @@ def test_train_py_refuses_before_building(tmp_path, data_dir):
         f"--workdir={plain_file}": "is a file, not a folder",
         "--process_id=3 --num_processes=2": "--process_id=3: must be an integer in [0, 1]",
     }
+    # A model folder whose config.json is bad: read before the UNet's init compiles
+    # (factory.check_config_files; every folder's reader: tests/test_config_files.py).
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "config.json").write_text("[]")
+    cases[f"--config.model.motion_adapter={adapter}"] = f"{str(adapter / 'config.json')!r}"
     results = _refusals("train.py", [base + c.split() for c in cases], run_env(data_dir))
     _assert_one_line_refusals(results, cases.values())
-    assert [p.name for p in tmp_path.iterdir()] == ["plain"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "plain"]
 
 
 def test_traceback_on_request(tmp_path):

@@ -21,6 +21,7 @@ TINY_MOTION = dict(block_out_channels=[8, 16], motion_layers_per_block=1, motion
 
 
 def _folder(tmp_path, config, name="config.json"):
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / name).write_text(json.dumps(config))
     return str(tmp_path)
 
@@ -63,3 +64,27 @@ def test_preprocessor_config(tmp_path):
     folder = _folder(tmp_path, [], "preprocessor_config.json")
     with pytest.raises(ValueError, match="preprocessor_config.json' holds a JSON list"):
         load_preprocess_config(folder)
+
+
+@pytest.mark.parametrize("section, key, good, bad", [
+    ("codec", "vae_path", TINY_VAE, {"latent_channels": -4}),
+    ("context", "image_encoder_path", TINY_CLIP, {"hidden_size": -8}),
+    ("", "motion_adapter", TINY_MOTION, {"block_out_channels": 8}),
+])
+def test_the_factory_reads_every_folders_config_before_building(tmp_path, section, key, good, bad):
+    """factory.check_paths reads each named folder's config.json before anything is built
+    (the UNet's init compiles), with the loader's message."""
+    import ml_collections
+
+    from configs.common import base_config
+    from consist_jax.factory import check_paths
+
+    model = base_config().model
+    model.codec = ml_collections.ConfigDict(dict(kind="vae", vae_path=_folder(tmp_path / "vae", TINY_VAE)))
+    model.context = ml_collections.ConfigDict(dict(kind="embedding",
+                                                   image_encoder_path=_folder(tmp_path / "clip", TINY_CLIP)))
+    check_paths(model)  # good files pass
+    folder = _folder(tmp_path / "bad", {**good, **bad})
+    (model[section] if section else model)[key] = folder
+    with pytest.raises(ValueError, match=f"^'{folder}/config.json': "):
+        check_paths(model)

@@ -168,7 +168,7 @@ def load_motion_adapter(path: str, *, dtype: Any = jnp.float32, **overrides) -> 
       merge it into an image UNet's params with ``add_motion_params``.
     """
     if os.path.isdir(path):
-        motion, channels, layers_per_block = config_from_file(_adapter_structure, path, **overrides)
+        motion, channels, layers_per_block = config_from_file(adapter_structure, path, **overrides)
         files = find_weight_files(path, "diffusion_pytorch_model")
         state = apply_rename_rules(read_state_dict(files), ORIGINAL_RENAME_RULES)
     elif os.path.isfile(path) or path.endswith(PICKLE_SUFFIXES):  # read_state_dict refuses pickles
@@ -190,7 +190,7 @@ def load_motion_adapter(path: str, *, dtype: Any = jnp.float32, **overrides) -> 
     return motion, jax.tree_util.tree_map(jnp.asarray, params)
 
 
-def _adapter_structure(config: dict, **overrides) -> tuple[MotionConfig, tuple[int, ...], int]:
+def adapter_structure(config: dict, **overrides) -> tuple[MotionConfig, tuple[int, ...], int]:
     """A ``MotionAdapter`` config.json -> (MotionConfig, block_out_channels, layers_per_block),
     checked before any weights are read (config_from_file names the file in any error)."""
     motion = MotionConfig.from_diffusers(config, **overrides)
