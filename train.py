@@ -60,6 +60,14 @@ def initialize_distributed() -> None:
             process_id=FLAGS.process_id if FLAGS.process_id is not None else int(os.environ["JAX_PROCESS_ID"]),
         )
     jax.distributed.initialize(**kwargs)
+    # The first cross-process collective sets up the CPU (gloo) connections, and waits only
+    # 30 s for every process to get there. Here all processes arrive together; later, one
+    # can be a compile behind (on CPU only process 0's compiles are read back from the
+    # persistent cache): a restore or checkpoint save then failed with "Gloo context
+    # initialization failed ... timed out".
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("distributed initialized")
 
 
 def check_flags(config) -> None:

@@ -27,6 +27,7 @@ NAMED_ERRORS = {
     "consist_jax.training.trainer": "NonFiniteLossError",
     "consist_jax.data.pipeline": "BadExampleError",
     "consist_jax.training.checkpoint": "CheckpointSaveError",
+    "consist_jax.checkpoints": "CheckpointDamagedError",
 }
 
 

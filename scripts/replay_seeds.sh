@@ -18,7 +18,8 @@ if [ -z "$PY" ]; then
 fi
 if [ $# -eq 0 ]; then
   set -- -m seeded tests/test_schedule.py tests/test_samplers.py tests/test_guidance.py \
-    tests/test_eval_metrics.py tests/test_poses.py tests/test_poses_align.py tests/test_poses_sequence.py
+    tests/test_eval_metrics.py tests/test_flow.py tests/test_attention.py tests/test_attention_kernels.py \
+    tests/test_poses.py tests/test_poses_io.py tests/test_poses_align.py tests/test_poses_sequence.py
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

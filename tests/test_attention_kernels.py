@@ -195,10 +195,33 @@ def test_named_kernel_that_cannot_run_is_an_error(rng, impl, needs):
     message = f"attention_impl='{impl}' needs a {needs}, but this computation targets '{platform}'"
     layer = SelfAttention(HEADS, DIM, AttentionConfig(impl=impl))
     x = jnp.zeros((3, 6, HEADS * DIM))
-    with pytest.raises(KernelUnavailableError, match=message):
+    with pytest.raises(KernelUnavailableError, match=message) as error:
         jax.jit(lambda r, t: reference_target_attention(r, t, impl=impl))(ref, tgt)
     with pytest.raises(KernelUnavailableError, match=message):
         layer.init(jax.random.PRNGKey(0), x, ReferenceLayout("joint", 2))
+    # The interpreter is suggested only where there is one (the Pallas kernels, not cuDNN).
+    suggested = f"'{impl}_interpret'" in str(error.value)
+    assert suggested == (f"{impl}_interpret" in ATTENTION_IMPLS), str(error.value)
+
+
+def test_the_targeted_devices_choose_not_the_host(caplog):
+    """An ahead-of-time compile for a TPU from this CPU host: under a mesh of TPU devices
+    (libtpu describes them; nothing runs) ``auto`` picks splash, and a GPU kernel asked
+    for by name is refused naming the TPU it would have been compiled for."""
+    from consist_jax.training.compile_report import tpu_devices
+
+    mesh = jax.sharding.Mesh(np.array(tpu_devices("v5e-4")).reshape(1, -1), ("data", "fsdp"))
+    ref = (jax.ShapeDtypeStruct((1, 6, HEADS, DIM), jnp.float32),) * 3  # traced only, never run
+    tgt = (jax.ShapeDtypeStruct((1, 2, 5, HEADS, DIM), jnp.float32),) * 3
+    attention._LOGGED.clear()
+    with jax.set_mesh(mesh), caplog.at_level(logging.WARNING):
+        assert attention.target_platform() == "tpu" and jax.default_backend() == "cpu"
+        assert kernels.auto_backend() is kernels.SPLASH
+        for impl in ("pallas", "cudnn"):
+            with pytest.raises(KernelUnavailableError, match=f"attention_impl='{impl}' needs a GPU, but this "
+                                                             f"computation targets 'tpu'; use 'auto' or 'xla'"):
+                jax.jit(lambda r, t: reference_target_attention(r, t, impl=impl)).trace(ref, tgt)
+    assert "attention_impl='auto' on 'tpu' targets: 'splash'" in caplog.text
 
 
 def test_kernel_partition_over_mesh_axes():

@@ -141,8 +141,13 @@ def test_user_errors_and_bugs(capsys, monkeypatch):
             raise error
         return cli.reports_user_errors(main)
 
+    from consist_jax.checkpoints import CheckpointDamagedError
+
+    damaged = CheckpointDamagedError("checkpoint step 8 in w/checkpoints: w/checkpoints/8/state/d/x is 5 bytes, "
+                                     "10 were written (cut short?)")
     for error, line in [(ValueError("bad\nvalue"), "error: bad value"), (FileNotFoundError("missing"), "error: missing"),
-                        (cli.WriteError("cannot write x"), "error: WriteError: cannot write x")]:
+                        (cli.WriteError("cannot write x"), "error: WriteError: cannot write x"),
+                        (damaged, f"error: CheckpointDamagedError: {damaged}")]:
         with pytest.raises(SystemExit) as exit_info:
             failing(error)([])
         assert exit_info.value.code == 2 and capsys.readouterr().err == line + "\n"

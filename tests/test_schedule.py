@@ -282,8 +282,6 @@ def test_min_snr_weights_follow_the_formula(name, prediction_type):
 
 def test_training_noise_offset_is_per_sample_and_channel(rng):
     key = jax.random.key(int(rng.integers(2**31)), impl=KEY_IMPL)
-def test_training_noise_offset_is_per_sample_and_channel():
-    key = jax.random.key(np.random.SeedSequence().entropy % (2**31), impl=KEY_IMPL)
     shape = (3, 5, 8, 8, 4)  # (B, F, h, w, C)
     plain = sch.sample_training_noise(key, shape)
     offset = sch.sample_training_noise(key, shape, offset=0.05)

@@ -85,14 +85,15 @@ def _frames_to_batch(x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def require_platform(impl: str, platform: str) -> None:
-    """Raises unless the traced computation targets ``platform`` (``impl`` names the kernel)."""
+def require_platform(impl: str, platform: str, interpretable: bool = False) -> None:
+    """Raises unless the traced computation targets ``platform`` (``impl`` names the kernel;
+    ``interpretable``: a Pallas kernel, which ``{impl}_interpret`` runs anywhere)."""
     targeted = target_platform()
     if targeted != platform:
+        hint = f" ('{impl}_interpret' runs the kernel in the Pallas interpreter, for tests)" if interpretable else ""
         raise KernelUnavailableError(
             f"attention_impl={impl!r} needs a {platform.upper()}, but this computation targets "
-            f"{targeted!r}; use 'auto' or 'xla' there ('{impl}_interpret' runs the kernel in "
-            f"the Pallas interpreter, for tests)"
+            f"{targeted!r}; use 'auto' or 'xla' there{hint}"
         )
 
 
@@ -382,7 +383,7 @@ def _kernel_backend(impl: str, platform: str, plain, target, rule, interpret: bo
     def checked(fn):
         def call(*args, **kwargs):
             if not interpret:
-                require_platform(impl, platform)
+                require_platform(impl, platform, interpretable=True)
             return fn(*args, **kwargs, interpret=interpret)
 
         return call
