@@ -29,7 +29,7 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
                            flip_probability=0.0)
     c.model.backbone = "wan"
     c.model.pretrained_transformer = ""  # a diffusers folder (the flag above); "" trains a fresh DiT
-    c.model.wan.update(transformer, dtype="bfloat16", remat=True)
+    c.model.wan.update(transformer, dtype="bfloat16", remat=True, attention_impl="auto")
     c.model.codec = dict(kind="vae", vae_path="", factor=8, chunk_size=4)
     c.model.context = dict(kind="none")  # the text: precomputed UMT5 embeddings in the batch
     c.train.update(global_batch_size=global_batch_size, num_steps=10_000)

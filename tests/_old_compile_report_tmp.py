@@ -1,0 +1,113 @@
+"""Ahead-of-time compiles for TPU topologies on this CPU host (libtpu describes the chips).
+
+One tiny config is compiled for a TPU v5e slice through ``train.py --compile_topology``
+(the report's keys, compiled splash kernels, it fits) and once more with a batch far past
+the chip's memory (it does not fit). Nothing runs on a TPU.
+"""
+import json
+import math
+import subprocess
+
+import pytest
+from runs import REPO, run_env, train_cmd
+
+from consist_jax.training import compile_report as cr
+
+REPORT_KEYS = {
+    "topology", "num_slices", "device_kind", "num_devices", "mesh", "global_batch_size",
+    "per_device_bytes", "device_memory_bytes", "fits", "flops_per_step", "bytes_accessed_per_step",
+    "estimated_step_seconds", "estimated_mfu", "tpu_attention_kernels",
+}
+TINY_TPU = ["--config.model.unet.attention_impl=auto", "--config.mesh.shape=(1,-1)"]
+
+
+@pytest.mark.parametrize("name, kind, chips, shape", [
+    ("v4-8", "TPU v4", 4, (2, 2, 1)),
+    ("v5p-8", "TPU v5", 4, (2, 2, 1)),
+    ("v5p-128", "TPU v5", 64, (4, 4, 4)),
+    ("v5e-8", "TPU v5 lite", 8, (2, 4)),
+    ("v5e-16", "TPU v5 lite", 16, (4, 4)),
+    ("v6e-8", "TPU v6 lite", 8, (2, 4)),
+])
+def test_accelerator_types_describe_their_chips(name, kind, chips, shape):
+    """Cloud TPU names count TensorCores on v4 / v5p (two per megacore chip), chips on v5e / v6e."""
+    assert cr.parse_accelerator_type(name)[1] == shape
+    devices = cr.tpu_devices(name)
+    assert len(devices) == chips and math.prod(shape) == chips
+    assert {d.device_kind for d in devices} == {kind} and {d.platform for d in devices} == {"tpu"}
+    assert kind in cr.TPU_CHIPS
+
+
+def test_slices_multiply_the_devices():
+    devices = cr.tpu_devices("v5e-16", num_slices=2)
+    assert len(devices) == 32 and {d.slice_index for d in devices} == {0, 1}
+
+
+@pytest.mark.parametrize("name", ["v5e", "v7-8", "v5p-12", "v4-2x2", "v5e-6"])
+def test_unknown_accelerator_types_are_named(name):
+    with pytest.raises(cr.TopologyError, match=f"--compile_topology={name!r}"):
+        cr.parse_accelerator_type(name)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """train.py --compile_topology=v5e-4 on the tiny config (its data is never read)."""
+    workdir = tmp_path_factory.mktemp("compile")
+    cmd = train_cmd(str(workdir), "--compile_topology=v5e-4", *TINY_TPU)
+    done = subprocess.run(cmd, cwd=REPO, env=run_env(str(workdir / "no_data")), capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TPU attention kernels" in done.stdout
+    with open(workdir / cr.REPORT_NAME) as f:
+        return json.load(f)
+
+
+def test_train_step_compiles_for_tpu_with_kernels(tiny_report):
+    report = tiny_report
+    assert REPORT_KEYS <= set(report)
+    assert set(report["per_device_bytes"]) == {"arguments", "outputs", "temp", "generated_code", "peak"}
+    assert report["device_kind"] == "TPU v5 lite" and report["num_devices"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 4} and report["global_batch_size"] == 8
+    assert report["tpu_attention_kernels"] > 0, "auto on a TPU target must compile splash kernels"
+    assert report["fits"] and 0 < report["per_device_bytes"]["peak"] < report["device_memory_bytes"]
+    assert report["flops_per_step"] > 0 and report["estimated_step_seconds"] > 0
+    assert 0 < report["estimated_mfu"] <= 1
+
+
+def test_a_batch_past_the_chip_memory_does_not_fit(tiny_report):
+    """The same step at 4096x the batch (8192 examples a chip): past a v5e's 16 GiB."""
+    from tests.configs.tiny import get_config
+
+    config = get_config()
+    config.model.unet.attention_impl = "auto"
+    config.mesh.shape = (1, -1)
+    big = tiny_report["global_batch_size"] * 4096  # 1024x measured 6.6 GiB of temporaries
+    report = cr.train_report(config, "v5e-4", global_batch_size=big)
+    assert REPORT_KEYS <= set(report) and report["global_batch_size"] == big
+    assert not report["fits"], report["per_device_bytes"]
+    # XLA:TPU refuses past its usable HBM (15.75 of a v5e's 16 GiB) or reports the peak.
+    assert report["per_device_bytes"]["peak"] > (1 - report["hbm_headroom"]) * report["device_memory_bytes"]
+
+
+def test_out_of_memory_compiles_are_read():
+    """XLA:TPU refuses a program past HBM with RESOURCE_EXHAUSTED: the report reads the need."""
+    error = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                         "memory space hbm. Used 20.81G of 15.48G hbm. Exceeded hbm capacity by 5.33G.")
+    assert cr.hbm_exceeded(error) == int(20.81 * 2**30)
+    error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                         "HLO temporaries (36.00G) exceeds available HBM (15.75G).")
+    assert cr.hbm_exceeded(error) == 36 * 2**30
+    assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
+
+
+def test_two_stage_sampler_compiles_for_tpu_with_kernels():
+    """Reference pass + the guided loop over two temporal windows + decode, one v5e chip."""
+    from tests.configs.tiny import get_config
+
+    config = get_config()
+    config.model.unet.attention_impl = "auto"
+    config.sample.update(window=2, overlap=1)
+    report = cr.sample_report(config, "v5e-4", num_frames=3, steps=2)
+    assert REPORT_KEYS <= set(report) and report["program"] == "sampler"
+    assert report["num_devices"] == 1 and report["frames"] == 3
+    assert report["tpu_attention_kernels"] > 0 and report["fits"]
