@@ -85,24 +85,28 @@ TRAIN_SCRIPT = textwrap.dedent(
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(int(sys.argv[1]))
     config = get_config()
+    config.model.wan.num_layers = 1  # one block, no EMA: the smallest compiles
+    config.optim.ema_decay = 0.0
     config.mesh.update(axes=("data", "fsdp", "sequence"), shape=(2, 1, 4))
-    config.model.wan.num_layers = 1  # one block: the smallest compile
-    mesh = sharding.mesh_from_config(config.mesh)
     batch = {k: (rng.integers(0, 8, s.shape) if s.dtype == np.int32 else rng.random(s.shape)).astype(s.dtype)
              for k, s in abstract_batch(config, config.train.global_batch_size).items()}
     key = jax.random.key(int(rng.integers(0, 2**31)))
+    model, params, frozen = factory.build_model(config.model, jax.random.key(0))
+    params = jax.tree_util.tree_map(np.asarray, params)  # on the host: each step's donated state is a copy
+    config.model.wan.sequence_axis = "sequence"
+    split_model = factory.build_model(config.model, jax.random.key(0), init_params=False)[0]
 
-    def one_step(axis):
-        config.model.wan.sequence_axis = axis
-        model, params, frozen = factory.build_model(config.model, jax.random.key(0))
+    def one_step(model, mesh):
         program = build_train_program(config, model, params, frozen, mesh)
-        state = jax.jit(lambda p: create_train_state(p, program.optimizer, program.abstract_state.ema_params
-                                                     is not None), out_shardings=program.state_sharding)(params)
+        state = create_train_state(params, program.optimizer, ema=False)
         with jax.set_mesh(mesh):
-            _, metrics = program.step(state, jax.device_put(batch, program.batch_sharding), key, frozen)
+            _, metrics = program.step(jax.device_put(state, program.state_sharding),
+                                      jax.device_put(batch, program.batch_sharding), key, frozen)
         return {k: float(v) for k, v in metrics.items()}
 
-    plain, split = one_step(None), one_step("sequence")
+    # The unsharded step on one device; the split one on data=2 x sequence=4.
+    plain = one_step(model, sharding.make_mesh(config.mesh.axes, (1, 1, 1), jax.devices()[:1]))
+    split = one_step(split_model, sharding.mesh_from_config(config.mesh))
     print(json.dumps({k: abs(split[k] - plain[k]) / abs(plain[k]) for k in ("loss", "grad_norm")}))
     """
 )
