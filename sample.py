@@ -34,9 +34,10 @@ flags.DEFINE_string("out", "out.mp4", "Output video (.mp4 or .gif) or a folder f
 flags.DEFINE_integer("steps", 25, "Denoising steps.")
 flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_enum("sampler", "ddim", ["ddim", "dpmpp_2m", "euler"], "Sampler.")
-flags.DEFINE_integer("window", 24, "Frames per temporal window.")
-flags.DEFINE_integer("overlap", 4, "Frames shared by consecutive windows.")
+flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m", "euler", "flow_unipc", "flow_euler"],
+                  "Sampler (default: the checkpoint's diffusion.kind's: ddim, or flow_unipc for flow matching).")
+flags.DEFINE_integer("window", 24, "Frames per temporal window (latent frames under Wan's VAE).")
+flags.DEFINE_integer("overlap", 4, "Frames shared by consecutive windows (latent frames under Wan's VAE).")
 flags.DEFINE_enum("align_poses", "off", ["off", "global", "per_limb"],
                   "Rescale the driving skeleton to the reference's proportions (keypoint inputs).")
 flags.DEFINE_bool("side_by_side", False, "Write reference | pose | result.")
@@ -61,17 +62,19 @@ def main(argv):
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    from consist_jax.diffusion.kinds import sampler_name
     from consist_jax.sampling import inputs, io
     from consist_jax.sampling.pipeline import SCDPipeline
 
     check_flags()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
+    sampler = sampler_name(pipe.schedule, FLAGS.sampler)  # --sampler of the checkpoint's kind, before reading inputs
     reference, ref_pose, poses = inputs.read_inputs(
         pipe.resolution, FLAGS.reference, FLAGS.poses, FLAGS.reference_pose, FLAGS.align_poses,
         FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
     io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
-                  seed=FLAGS.seed, sampler=FLAGS.sampler, window=FLAGS.window, overlap=FLAGS.overlap,
+                  seed=FLAGS.seed, sampler=sampler, window=FLAGS.window, overlap=FLAGS.overlap,
                   progress=True)
     out = io.side_by_side(reference, poses, frames) if FLAGS.side_by_side else frames
     io.write_video(FLAGS.out, out, FLAGS.fps)

@@ -81,8 +81,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.codec = ml_collections.ConfigDict(dict(kind="vae", vae_path="", factor=8, chunk_size=8))
     c.model.context = ml_collections.ConfigDict(dict(kind="embedding", image_encoder_path=""))
 
+    # kind "ddpm" (the beta_* keys) or "flow" (rectified flow as Wan: flow_shift, and the
+    # training timestep density flow_density "uniform" | "logit_normal" with flow_logit_mean /
+    # _std; prediction_type "flow_prediction"), consist_jax/diffusion/kinds.py.
     c.diffusion = ml_collections.ConfigDict(
         dict(
+            kind="ddpm",
+            flow_shift=3.0,
+            flow_density="uniform",
+            flow_logit_mean=0.0,
+            flow_logit_std=1.0,
             beta_schedule="scaled_linear",
             beta_start=0.00085,
             beta_end=0.012,
@@ -111,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log = ml_collections.ConfigDict(dict(every_steps=50, peak_tflops_per_device=0.0, profile_steps=()))
 
     c.sample = ml_collections.ConfigDict(
-        dict(sampler="ddim", steps=25, guidance=3.5, guidance_rescale=0.0, timestep_spacing="",
+        dict(sampler="", steps=25, guidance=3.5, guidance_rescale=0.0, timestep_spacing="",
              window=24, overlap=4, use_ema=True)
     )
     return c

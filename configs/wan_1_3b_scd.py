@@ -2,17 +2,24 @@
 Wan's VAE), FSDP over every chip, bfloat16 compute, each block rematerialised.
 
     python train.py --config=configs/wan_1_3b_scd.py --workdir=runs/wan_1_3b \\
-        --config.model.pretrained_transformer=/path/to/Wan2.1-T2V-1.3B-Diffusers/transformer
+        --config.model.pretrained_transformer=/path/to/Wan2.1-T2V-1.3B-Diffusers/transformer \\
+        --config.model.codec.vae_path=/path/to/Wan2.1-T2V-1.3B-Diffusers/vae
+
+What trains: the DiT (every parameter) plus SCD's fresh pose embedding, with flow matching
+as Wan trains (``diffusion.kind = "flow"``: x_t = (1 - sigma) x0 + sigma eps, the velocity
+eps - x0 as target, the model at timestep sigma * 1000; sigmas uniform over the shift-3.0
+table, Wan2.1's 480p shift) on the targets' tokens only, the reference clean at timestep 0.
+The codec is Wan's causal video VAE (``model.codec.kind = "wan_vae"``, frozen): 81 frames ->
+21 latent frames, the reference image a one-frame clip; the pose frames go onto the same
+latent time grid (4 frames stacked per latent frame, frame 0 repeated) and are
+pixel-unshuffled by 8 into the pose embedding. ``vae_path`` "" builds a RANDOM Wan VAE (the
+ahead-of-time compile needs only shapes): set it for a real run. Sampling: flow_unipc (Wan's
+scheduler), 50 steps, the whole 21-latent-frame clip as one window.
 
 Parameters stay float32 (the optimiser's master copy); ``model.wan.dtype`` is the compute
 dtype. mesh.param_rules: ``training/sharding.py: WAN_PARAM_RULES``. FSDP splits the weights
 and the batch; ``model.wan.sequence_axis`` (off here) also splits each clip's tokens over a
 mesh axis, for a global batch smaller than the chips (docs/wan.md, "Scale").
-
-Not wired yet (so this config declares the model and the mesh but does not train end to
-end): a Wan-VAE codec in SCDModel (4x temporal compression; the codec here is the per-frame
-SD VAE slot, whose 4 channels the factory refuses against the DiT's 16) and the flow-matching
-loss in the train step (diffusion/flow.py exists; training/step.py takes the DDPM schedule).
 """
 import ml_collections
 
@@ -21,6 +28,18 @@ from consist_jax.training.sharding import WAN_PARAM_RULES
 
 RESOLUTION = (480, 832)
 FRAMES = 81  # 21 latent frames under Wan's 4x temporal compression
+LATENT_FRAMES = 21
+FLOW_SHIFT_480P = 3.0  # Wan2.1's scheduler_config flow_shift for 480p (5.0 for 720p)
+
+
+def use_wan_vae_and_flow(c, wan_vae=None, flow_shift: float = FLOW_SHIFT_480P):
+    """Wan's training recipe on config ``c``: the Wan VAE codec (``wan_vae``: WanVAEConfig
+    fields of a fresh VAE, {} = Wan2.1's; ignored once codec.vae_path is set), flow matching
+    at ``flow_shift``, flow_unipc sampling. Shared with the tests' tiny variant."""
+    c.model.codec = dict(kind="wan_vae", vae_path="", wan_vae=dict(wan_vae or {}), seed=0)
+    c.diffusion.update(kind="flow", flow_shift=flow_shift, flow_density="uniform", prediction_type="flow_prediction")
+    c.sample.update(sampler="flow_unipc")
+    return c
 
 
 def wan_scd_config(transformer: dict, global_batch_size: int):
@@ -30,7 +49,7 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
     c.model.backbone = "wan"
     c.model.pretrained_transformer = ""  # a diffusers folder (the flag above); "" trains a fresh DiT
     c.model.wan.update(transformer, dtype="bfloat16", remat=True, attention_impl="auto")
-    c.model.codec = dict(kind="vae", vae_path="", factor=8, chunk_size=4)
+    use_wan_vae_and_flow(c)
     c.model.context = dict(kind="none")  # the text: precomputed UMT5 embeddings in the batch
     c.train.update(global_batch_size=global_batch_size, num_steps=10_000)
     c.optim.update(lr=1e-5, warmup_steps=500, decay_steps=10_000, weight_decay=0.0, ema_decay=0.0)
@@ -40,7 +59,7 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
     # --config.model.wan.sequence_axis=sequence. None: a clip's tokens stay on one device. A
     # typed placeholder, so the command line can set it.
     c.model.wan.sequence_axis = ml_collections.config_dict.placeholder(str)
-    c.sample.update(steps=50, guidance=5.0, window=FRAMES, overlap=0)
+    c.sample.update(steps=50, guidance=5.0, window=LATENT_FRAMES, overlap=0)
     return c
 
 

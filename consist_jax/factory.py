@@ -23,7 +23,11 @@ composes; training, sampling and evaluation build their model here.
                       starts equal to the image UNet)
     init_from:        a train.py workdir (the image stage) whose checkpoint's params replace
                       every non-motion param (the trainer applies it, see trainer.py)
-    codec:            kind "pixel" (factor) or "vae" (vae_path, chunk_size)
+    codec:            kind "pixel" (factor), "vae" (vae_path, chunk_size) or "wan_vae" (Wan2.1's
+                      causal video VAE, 4x in time: vae_path, a diffusers AutoencoderKLWan folder,
+                      or "" for a fresh random one of the architecture ``wan_vae`` (WanVAEConfig
+                      fields; {} is Wan2.1's) seeded by ``seed``: for tests and ahead-of-time
+                      compiles, never for a real run)
     context:          kind "none" | "embedding" | "hidden_states" (image_encoder_path)
 """
 from __future__ import annotations
@@ -41,13 +45,15 @@ from consist_jax.convert.single_file import load_unet_single_file, load_vae_sing
 from consist_jax.convert.unet import init_unet_params, load_unet
 from consist_jax.convert.vae import load_vae
 from consist_jax.convert.wan import load_transformer
+from consist_jax.convert.wan_vae import load_wan_vae
 from consist_jax.models.motion import MotionConfig
-from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
+from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec, WanVAECodec
 from consist_jax.models.self_attention import AttentionConfig
 from consist_jax.models.unet import UNet, UNetConfig
 from consist_jax.models.wan_denoiser import POSE_IMAGE_CHANNELS, WanDenoiser, WanDenoiserConfig
 from consist_jax.models.wan_scd import PosePatchEmbedding, WanSCDConfig, init_wan_scd_params
 from consist_jax.models.wan_transformer import WanTransformerConfig
+from consist_jax.models.wan_vae import ENCODE_CHUNK_FRAMES, AutoencoderKLWan, WanVAEConfig
 
 # UNetConfig fields a run config may set on top of a pretrained UNet's config.json.
 SCD_OPTIONS = (
@@ -106,10 +112,11 @@ def backbone(config: Any) -> str:
     return name
 
 
-def wan_config_from(wan_cfg: Any, pose_factor: int, transformer: WanTransformerConfig | None = None
-                    ) -> WanDenoiserConfig:
+def wan_config_from(wan_cfg: Any, pose_factor: int, transformer: WanTransformerConfig | None = None,
+                    pose_temporal_factor: int = 1) -> WanDenoiserConfig:
     """WanDenoiserConfig from model.wan; ``transformer`` (a pretrained DiT's) replaces the
-    architecture fields, only WAN_RUNTIME_OPTIONS applying on top. pose_factor: the codec's."""
+    architecture fields, only WAN_RUNTIME_OPTIONS applying on top. pose_factor,
+    pose_temporal_factor: the codec's spatial and temporal factors."""
     fields = {f.name for f in dataclasses.fields(WanTransformerConfig)}
     unknown = set(wan_cfg) - fields - set(WAN_SCD_OPTIONS)
     if unknown:
@@ -127,8 +134,9 @@ def wan_config_from(wan_cfg: Any, pose_factor: int, transformer: WanTransformerC
     attention = AttentionConfig(scd.pop("attention_rule", AttentionConfig.rule),
                                 scd.pop("attention_impl", AttentionConfig.impl))
     pose = bool(scd.pop("pose", True))
-    return WanDenoiserConfig(transformer, attention, pose_channels=POSE_IMAGE_CHANNELS * pose_factor ** 2 if pose
-                             else None, pose_factor=pose_factor, **scd)
+    pose_channels = POSE_IMAGE_CHANNELS * pose_temporal_factor * pose_factor ** 2 if pose else None
+    return WanDenoiserConfig(transformer, attention, pose_channels=pose_channels, pose_factor=pose_factor,
+                             pose_temporal_factor=pose_temporal_factor, **scd)
 
 
 def check_paths(config: Any) -> None:
@@ -136,7 +144,7 @@ def check_paths(config: Any) -> None:
     paths = {
         "model.pretrained_unet": config.pretrained_unet,
         "model.pretrained_transformer": config.get("pretrained_transformer", ""),
-        "model.codec.vae_path": config.codec.get("vae_path", "") if config.codec.kind == "vae" else "",
+        "model.codec.vae_path": config.codec.get("vae_path", "") if config.codec.kind in ("vae", "wan_vae") else "",
         "model.context.image_encoder_path": (
             config.context.get("image_encoder_path", "") if config.context.kind != "none" else ""
         ),
@@ -211,10 +219,9 @@ def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SC
         raise ValueError("model.backbone='wan' takes no UNet weights or motion modules (model.pretrained_unet, "
                          "pretrained_single_file, motion, motion_adapter): the DiT attends across frames itself")
     codec, frozen = _codec(config.codec, {}, config)
-    pose_factor = codec.factor if isinstance(codec, PixelCodec) else codec.module.config.downsample_factor
     folder = config.get("pretrained_transformer", "")
     loaded, params = load_transformer(folder, jnp.float32) if folder else (None, None)
-    wan_config = wan_config_from(config.wan, pose_factor, loaded and loaded.config)
+    wan_config = wan_config_from(config.wan, codec.factor, loaded and loaded.config, codec.temporal_factor)
     if codec.latent_channels != wan_config.transformer.in_channels:
         raise ValueError(f"model.codec ({config.codec.kind}) gives {codec.latent_channels} latent channels; the DiT "
                          f"reads model.wan.in_channels={wan_config.transformer.in_channels}")
@@ -261,6 +268,28 @@ def _add_motion_modules(config: Any, unet: UNet, params: Any, rng: jax.Array):
     return video, add_motion_params(params, video.config, motion_params, rng)
 
 
+def wan_vae_config_from(codec_cfg: Any) -> WanVAEConfig:
+    """The fresh Wan VAE's architecture: ``model.codec.wan_vae`` (WanVAEConfig fields; {} or
+    absent: Wan2.1's), tuples for sequences."""
+    arch = dict(codec_cfg.get("wan_vae") or {})
+    fields = {f.name for f in dataclasses.fields(WanVAEConfig)}
+    unknown = set(arch) - fields
+    if unknown:
+        raise ValueError(f"unknown model.codec.wan_vae key(s) {sorted(unknown)}; WanVAEConfig has {sorted(fields)}")
+    return WanVAEConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in arch.items()})
+
+
+def _fresh_wan_vae(codec_cfg: Any) -> tuple[AutoencoderKLWan, dict]:
+    """A random Wan VAE (tests, ahead-of-time compiles), from ``model.codec.seed`` so train.py
+    and sample.py build the same one; a clip of two latent frames creates every parameter."""
+    config = wan_vae_config_from(codec_cfg)
+    module = AutoencoderKLWan(config)
+    size = config.spatial_factor
+    video = jnp.zeros((1, 1 + ENCODE_CHUNK_FRAMES, size, size, config.in_channels), jnp.float32)
+    params = jax.jit(lambda key: module.init(key, video)["params"])(jax.random.key(int(codec_cfg.get("seed", 0))))
+    return module, params
+
+
 def _codec(codec_cfg: Any, frozen: dict, config: Any):
     if codec_cfg.kind == "pixel":
         return PixelCodec(int(codec_cfg.get("factor", 1))), frozen
@@ -271,7 +300,16 @@ def _codec(codec_cfg: Any, frozen: dict, config: Any):
             module, params = load_vae_single_file(config.pretrained_single_file,
                                                   config.get("pretrained_single_file_config", ""))
         return VAECodec(module, int(codec_cfg.get("chunk_size", 8))), {**frozen, "vae": params}
-    raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel' or 'vae'")
+    if codec_cfg.kind == "wan_vae":
+        if backbone(config) != "wan":
+            raise ValueError("model.codec.kind='wan_vae' (4x in time) needs model.backbone='wan': the UNet's "
+                             "frames are the video's")
+        if codec_cfg.get("vae_path", ""):
+            module, params = load_wan_vae(codec_cfg.vae_path)
+        else:
+            module, params = _fresh_wan_vae(codec_cfg)
+        return WanVAECodec(module), {**frozen, "vae": params}
+    raise ValueError(f"model.codec.kind={codec_cfg.kind!r}: expected 'pixel', 'vae' or 'wan_vae'")
 
 
 def _context(context_cfg: Any, dim: int, frozen: dict):

@@ -20,6 +20,7 @@ from parity import assert_within_rounding, relative_error
 
 from consist_jax.diffusion import flow
 from consist_jax.diffusion import samplers as smp
+from consist_jax.diffusion.schedule import NoiseSchedule as NoiseScheduleType
 
 diffusers.utils.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -194,3 +195,75 @@ def test_training_sigmas_come_from_the_shifted_table(rng, density):
         assert abs(share - expected) < 5 * np.sqrt(expected * (1 - expected) / 4096)  # 5 sigma
     with pytest.raises(ValueError, match="unknown flow timestep density 'beta'"):
         flow.sample_training_sigmas(key, 2, jnp.asarray(table), "beta")
+
+
+# ----------------------------------------------------------------------------------
+# The train step's flow schedule (FlowSchedule through training/step.py: scd_loss)
+# ----------------------------------------------------------------------------------
+
+
+class _LinearDenoiser:
+    """A stand-in denoiser, w x_t + v t: its loss shows what scd_loss fed it. Records the
+    timesteps it was called with (eager calls only)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, variables, x, t, context, *, reference, reference_timesteps, reference_mask, **poses):
+        self.calls.append((np.asarray(t), np.asarray(reference_timesteps)))
+        p = variables["params"]
+        return p["w"] * x + p["v"] * t.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@pytest.mark.parametrize("density", flow.TIMESTEP_DENSITIES)
+def test_scd_loss_trains_the_velocity_at_sigma_times_1000(rng, density):
+    """x_t = (1 - sigma) x0 + sigma eps, target eps - x0, model timestep sigma * 1000, the
+    reference at timestep 0, each example's draws keyed by its id."""
+    from consist_jax.models.scd import NullContext, PixelCodec, SCDModel
+    from consist_jax.training.step import LossConfig, per_example_draws, scd_loss
+
+    schedule = flow.FlowSchedule.create(shift=3.0, density=density)
+    denoiser = _LinearDenoiser()
+    model = SCDModel(denoiser, PixelCodec(), NullContext(2))
+    loss = LossConfig(prediction_type=flow.FLOW_PREDICTION)
+    x0 = rng.standard_normal((3, 2, 4, 4, 3)).astype(np.float32)
+    inputs = {"reference_latents": jnp.zeros((3, 4, 4, 3)), "target_latents": jnp.asarray(x0),
+              "context": jnp.zeros((3, 1, 2)), "example_id": jnp.asarray([7, 2, 9], jnp.int32)}
+    params = {"w": jnp.float32(0.5), "v": jnp.float32(1e-3)}
+    key = jax.random.key(int(rng.integers(2**31)))
+    value, per_example = scd_loss(params, model, schedule, loss, inputs, key)
+    noise, sigma, _ = (np.asarray(a, np.float64) for a in per_example_draws(
+        key, inputs["example_id"], x0.shape[1:], loss, schedule))
+    assert np.isin(sigma, np.asarray(schedule.sigmas)).all()
+    (t, reference_t), = denoiser.calls
+    np.testing.assert_allclose(t, sigma * 1000, rtol=1e-6)
+    assert reference_t.dtype == np.float32 and not reference_t.any()
+    s = sigma.reshape(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    expected = np.square(0.5 * x_t + 1e-3 * sigma.reshape(s.shape) * 1000 - (noise - x0)).mean(axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+    np.testing.assert_allclose(value, expected.mean(), rtol=1e-5)
+
+
+def test_diffusion_kind_errors_are_one_line():
+    from configs.common import base_config
+    from consist_jax.diffusion import kinds
+
+    config = base_config()
+    assert isinstance(kinds.schedule_from_config(config.diffusion), NoiseScheduleType)
+    cases = [
+        (dict(kind="rectified"), r"diffusion.kind='rectified': expected one of \('ddpm', 'flow'\)"),
+        (dict(kind="flow"), r"diffusion.prediction_type='epsilon' with diffusion.kind='flow'"),
+        (dict(prediction_type="flow_prediction"), r"'flow_prediction' goes with \(and only with\) kind 'flow'"),
+        (dict(kind="flow", prediction_type="flow_prediction", flow_density="beta"), "unknown flow timestep density"),
+        (dict(kind="flow", prediction_type="flow_prediction", flow_shift=0.0), "flow shift must be > 0"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(ValueError, match=message) as error:
+            kinds.schedule_from_config(dict(config.diffusion, **changes))
+        assert "\n" not in str(error.value)
+    config.diffusion.update(kind="flow", prediction_type="flow_prediction")
+    assert kinds.training_schedule(config).shift == 3.0
+    config.train.min_snr_gamma = 5.0
+    with pytest.raises(ValueError, match=r"min_snr_gamma=5.0: min-SNR weighting .* \(set train.min_snr_gamma=0\)"):
+        kinds.training_schedule(config)

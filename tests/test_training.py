@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from consist_jax.diffusion.kinds import schedule_from_config
 from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.factory import build_model
 from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer, trainable_labels
@@ -91,11 +92,14 @@ def test_tryon_loss_sees_only_the_region(tiny_model, rng):
     assert not np.allclose(plain_loss, base)
 
 
-def test_gradient_accumulation_matches_one_batch(tiny_model, rng):
-    """Two accumulated micro-batches give the one-batch loss and update (per-example draws)."""
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_gradient_accumulation_matches_one_batch(tiny_model, rng, kind):
+    """Two accumulated micro-batches give the one-batch loss and update (per-example draws),
+    for both diffusion kinds (the flow draws are keyed by example id too)."""
     config, model, params, frozen = tiny_model
-    schedule = NoiseSchedule.from_config(config.diffusion)
-    loss = LossConfig(prediction_type="sample")
+    diffusion = dict(config.diffusion, kind=kind, prediction_type="flow_prediction" if kind == "flow" else "sample")
+    schedule = schedule_from_config(diffusion)
+    loss = LossConfig(prediction_type=diffusion["prediction_type"])
     inputs = _latent_inputs(rng)
     results = {}
     for k in (1, 2):

@@ -1,7 +1,11 @@
 """The factory's Wan DiT (model.backbone "wan"): a fresh tiny DiT trains through train.py
 and SCDPipeline samples from its checkpoint; a pretrained diffusers folder plugs in with a
-fresh pose embedding; bad model.wan input is one line naming the key."""
+fresh pose embedding; bad model.wan input is one line naming the key. Wan's recipe (the
+Wan VAE codec, pose frames on its latent time grid, flow matching): a tiny variant trains
+through train.py and samples through sample.py; the codec is models/wan_vae's encode
+normalised, exactly; clip lengths not 1 + 4k and samplers of the other kind are refused."""
 import dataclasses
+import os
 import subprocess
 
 import jax
@@ -12,14 +16,23 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from PIL import Image
+
 from configs.common import base_config
 from consist_jax import load_transformer
+from consist_jax.diffusion.flow import FlowSchedule
+from consist_jax.diffusion.kinds import sampler_name
+from consist_jax.diffusion.schedule import NoiseSchedule
 from consist_jax.factory import build_model, wan_config_from
+from consist_jax.models import wan_vae
+from consist_jax.models.scd import WanVAECodec, frames_on_latent_time
 from consist_jax.models.wan_denoiser import WanDenoiser, WanDenoiserConfig
 from consist_jax.sampling.pipeline import SCDPipeline
+from tests.configs.tiny_wan import get_config as tiny_wan_config
 from tests.runs import REPO, run_env, script_cmd
 
 TINY_DIT = "--config=tests/configs/tiny_dit.py"
+TINY_WAN = "--config=tests/configs/tiny_wan.py"
 TORCH_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12,
                          out_channels=12, text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1)
 
@@ -97,5 +110,118 @@ def test_pose_channels_must_match_the_factor():
     config = wan_config_from(dict(num_layers=1), pose_factor=8)
     assert config.pose_channels == 192 and config.pose_block_out_channels == ()
     assert wan_config_from(dict(pose=False), pose_factor=8).pose_block_out_channels is None
-    with pytest.raises(ValueError, match="pose_channels=12: pose images unshuffled by pose_factor=8 have 192"):
+    with pytest.raises(ValueError, match="pose_channels=12: pose images of 3 channels unshuffled by pose_factor=8 "
+                                         "have 192"):
         dataclasses.replace(config, pose_channels=12)
+    wan_vae = wan_config_from(dict(num_layers=1), pose_factor=8, pose_temporal_factor=4)  # Wan's VAE: 4 frames
+    assert wan_vae.pose_image_channels == 12 and wan_vae.pose_channels == 768
+
+
+# ------------------------------------------------------------------ Wan's recipe: Wan VAE + flow
+
+
+@pytest.fixture(scope="module")
+def wan_vae_model():
+    """The tiny Wan-recipe model's codec side (no DiT parameters): (SCDModel, frozen)."""
+    model, _, frozen = build_model(tiny_wan_config().model, jax.random.key(0), init_params=False)
+    return model, frozen
+
+
+def test_wan_vae_codec_is_the_vae_encode_normalised(wan_vae_model, rng):
+    model, frozen = wan_vae_model
+    codec = model.codec
+    assert isinstance(codec, WanVAECodec) and (codec.factor, codec.temporal_factor, codec.latent_channels) == (4, 4, 4)
+    video = jnp.asarray(rng.uniform(-1, 1, (2, 9, 16, 16, 3)), jnp.float32)
+    latents = model.encode(frozen, video)
+    mean = wan_vae.encode(codec.module, frozen["vae"], video).mode()
+    np.testing.assert_array_equal(latents, wan_vae.scale_latents(codec.module.config, mean))
+    assert latents.shape == (2, 3, 4, 4, 4) and model.latent_frames(9) == 3
+    image = model.encode(frozen, video[:, 0])  # the reference: a one-frame clip
+    np.testing.assert_array_equal(image, model.encode(frozen, video[:, :1])[:, 0])
+    assert model.decode(frozen, latents).shape == (2, 9, 16, 16, 3)
+    assert model.decode(frozen, image).shape == (2, 16, 16, 3)
+
+
+@pytest.mark.parametrize("frames", [2, 4, 8])
+def test_clip_lengths_not_one_plus_4k_are_refused(wan_vae_model, frames):
+    model, frozen = wan_vae_model
+    with pytest.raises(ValueError, match=rf"a clip of {frames} frames: .* 1 \+ 4k frames \(set "
+                                         r"data.pipeline.clip_length") as error:
+        model.encode(frozen, jnp.zeros((1, frames, 16, 16, 3)))
+    assert "\n" not in str(error.value)
+
+
+def test_pose_frames_on_the_latent_time_grid(rng):
+    """Latent frame 0 <- pixel frame 0 (repeated), latent frame j <- pixel frames 4j-3 .. 4j:
+    a change in pixel frame 4j moves latent frame j's pose channels only."""
+    poses = jnp.asarray(rng.uniform(size=(2, 9, 4, 6, 3)), jnp.float32)
+    grid = frames_on_latent_time(poses, 4)
+    assert grid.shape == (2, 3, 4, 6, 12)
+    np.testing.assert_array_equal(grid[:, 0], jnp.concatenate([poses[:, 0]] * 4, axis=-1))
+    np.testing.assert_array_equal(grid[:, 2, ..., 9:], poses[:, 8])  # frame-major: frame 4j last in group j
+    np.testing.assert_array_equal(frames_on_latent_time(poses[:, 0], 4), grid[:, 0])  # the reference pose
+    for pixel_frame, latent_frame in ((0, 0), (1, 1), (4, 1), (5, 2), (8, 2)):
+        moved = frames_on_latent_time(poses.at[:, pixel_frame].add(1.0), 4)
+        changed = np.any(np.asarray(moved != grid), axis=(0, 2, 3, 4))
+        assert changed.tolist() == [j == latent_frame for j in range(3)], (pixel_frame, changed)
+    assert frames_on_latent_time(poses, 1) is poses  # per-frame codecs: unchanged
+
+
+def test_samplers_follow_the_diffusion_kind():
+    flow, ddpm = FlowSchedule.create(shift=3.0), NoiseSchedule.create()
+    assert sampler_name(flow, None) == "flow_unipc" and sampler_name(ddpm, "") == "ddim"
+    assert sampler_name(flow, "flow_euler") == "flow_euler"
+    with pytest.raises(ValueError, match=r"sampler 'ddim' does not sample this model \(diffusion.kind='flow'\)"):
+        sampler_name(flow, "ddim")
+    with pytest.raises(ValueError, match=r"sampler 'flow_unipc' does not sample this model \(diffusion.kind='ddpm'"):
+        sampler_name(ddpm, "flow_unipc")
+
+
+def _save_png(path, array):
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wan_recipe_run(data_dir, tmp_path_factory):
+    """A 2-step train.py run of tests/configs/tiny_wan.py (its workdir and stdout)."""
+    workdir = str(tmp_path_factory.mktemp("wan_recipe_run"))
+    result = subprocess.run(script_cmd("train.py", TINY_WAN, f"--workdir={workdir}"), cwd=REPO,
+                            env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+def test_wan_recipe_trains_and_samples_through_the_clis(wan_recipe_run, data_dir, rng, tmp_path):
+    workdir, stdout = wan_recipe_run
+    losses = [float(line.split("loss ")[1].split()[0]) for line in stdout.splitlines() if "| loss " in line]
+    assert len(losses) == 2 and np.all(np.isfinite(losses)), stdout[-2000:]
+    folder = tmp_path / "poses"
+    folder.mkdir()
+    for i in range(5):
+        _save_png(folder / f"{i:03d}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    reference = _save_png(tmp_path / "reference.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    common = [f"--checkpoint={workdir}", f"--reference={reference}", f"--reference_pose={reference}",
+              f"--poses={folder}", "--steps=2", "--window=2", "--overlap=0"]
+    result = subprocess.run(script_cmd("sample.py", *common, f"--out={tmp_path / 'out'}"), cwd=REPO,
+                            env=run_env(data_dir), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "out")) == 5  # 2 latent frames decode to 5 frames
+
+
+def test_wan_recipe_pipeline_refuses_before_compiling(wan_recipe_run, rng, monkeypatch):
+    pipe = SCDPipeline.from_checkpoint(wan_recipe_run[0])
+    assert isinstance(pipe.schedule, FlowSchedule) and pipe.schedule.shift == 3.0
+    assert pipe.model.unet.config.pose_channels == 3 * 4 * 4 ** 2  # 4 frames stacked, unshuffled by 4
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the input check came after a compile")
+
+    monkeypatch.setattr(pipe, "_compiled", no_compile)
+    reference = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    poses = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    for ddpm_sampler in ("ddim", "euler"):  # sample.py checks --sampler with the same sampler_name
+        with pytest.raises(ValueError, match=f"sampler '{ddpm_sampler}' does not sample this model"):
+            pipe(reference, poses, reference_pose=reference, sampler=ddpm_sampler)
+    with pytest.raises(ValueError, match="a clip of 4 frames"):
+        pipe(reference, poses[:4], reference_pose=reference)

@@ -26,10 +26,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from consist_jax.diffusion.schedule import broadcast_to_batch
 
 TIMESTEP_DENSITIES = ("uniform", "logit_normal")
+FLOW_PREDICTION = "flow_prediction"  # the velocity noise - x0 (diffusers' prediction_type name)
 WAN_NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -103,3 +105,54 @@ def flow_predict_x0(velocity: jax.Array, x_t: jax.Array, sigmas: jax.Array) -> j
     """The clean sample a velocity prediction implies: x_t - sigma v, (B, ...) float32."""
     sigma = broadcast_to_batch(jnp.asarray(sigmas, jnp.float32), x_t.ndim)
     return x_t.astype(jnp.float32) - sigma * velocity.astype(jnp.float32)
+
+
+@struct.dataclass
+class FlowSchedule:
+    """Rectified flow as the train step sees a schedule (the interface ``NoiseSchedule``
+    also implements, see ``TrainingSchedule`` in diffusion/kinds.py); a pytree.
+
+    sigmas: (N,) the shifted training table (``training_sigma_table``). A per-example
+    "timestep" here is its sigma (float32); the model gets ``sigma * N``.
+    shift, density, logit_mean, logit_std: static (shift is the samplers' too).
+    """
+
+    sigmas: jax.Array
+    shift: float = struct.field(pytree_node=False, default=1.0)
+    density: str = struct.field(pytree_node=False, default="uniform")
+    logit_mean: float = struct.field(pytree_node=False, default=0.0)
+    logit_std: float = struct.field(pytree_node=False, default=1.0)
+
+    @classmethod
+    def create(cls, shift: float = 1.0, num_train_timesteps: int = WAN_NUM_TRAIN_TIMESTEPS,
+               density: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> "FlowSchedule":
+        if density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"unknown flow timestep density {density!r}; expected one of {TIMESTEP_DENSITIES}")
+        if not logit_std > 0:
+            raise ValueError(f"flow logit_std must be > 0, got {logit_std!r}")
+        table = jnp.asarray(training_sigma_table(shift, num_train_timesteps))
+        return cls(table, float(shift), density, float(logit_mean), float(logit_std))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def sample_training_timesteps(self, rng: jax.Array) -> jax.Array:
+        """One training sigma, () float32 (``sample_training_sigmas``)."""
+        return sample_training_sigmas(rng, 1, self.sigmas, self.density, self.logit_mean, self.logit_std)[0]
+
+    def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        return add_flow_noise(x0, noise, t)
+
+    def training_target(self, x0: jax.Array, noise: jax.Array, t: jax.Array, prediction_type: str) -> jax.Array:
+        if prediction_type != FLOW_PREDICTION:
+            raise ValueError(f"diffusion.kind='flow' trains the velocity: diffusion.prediction_type must be "
+                             f"{FLOW_PREDICTION!r}, got {prediction_type!r}")
+        return flow_target(x0, noise)
+
+    def model_timesteps(self, t: jax.Array) -> jax.Array:
+        return timesteps_from_sigmas(t, self.num_train_timesteps)
+
+    def min_snr_loss_weights(self, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+        raise ValueError(f"train.min_snr_gamma={gamma}: min-SNR weighting is implemented for DDPM schedules "
+                         "only; diffusion.kind='flow' trains unweighted (set train.min_snr_gamma=0)")

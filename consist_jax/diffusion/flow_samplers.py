@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from consist_jax.diffusion.flow import WAN_NUM_TRAIN_TIMESTEPS, shift_sigmas
+from consist_jax.diffusion.flow import FLOW_PREDICTION, WAN_NUM_TRAIN_TIMESTEPS, shift_sigmas
 from consist_jax.diffusion.sampler_base import SamplerMethods, SamplerState, as_float32, next_state
 
-FLOW_PREDICTION = "flow_prediction"
 UNIPC_SOLVER_TYPES = ("bh1", "bh2")
 # diffusers moves a first flow sigma of 1 down by this (log(1 - sigma) must stay finite).
 UNIPC_FIRST_SIGMA_EPS = 1e-6

@@ -230,6 +230,25 @@ class NoiseSchedule:
                           rescale_betas_zero_snr=cfg["rescale_betas_zero_snr"],
                           trained_betas=cfg["trained_betas"], precision=precision)
 
+    # The train step's schedule interface (diffusion/kinds.py: TrainingSchedule; flow.py's
+    # FlowSchedule has the same): the module functions below, with integer timesteps.
+    def sample_training_timesteps(self, rng: jax.Array) -> jax.Array:
+        """One training timestep, () int32 in [0, N)."""
+        return sample_training_timesteps(rng, (), self.num_train_timesteps)
+
+    def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        return add_noise(self, x0, noise, t)
+
+    def training_target(self, x0: jax.Array, noise: jax.Array, t: jax.Array, prediction_type: str) -> jax.Array:
+        return training_target(self, x0, noise, t, prediction_type)
+
+    def model_timesteps(self, t: jax.Array) -> jax.Array:
+        """The timesteps the denoiser gets: the integer t itself."""
+        return t
+
+    def min_snr_loss_weights(self, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+        return min_snr_loss_weights(self, t, gamma, prediction_type)
+
 
 # ----------------------------------------------------------------------------------
 # Per-timestep coefficients

@@ -10,6 +10,12 @@ pose renderer. Generation is two-stage (reference extracted once, the cache serv
 every step, guidance branch and frame) and windowed in time for long videos; a model
 trained with the full attention rule (an ablation) has no cache and samples jointly. One
 compile per input shape and settings; the same seed gives the same frames.
+
+The sampler follows the checkpoint's ``diffusion.kind`` (diffusion/kinds.py): ddim (default),
+dpmpp_2m or euler for DDPM; flow_unipc (default) or flow_euler for flow matching, at its
+``flow_shift``; a name of the other kind is a one-line error before any compile. With a
+codec compressing time (Wan's VAE: 1 + 4k frames -> 1 + k latent frames) ``window`` and
+``overlap`` count latent frames.
 """
 from __future__ import annotations
 
@@ -23,8 +29,7 @@ import numpy as np
 
 from consist_jax.checkpoints import restore_params
 from consist_jax.checks import check_sample_settings
-from consist_jax.diffusion.samplers import make_sampler
-from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.diffusion.kinds import Schedule, make_sampler_for, sampler_name, schedule_from_config
 from consist_jax.factory import build_model
 from consist_jax.models.attention_rule import has_reference_cache
 from consist_jax.models.scd import SCDModel
@@ -53,9 +58,9 @@ def _as_pose_images(poses: Any, name: str) -> np.ndarray:
 
 
 class SCDPipeline:
-    """A loaded SCD model plus its noise schedule; call it to generate frames."""
+    """A loaded SCD model plus its schedule (DDPM or flow); call it to generate frames."""
 
-    def __init__(self, model: SCDModel, params: Any, frozen: Any, schedule: NoiseSchedule,
+    def __init__(self, model: SCDModel, params: Any, frozen: Any, schedule: Schedule,
                  prediction_type: str, resolution: tuple[int, int], reference_timestep: int = 0,
                  config: Optional[dict] = None, step: Optional[int] = None):
         self.model, self.params, self.frozen = model, params, frozen
@@ -72,7 +77,7 @@ class SCDPipeline:
         model, _, frozen = build_model(config.model, jax.random.key(0), init_params=False)
         resolution = config.data.pipeline.resolution
         resolution = (resolution, resolution) if np.isscalar(resolution) else tuple(resolution)
-        schedule = NoiseSchedule.from_config(config.diffusion)
+        schedule = schedule_from_config(config.diffusion)
         return cls(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
                    config.train.reference_timestep, config_dict, step)
 
@@ -87,6 +92,7 @@ class SCDPipeline:
             raise ValueError(f"target poses must be (F >= 1, {h}, {w}, 3), got {target_poses.shape}")
         if target_poses.shape[1:] != (h, w, 3):
             raise ValueError(f"pose images are {target_poses.shape[1:3]}, the model's resolution is {(h, w)}")
+        self.model.latent_frames(len(target_poses))  # a clip length the codec cannot take: one line
         pose_cfg = self.model.unet.config
         if pose_cfg.pose_block_out_channels is not None and pose_cfg.reference_pose_injection:
             if reference_pose is None:
@@ -96,11 +102,12 @@ class SCDPipeline:
 
     def __call__(self, reference_image, target_poses, *, reference_pose=None, steps: int = 25,
                  guidance: float = 3.0, guidance_rescale: float = 0.0, seed: int = 0,
-                 sampler: str = "ddim", window: int = 24, overlap: int = 4,
+                 sampler: Optional[str] = None, window: int = 24, overlap: int = 4,
                  timestep_spacing: Optional[str] = None, progress: bool = False) -> np.ndarray:
         """reference_image uint8 (H, W, 3); target_poses uint8 (F, H, W, 3) or PoseSequence;
         reference_pose uint8 (H, W, 3) or a 1-frame PoseSequence -> uint8 frames (F, H, W, 3).
 
+        ``sampler``: None (or "") for the model's kind's default (ddim; flow_unipc for flow).
         ``progress`` shows a bar over denoising steps x temporal windows (the same frames
         either way)."""
         reference_image = np.asarray(reference_image)
@@ -111,12 +118,13 @@ class SCDPipeline:
         self.check_inputs(reference_image, target_poses, reference_pose)
         check_sample_settings("", steps=steps, guidance=guidance, window=window, overlap=overlap,
                               seed=seed, guidance_rescale=guidance_rescale)
+        sampler = sampler_name(self.schedule, sampler)
         generate = self._compiled(len(target_poses), steps, sampler, timestep_spacing,
                                   float(guidance_rescale), window, overlap, progress)
         if progress:
             from tqdm import tqdm
 
-            windows = len(window_starts(len(target_poses), window, overlap))
+            windows = len(window_starts(self.model.latent_frames(len(target_poses)), window, overlap))
             self._progress_bar = tqdm(total=steps * windows, desc=f"{steps} steps x {windows} window(s)")
         try:
             frames = generate(
@@ -137,18 +145,19 @@ class SCDPipeline:
             self._progress_bar.update(1)
 
     @functools.lru_cache(maxsize=8)
-    def _compiled(self, num_frames, steps, sampler_name, timestep_spacing, guidance_rescale, window, overlap,
+    def _compiled(self, num_frames, steps, sampler, timestep_spacing, guidance_rescale, window, overlap,
                   progress):
         """One jitted generator per static setting; the guidance scale is a traced input."""
         model, h, w = self.model, *self.resolution
         f = self.model.codec.factor
-        sampler = make_sampler(sampler_name, self.schedule, steps, prediction_type=self.prediction_type,
-                               timestep_spacing=timestep_spacing)
-        latent_shape = (1, num_frames, h // f, w // f, model.codec.latent_channels)
+        sampler = make_sampler_for(self.schedule, sampler, steps, prediction_type=self.prediction_type,
+                                   timestep_spacing=timestep_spacing)
+        latent_shape = (1, model.latent_frames(num_frames), h // f, w // f, model.codec.latent_channels)
 
         @jax.jit
         def generate(params, frozen, guidance_scale, reference_image, reference_pose, target_poses, rng):
             guidance = GuidanceConfig(guidance_scale, guidance_rescale)
+            reference_pose, target_poses = model.on_latent_time(reference_pose), model.on_latent_time(target_poses)
             reference = extract_reference(model, params, frozen, reference_image, reference_pose,
                                           self.reference_timestep)
             noise = jax.random.normal(rng, latent_shape, jnp.float32)

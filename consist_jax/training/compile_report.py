@@ -207,8 +207,8 @@ def _abstract_wan_model(model_config: Any) -> tuple[Any, Any, dict]:
     ``model.pretrained_transformer``'s config.json, else ``model.wan``; the parameters'
     shapes from tracing the DiT's init (``jax.eval_shape``: nothing is allocated).
 
-    A "vae" codec without a folder is SD-1.x's per-frame VAE with the DiT's latent
-    channels (the slot the Wan VAE fills; it sets the codec's share of memory and FLOPs).
+    The codec as ``model.codec`` says (configs/wan_*_scd.py: Wan's VAE, shapes only); a
+    "vae" codec without a folder is SD-1.x's per-frame VAE with the DiT's latent channels.
     """
     from consist_jax import factory
     from consist_jax.models.scd import SCDModel
@@ -220,7 +220,7 @@ def _abstract_wan_model(model_config: Any) -> tuple[Any, Any, dict]:
     transformer = None if pretrained is None else WanTransformerConfig.from_diffusers(pretrained)
     in_channels = int((pretrained or model_config.wan)["in_channels"])
     codec, frozen = _abstract_codec(model_config.codec, latent_channels=in_channels)
-    wan_config = factory.wan_config_from(model_config.wan, codec.factor, transformer)
+    wan_config = factory.wan_config_from(model_config.wan, codec.factor, transformer, codec.temporal_factor)
     params = jax.eval_shape(lambda: init_wan_scd_params(wan_config, jax.random.key(0)))
     context, frozen = _abstract_context(model_config.context, wan_config.cross_attention_dim, frozen)
     return SCDModel(WanDenoiser(wan_config), codec, context), params, frozen
@@ -228,10 +228,18 @@ def _abstract_wan_model(model_config: Any) -> tuple[Any, Any, dict]:
 
 def _abstract_codec(codec_cfg: Any, latent_channels: Optional[int] = None) -> tuple[Any, dict]:
     """(codec, frozen) of ``model.codec``: a VAE from its folder's config.json, else SD-1.x's
-    (with ``latent_channels`` when given)."""
-    from consist_jax.models.scd import PixelCodec, VAECodec
+    (with ``latent_channels`` when given); Wan's VAE from its folder's config.json, else
+    ``model.codec.wan_vae``'s architecture."""
+    from consist_jax import factory
+    from consist_jax.convert.wan_vae import wan_vae_param_shapes
+    from consist_jax.models.scd import PixelCodec, VAECodec, WanVAECodec
     from consist_jax.models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
+    from consist_jax.models.wan_vae import AutoencoderKLWan, WanVAEConfig
 
+    if codec_cfg.kind == "wan_vae":
+        vae_json = _folder_config(codec_cfg.get("vae_path", ""))
+        wan_vae = WanVAEConfig.from_diffusers(vae_json) if vae_json else factory.wan_vae_config_from(codec_cfg)
+        return WanVAECodec(AutoencoderKLWan(wan_vae)), {"vae": wan_vae_param_shapes(wan_vae)}
     if codec_cfg.kind != "vae":
         return PixelCodec(int(codec_cfg.get("factor", 1))), {}
     vae_json = _folder_config(codec_cfg.get("vae_path", ""))

@@ -3,7 +3,10 @@
 Loss (docs/method.md, "Training"): noise the target latents only; the reference
 latent stays clean and runs at its own timestep; the UNet predicts the noise (or v,
 or x0) of the targets, and the mean squared error is taken over target tokens only,
-optionally min-SNR weighted. For classifier-free guidance the reference branch
+optionally min-SNR weighted. The schedule is either kind (diffusion/kinds.py): DDPM,
+or rectified flow (x_t = (1 - sigma) x0 + sigma eps, target eps - x0, the model at
+timestep sigma * 1000, as Wan); the loss calls only their shared ``TrainingSchedule``
+methods. For classifier-free guidance the reference branch
 and the context are dropped per example. Try-on mode noises and scores only the
 region mask: ``x_t = M x_t + (1 - M) x_0`` and ``||M (target - pred)||^2``.
 """
@@ -17,7 +20,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from consist_jax.diffusion import schedule as sched
+from consist_jax.diffusion.kinds import TrainingSchedule
+from consist_jax.diffusion.schedule import sample_training_noise
 from consist_jax.models.scd import SCDModel
 from consist_jax.training.state import (OptimizerConfig, TrainState, learning_rate_schedule, trainable_labels,
                                         update_ema)
@@ -30,7 +34,7 @@ class LossConfig:
     configs/common.py)."""
 
     prediction_type: str = "epsilon"
-    reference_timestep: int = 0
+    reference_timestep: int = 0  # the model timestep of the clean reference (flow: sigma 0 is 0 too)
     drop_reference_prob: float = 0.1  # classifier-free guidance: reference branch dropped
     drop_context_prob: float = 0.1  # ... and the image-encoder context (same draw: nested)
     min_snr_gamma: float = 0.0  # 0 = plain MSE
@@ -61,8 +65,9 @@ def conditioning_masks(u: jax.Array, loss: LossConfig):
 
 
 def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, loss: LossConfig,
-                      num_train_timesteps: int):
-    """Noise (B, *example_shape), timesteps (B,) and a CFG uniform (B,), one key per example.
+                      schedule: TrainingSchedule):
+    """Noise (B, *example_shape), training timesteps (B,) (the schedule's units) and a CFG
+    uniform (B,), one key per example.
 
     Each example's draws depend only on (rng, its id), not on where it sits in the
     batch: a batch split over hosts, devices or accumulation micro-batches trains the
@@ -72,8 +77,8 @@ def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, los
     def draw(example_id):
         key = jax.random.fold_in(rng, example_id)
         noise_key, t_key, u_key = jax.random.split(key, 3)
-        noise = sched.sample_training_noise(noise_key, (1, *example_shape), loss.noise_offset)[0]
-        t = sched.sample_training_timesteps(t_key, (), num_train_timesteps)
+        noise = sample_training_noise(noise_key, (1, *example_shape), loss.noise_offset)[0]
+        t = schedule.sample_training_timesteps(t_key)
         return noise, t, jax.random.uniform(u_key, ())
 
     return jax.vmap(draw)(example_ids)
@@ -82,38 +87,39 @@ def per_example_draws(rng: jax.Array, example_ids: jax.Array, example_shape, los
 def scd_loss(
     params: Any,
     model: SCDModel,
-    schedule: sched.NoiseSchedule,
+    schedule: TrainingSchedule,
     loss: LossConfig,
     inputs: dict,
     rng: jax.Array,
 ) -> tuple[jax.Array, dict]:
     """The SCD loss of one batch in latent space.
 
-    inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C),
-      ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3), ``target_pose``
-      (B, F, H, W, 3), in try-on mode ``region_mask`` (B, F, h, w, 1) in latent cells, and
-      optionally ``example_id`` (B,) int32 keying each example's random draws
-      (default: its row).
+    inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C) (F latent
+      frames), ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3 t), ``target_pose``
+      (B, F, H, W, 3 t) (on the latent time grid, t = 1 but for Wan's VAE), in try-on
+      mode ``region_mask`` (B, F, h, w, 1) in latent cells, and optionally ``example_id``
+      (B,) int32 keying each example's random draws (default: its row).
     Returns (scalar loss, per-example loss (B,)).
     """
     targets = inputs["target_latents"]
     b = targets.shape[0]
     example_ids = inputs.get("example_id", jnp.arange(b, dtype=jnp.int32))
-    noise, t, u = per_example_draws(rng, example_ids, targets.shape[1:], loss, schedule.num_train_timesteps)
-    noisy = sched.add_noise(schedule, targets, noise, t)
+    noise, t, u = per_example_draws(rng, example_ids, targets.shape[1:], loss, schedule)
+    noisy = schedule.add_noise(targets, noise, t)
     region = inputs.get("region_mask") if loss.tryon else None
     if region is not None:
         noisy = region * noisy + (1.0 - region) * targets
-    target = sched.training_target(schedule, targets, noise, t, loss.prediction_type)
+    target = schedule.training_target(targets, noise, t, loss.prediction_type)
     keep_reference, keep_context = conditioning_masks(u, loss)
     context = jnp.where(keep_context[:, None, None], inputs["context"], 0.0)
+    model_t = schedule.model_timesteps(t)
     prediction = model.unet.apply(
         {"params": params},
         noisy,
-        t,
+        model_t,
         context,
         reference=inputs["reference_latents"],
-        reference_timesteps=jnp.full((b,), loss.reference_timestep, jnp.int32),
+        reference_timesteps=jnp.full((b,), loss.reference_timestep, model_t.dtype),
         reference_pose=inputs.get("reference_pose"),
         target_pose=inputs.get("target_pose"),
         reference_mask=keep_reference,
@@ -126,17 +132,17 @@ def scd_loss(
     else:
         per_example = squared.mean(axes)
     if loss.min_snr_gamma:
-        per_example = per_example * sched.min_snr_loss_weights(
-            schedule, t, loss.min_snr_gamma, loss.prediction_type
-        )
+        per_example = per_example * schedule.min_snr_loss_weights(t, loss.min_snr_gamma, loss.prediction_type)
     return per_example.mean(), per_example
 
 
 def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) -> dict:
-    """Pixel batch -> latent-space loss inputs (no gradients flow into frozen models).
+    """Pixel batch -> latent-space loss inputs (no gradients flow into frozen models). Poses
+    and the region mask go onto the latents' time grid (``SCDModel.on_latent_time``: a
+    codec compressing time stacks each latent frame's pixel frames; else unchanged).
 
     A batch that already carries ``target_latents`` / ``reference_latents`` / ``context``
-    (a cached pre-pass) is used as is.
+    (a cached pre-pass) is used as is (its poses on the latent time grid).
     """
     if "target_latents" in batch:
         return batch
@@ -148,10 +154,13 @@ def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) ->
         "reference_pose": batch.get("reference_pose"),
         "target_pose": batch.get("target_pose"),
     }
+    for name in ("reference_pose", "target_pose"):
+        inputs[name] = model.on_latent_time(inputs[name])
     if "example_id" in batch:
         inputs["example_id"] = batch["example_id"]
-    if "region_mask" in batch:
-        inputs["region_mask"] = region_mask_at(batch["region_mask"], inputs["target_latents"].shape[2:4])
+    if "region_mask" in batch:  # a latent frame is in the region where any of its frames is
+        mask = model.on_latent_time(batch["region_mask"]).max(axis=-1, keepdims=True)
+        inputs["region_mask"] = region_mask_at(mask, inputs["target_latents"].shape[2:4])
     return inputs
 
 
@@ -162,7 +171,7 @@ def _microbatches(tree: Any, k: int) -> Any:
 
 def make_train_step(
     model: SCDModel,
-    schedule: sched.NoiseSchedule,
+    schedule: TrainingSchedule,
     loss: LossConfig,
     optimizer: optax.GradientTransformation,
     optim: OptimizerConfig,

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from consist_jax.data import pipeline as data_pipeline
-from consist_jax.diffusion.schedule import NoiseSchedule
+from consist_jax.diffusion.kinds import training_schedule
 from consist_jax.factory import build_model, check_paths
 from consist_jax.training import sharding, validate
 from consist_jax.training.checkpoint import Checkpointer, init_from_checkpoint
@@ -154,7 +154,7 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
     optim = OptimizerConfig.from_config(config.optim)
     optimizer = make_optimizer(optim, params)
     loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
-    step_fn = make_train_step(model, NoiseSchedule.from_config(config.diffusion), loss_cfg, optimizer, optim)
+    step_fn = make_train_step(model, training_schedule(config), loss_cfg, optimizer, optim)
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, optimizer, optim.ema_decay > 0), params)
     state_sharding = sharding.shardings_from_config(abstract_state, mesh, config.mesh)
     frozen_sharding = sharding.shardings_from_config(frozen, mesh, config.mesh)
