@@ -10,6 +10,10 @@ does (``compile_report.train_report``); ``sample`` compiles the two-stage sample
 ``--frames`` frames on one chip. ``--largest_batch`` also finds the largest global
 batch whose train step fits (doubling, then bisecting: several compiles). Each report
 goes to ``DIR/{program}_{topology}x{slices}.json`` and a summary table is printed.
+
+Any backbone: the UNet configs (configs/sd15_*.py) and the Wan DiT (configs/wan_*_scd.py,
+``model.backbone="wan"``; add its sequence axis with ``--config.mesh.axes=...
+--config.model.wan.sequence_axis=sequence``, docs/wan.md "Scale").
 """
 import os
 import sys

@@ -23,10 +23,12 @@ ahead-of-time compile needs only shapes): set it for a real run. Sampling: flow_
 scheduler), 50 steps, the whole 21-latent-frame clip as one window.
 
 Parameters stay float32 (the optimiser's master copy); ``model.wan.dtype`` is the compute
-dtype. mesh.param_rules: ``training/sharding.py: WAN_PARAM_RULES``. The DiT has no frames
-(sequence) axis: each clip's tokens stay on one device (FSDP splits the weights and the
-batch only).
+dtype. mesh.param_rules: ``training/sharding.py: WAN_PARAM_RULES``. FSDP splits the weights
+and the batch; ``model.wan.sequence_axis`` (off here) also splits each clip's tokens over a
+mesh axis, for a global batch smaller than the chips (docs/wan.md, "Scale").
 """
+import ml_collections
+
 from configs.common import base_config
 from consist_jax.training.sharding import WAN_PARAM_RULES
 
@@ -52,12 +54,17 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
                            flip_probability=0.0)
     c.model.backbone = "wan"
     c.model.pretrained_transformer = ""  # a diffusers folder (the flag above); "" trains a fresh DiT
-    c.model.wan.update(transformer, dtype="bfloat16", remat=True)
+    c.model.wan.update(transformer, dtype="bfloat16", remat=True, attention_impl="auto")
     use_wan_vae_and_flow(c)
     c.model.context = dict(kind="text")  # precomputed UMT5 caption embeddings in the batch
     c.train.update(global_batch_size=global_batch_size, num_steps=10_000)
     c.optim.update(lr=1e-5, warmup_steps=500, decay_steps=10_000, weight_decay=0.0, ema_decay=0.0)
     c.mesh.update(axes=("data", "fsdp"), shape=(1, -1), param_sharding="fsdp", param_rules=WAN_PARAM_RULES)
+    # The sequence axis (docs/wan.md, "Scale"): a mesh axis each clip's tokens are split over,
+    # e.g. --config.mesh.axes='("data","fsdp","sequence")' --config.mesh.shape='(1,-1,2)'
+    # --config.model.wan.sequence_axis=sequence. None: a clip's tokens stay on one device. A
+    # typed placeholder, so the command line can set it.
+    c.model.wan.sequence_axis = ml_collections.config_dict.placeholder(str)
     c.sample.update(steps=50, guidance=5.0, window=LATENT_FRAMES, overlap=0)
     return c
 

@@ -78,7 +78,7 @@ IMAGE_CONTEXTS = ("embedding", "hidden_states")  # context kinds computed by a C
 WAN_SCD_OPTIONS = ("attention_rule", "attention_impl", "pose", "pose_hidden_channels",
                    "reference_pose_injection", "target_frame_start")
 # WanTransformerConfig fields a run config may set on top of a pretrained DiT's config.json.
-WAN_RUNTIME_OPTIONS = ("remat", "dtype")
+WAN_RUNTIME_OPTIONS = ("remat", "dtype", "sequence_axis")
 # The I2V / FLF2V image inputs (None by default): SCD's reference joins as tokens instead,
 # so the section leaves them out (WanSCDConfig refuses them).
 WAN_I2V_FIELDS = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")

@@ -1,8 +1,8 @@
 """Ahead-of-time compiles for TPU topologies on this CPU host (libtpu describes the chips).
 
 One tiny config is compiled for a TPU v5e slice through ``train.py --compile_topology``
-(the report's keys, compiled splash kernels, it fits) and once more with a batch far past
-the chip's memory (it does not fit). Nothing runs on a TPU.
+(the report's keys, compiled splash kernels, it fits); a tiny Wan DiT likewise, and once
+more with a batch far past the chip's memory (it does not fit). Nothing runs on a TPU.
 """
 import json
 import math
@@ -74,15 +74,41 @@ def test_train_step_compiles_for_tpu_with_kernels(tiny_report):
     assert 0 < report["estimated_mfu"] <= 1
 
 
-def test_a_batch_past_the_chip_memory_does_not_fit(tiny_report):
-    """The same step at 4096x the batch (8192 examples a chip): past a v5e's 16 GiB."""
-    from tests.configs.tiny import get_config
+def tiny_dit_tpu_config():
+    """tests/configs/tiny_dit.py (a 2-block Wan DiT) with the TPU kernels, FSDP over the slice."""
+    from tests.configs.tiny_dit import get_config
 
     config = get_config()
-    config.model.unet.attention_impl = "auto"
+    config.model.wan.attention_impl = "auto"
     config.mesh.shape = (1, -1)
-    big = tiny_report["global_batch_size"] * 4096  # 1024x measured 6.6 GiB of temporaries
-    report = cr.train_report(config, "v5e-4", global_batch_size=big)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_report():
+    """The DiT's train step (model.backbone="wan") for v5e-4, in this process."""
+    return cr.train_report(tiny_dit_tpu_config(), "v5e-4")
+
+
+def test_dit_train_step_compiles_for_tpu_with_kernels(tiny_dit_report):
+    report = tiny_dit_report
+    assert REPORT_KEYS <= set(report) and report["program"] == "train_step"
+    assert report["mesh"] == {"data": 1, "fsdp": 4} and report["global_batch_size"] == 8
+    assert report["tpu_attention_kernels"] > 0, "auto on a TPU target must compile splash kernels in the DiT"
+    assert report["fits"] and 0 < report["per_device_bytes"]["peak"] < report["device_memory_bytes"]
+    assert report["flops_per_step"] > 0 and 0 < report["estimated_mfu"] <= 1
+
+
+def test_a_batch_past_the_chip_memory_does_not_fit(tiny_dit_report):
+    """The tiny DiT's step at 16384x the batch (32768 clips a chip, ~50 GiB after XLA's
+    rematerialisation): past a v5e's 16 GiB, so XLA:TPU refuses it in its HLO passes.
+
+    A batch that XLA can rematerialise to just under HBM (the tiny UNet at 4096x: 24 GiB
+    -> 14.4 GiB) passes the HLO passes and spends minutes in the backend on a program
+    that then reports fits=false; one far past HBM is refused before the backend.
+    """
+    big = tiny_dit_report["global_batch_size"] * 16384
+    report = cr.train_report(tiny_dit_tpu_config(), "v5e-4", global_batch_size=big)
     assert REPORT_KEYS <= set(report) and report["global_batch_size"] == big
     assert not report["fits"], report["per_device_bytes"]
     # XLA:TPU refuses past its usable HBM (15.75 of a v5e's 16 GiB) or reports the peak.
@@ -98,6 +124,15 @@ def test_out_of_memory_compiles_are_read():
                          "HLO temporaries (36.00G) exceeds available HBM (15.75G).")
     assert cr.hbm_exceeded(error) == 36 * 2**30
     assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
+
+
+def test_dit_sampler_compiles_for_tpu_with_kernels():
+    """The DiT's two-stage sampler (reference pass, guided loop over two windows), one v5e chip."""
+    config = tiny_dit_tpu_config()
+    config.sample.update(window=2, overlap=1)
+    report = cr.sample_report(config, "v5e-4", num_frames=3, steps=2)
+    assert REPORT_KEYS <= set(report) and report["num_devices"] == 1
+    assert report["tpu_attention_kernels"] > 0 and report["fits"]
 
 
 def test_two_stage_sampler_compiles_for_tpu_with_kernels():

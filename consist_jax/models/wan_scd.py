@@ -14,7 +14,10 @@ runs beside them through every block as its own token stream:
     targets form ONE segment (id 1) and the reference segment 0: R reads R, T reads R
     and T (causal); the full rule (ablation) lets R read T too;
   * cross-attention to the text, the norms and the feed-forward act per token, so the
-    two streams share those weights and never mix.
+    two streams share those weights and never mix;
+  * with ``transformer.sequence_axis`` each stream's tokens live split over that mesh
+    axis and self-attention gathers keys and values, so the reference cache is whole
+    (consist_jax/parallel/sequence.py).
 
 Pose: ``PosePatchEmbedding`` turns pose frames at latent resolution (B, F, h, w, C_pose)
 (rendered pose images resized to the latent, or their VAE latents) into tokens added
@@ -66,6 +69,7 @@ from consist_jax.models.wan_transformer import (
     self_attention_inputs,
     unpatchify,
 )
+from consist_jax.parallel.sequence import split_tokens
 
 # How a forward pass lays out its streams (static): targets alone ("none"), reference and
 # targets ("joint"), the reference alone writing the cache ("extract"), the targets
@@ -162,9 +166,11 @@ class WanSCDBlock(nn.Module):
         layers = block_layers(self, c, added_kv=False)
         streams = {k: s for k, s in (("ref", ref), ("tgt", tgt)) if s is not None}
         mods = {k: modulation(layers.table, s.temb6) for k, s in streams.items()}
-        qkv = {k: self_attention_inputs(layers, s.x, mods[k], s.rotary, c.dtype) for k, s in streams.items()}
+        axis = c.sequence_axis
+        qkv = {k: self_attention_inputs(layers, s.x, mods[k], s.rotary, c.dtype, axis) for k, s in streams.items()}
         attended = self.self_attention(qkv.get("ref"), qkv.get("tgt"), reference_mask)
-        out = {k: block_rest(layers, s.x, attended[k], mods[k], context, c.dtype) for k, s in streams.items()}
+        out = {k: block_rest(layers, s.x, attended[k], mods[k], context, c.dtype, sequence_axis=axis)
+               for k, s in streams.items()}
         return out.get("ref"), out.get("tgt")
 
     def self_attention(self, ref, tgt, reference_mask) -> dict:
@@ -254,6 +260,7 @@ class WanSCD(nn.Module):
             x = patch(latents.astype(c.dtype)).reshape(latents.shape[0], -1, c.inner_dim)
             if pose is not None:
                 x = x + pose_embedding(pose)
+            x = split_tokens(x, c.sequence_axis)
             temb, temb6, text, _ = embedder(t, context)
             positions = np.arange(first_frame, first_frame + grid[0])
             streams[key] = Stream(x, temb, temb6, rotary_table(rotary_angles(c, grid, positions)))
@@ -315,8 +322,13 @@ def _per_example(timesteps, b: int, name: str) -> jax.Array:
 
 
 def init_wan_scd_params(config: WanSCDConfig, rng: jax.Array, frames: int = 1, latent_hw=None) -> Any:
-    """Fresh parameters of ``WanSCD(config)`` (pose embedding included when configured)."""
+    """Fresh parameters of ``WanSCD(config)`` (pose embedding included when configured).
+
+    The sequence axis splits activations over a mesh, not parameters: it is left out, so
+    this runs without a mesh.
+    """
     c = config.transformer
+    config = dataclasses.replace(config, transformer=dataclasses.replace(c, sequence_axis=None))
     h, w = latent_hw or tuple(2 * p for p in c.patch_size[1:])
     sample = jnp.zeros((1, frames, h, w, c.in_channels), jnp.float32)
     context = jnp.zeros((1, 1, c.text_dim), jnp.float32)

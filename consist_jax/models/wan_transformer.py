@@ -42,6 +42,8 @@ import numpy as np
 from consist_jax import checks
 from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.unet import TimestepEmbedding, timestep_embedding
+from consist_jax.parallel.frames import Axes
+from consist_jax.parallel.sequence import gather_tokens, split_tokens
 
 Dtype = Any
 
@@ -74,6 +76,10 @@ class WanTransformerConfig:
     # Our options (not in diffusers' config).
     remat: bool = False  # rematerialise each block in the backward pass
     dtype: Any = jnp.float32  # compute dtype
+    # A mesh axis (or tuple of axes) the tokens of each clip are split over: the hidden
+    # states (B, N, D) live split along N, self-attention gathers its keys and values
+    # (consist_jax/parallel/sequence.py). None: each clip's tokens stay whole.
+    sequence_axis: Optional[Axes] = None
 
     def __post_init__(self):
         checks.positive_ints("patch_size", self.patch_size)
@@ -97,6 +103,11 @@ class WanTransformerConfig:
             if self.added_kv_proj_dim != self.inner_dim:
                 raise ValueError(f"added_kv_proj_dim={self.added_kv_proj_dim!r}: must equal num_attention_heads "
                                  f"x attention_head_dim = {self.inner_dim} (it reads the embedded image tokens)")
+        axes = (self.sequence_axis,) if isinstance(self.sequence_axis, str) else self.sequence_axis
+        if axes is not None and not (isinstance(axes, tuple) and axes and all(isinstance(a, str) and a
+                                                                               for a in axes)):
+            raise ValueError(f"sequence_axis={self.sequence_axis!r}: expected None, a mesh axis name or a "
+                             f"tuple of them")
         if self.pos_embed_seq_len is not None:
             checks.positive_int("pos_embed_seq_len", self.pos_embed_seq_len)
             if self.image_dim is None or self.pos_embed_seq_len % 2:
@@ -117,7 +128,7 @@ class WanTransformerConfig:
     def from_diffusers(cls, config: dict, **overrides) -> "WanTransformerConfig":
         """Builds the config from a diffusers ``config.json`` dict; ``overrides`` set our options."""
         config = {k: v for k, v in config.items() if not k.startswith("_")}  # diffusers metadata
-        ours = {"remat", "dtype"}
+        ours = {"remat", "dtype", "sequence_axis"}
         known = {f.name for f in dataclasses.fields(cls)} - ours
         unknown = set(config) - known
         if unknown:
@@ -336,21 +347,27 @@ def block_layers(block: nn.Module, c: WanTransformerConfig, added_kv: bool) -> B
         FeedForward(c.ffn_dim, dim, dtype=c.dtype, name="ffn"))
 
 
-def self_attention_inputs(layers: BlockLayers, x: jax.Array, mods, rotary, dtype: Dtype):
-    """The self-attention's (q, k, v), each (B, N, H, D), of the modulated ``x`` (B, N, D)."""
-    return layers.attn1.project(modulate(x, layers.norm1, mods[0], mods[1], dtype), rotary=rotary)
+def self_attention_inputs(layers: BlockLayers, x: jax.Array, mods, rotary, dtype: Dtype,
+                          sequence_axis: Optional[Axes] = None):
+    """The self-attention's (q, k, v), each (B, N, H, D), of the modulated ``x`` (B, N, D).
+
+    With a ``sequence_axis`` the queries keep the tokens' split, keys and values are whole.
+    """
+    q, k, v = layers.attn1.project(modulate(x, layers.norm1, mods[0], mods[1], dtype), rotary=rotary)
+    return q, gather_tokens(k, sequence_axis), gather_tokens(v, sequence_axis)
 
 
 def block_rest(layers: BlockLayers, x: jax.Array, attended: jax.Array, mods, context: jax.Array,
-               dtype: Dtype, image_context: Optional[jax.Array] = None) -> jax.Array:
+               dtype: Dtype, image_context: Optional[jax.Array] = None,
+               sequence_axis: Optional[Axes] = None) -> jax.Array:
     """After self-attention (attended (B, N, H, D)): its gated residual, cross-attention and
-    the modulated feed-forward -> (B, N, D)."""
+    the modulated feed-forward -> (B, N, D), split along N over ``sequence_axis``."""
     _, _, gate, c_shift, c_scale, c_gate = mods
     x = (x.astype(jnp.float32) + layers.attn1.output(attended) * gate).astype(dtype)
     h = layers.norm2(x).astype(dtype) if layers.norm2 is not None else x
     x = x + layers.attn2(h, context, image_context=image_context)
     h = layers.ffn(modulate(x, layers.norm3, c_shift, c_scale, dtype))
-    return (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+    return split_tokens((x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype), sequence_axis)
 
 
 class WanBlock(nn.Module):
@@ -363,8 +380,8 @@ class WanBlock(nn.Module):
         c = self.config
         layers = block_layers(self, c, added_kv=c.image_dim is not None)
         mods = modulation(layers.table, temb6)
-        attended = attend(*self_attention_inputs(layers, x, mods, rotary, c.dtype))
-        return block_rest(layers, x, attended, mods, context, c.dtype, image_context)
+        attended = attend(*self_attention_inputs(layers, x, mods, rotary, c.dtype, c.sequence_axis))
+        return block_rest(layers, x, attended, mods, context, c.dtype, image_context, c.sequence_axis)
 
 
 class ImageEmbedding(nn.Module):
@@ -466,7 +483,7 @@ class WanTransformer(nn.Module):
         rotary = rotary_table(rotary_angles(c, grid))
         x = nn.Conv(c.inner_dim, c.patch_size, strides=c.patch_size, padding="VALID", dtype=c.dtype,
                     name="patch_embedding")(sample.astype(c.dtype))
-        x = x.reshape(x.shape[0], -1, c.inner_dim)
+        x = split_tokens(x.reshape(x.shape[0], -1, c.inner_dim), c.sequence_axis)
         temb, temb6, context, image_context = ConditionEmbedder(c, name="condition_embedder")(
             timesteps, context, image_context)
         block_cls = nn.remat(WanBlock) if c.remat else WanBlock

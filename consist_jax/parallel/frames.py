@@ -51,13 +51,14 @@ def shard_frames(x: jax.Array, mesh: Mesh, axis: str = FRAMES_AXIS, frame_dim: i
     return jax.device_put(x, NamedSharding(mesh, P(*spec)))
 
 
-def _check_mesh(axis: Axes) -> None:
+def _check_mesh(axis: Axes, key: str = "frames_axis") -> None:
+    """Errors naming ``key`` unless every mesh axis of ``axis`` is in the context's mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     names = (axis,) if isinstance(axis, str) else axis
     if mesh.empty or any(name not in mesh.axis_names for name in names):
         raise ValueError(
-            f"frames_axis={axis!r} needs a mesh with that axis in context, e.g. "
-            f"`with jax.set_mesh(consist_jax.parallel.frames_mesh()):` (current mesh axes: "
+            f"{key}={axis!r} needs a mesh with that axis in context, e.g. "
+            f"`with jax.set_mesh(consist_jax.parallel.frames_mesh(axis={names[0]!r})):` (current mesh axes: "
             f"{() if mesh.empty else mesh.axis_names})"
         )
 

@@ -171,20 +171,18 @@ def abstract_model(model_config: Any) -> tuple[Any, Any, dict]:
     """(SCDModel, params, frozen) of a run config's ``model`` section, as ShapeDtypeStructs.
 
     Architectures come from the pretrained folders' config.json where they exist, else
-    from ``model.unet`` (UNetConfig defaults are SD-1.5's), SD-1.x's VAE and the CLIP
-    ViT-L/14 image encoder of SD image variations. No weights are read.
+    from ``model.unet`` (UNetConfig defaults are SD-1.5's) or, for ``model.backbone="wan"``,
+    ``model.wan``; SD-1.x's VAE and the CLIP ViT-L/14 image encoder of SD image variations.
+    No weights are read.
     """
     from consist_jax import factory
+
+    if factory.backbone(model_config) == "wan":
+        return _abstract_wan_model(model_config)
     from consist_jax.convert.unet import unet_param_shapes
-    from consist_jax.models.clip_vision import (
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        clip_vision_param_shapes,
-    )
     from consist_jax.models.motion import MotionConfig
-    from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec
+    from consist_jax.models.scd import SCDModel
     from consist_jax.models.unet import UNet, UNetConfig
-    from consist_jax.models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
 
     unet_cfg = dict(model_config.unet)
     pretrained = _folder_config(model_config.pretrained_unet)
@@ -199,25 +197,76 @@ def abstract_model(model_config: Any) -> tuple[Any, Any, dict]:
     params = unet_param_shapes(dataclasses.replace(
         unet_config, motion=motion and dataclasses.replace(motion, frames_axis=None)))
     unet_config = dataclasses.replace(unet_config, motion=motion)
-
-    frozen: dict = {}
-    codec_cfg = model_config.codec
-    if codec_cfg.kind == "vae":
-        vae_json = _folder_config(codec_cfg.get("vae_path", ""))
-        vae_config = VAEConfig.from_diffusers(vae_json) if vae_json else VAEConfig()
-        codec = VAECodec(AutoencoderKL(vae_config), int(codec_cfg.get("chunk_size", 8)))
-        frozen["vae"] = vae_param_shapes(vae_config)
-    else:
-        codec = PixelCodec(int(codec_cfg.get("factor", 1)))
-    context_cfg = model_config.context
-    if context_cfg.kind == "none":
-        context = NullContext(unet_config.cross_attention_dim)
-    else:
-        clip_json = _folder_config(context_cfg.get("image_encoder_path", "")) or SD15_IMAGE_ENCODER
-        clip_config = CLIPVisionConfig.from_transformers(clip_json)
-        context = ImageEncoderContext(CLIPVisionModelWithProjection(clip_config), context_cfg.kind)
-        frozen["image_encoder"] = clip_vision_param_shapes(clip_config)
+    codec, frozen = _abstract_codec(model_config.codec)
+    context, frozen = _abstract_context(model_config.context, unet_config.cross_attention_dim, frozen)
     return SCDModel(UNet(unet_config), codec, context), params, frozen
+
+
+def _abstract_wan_model(model_config: Any) -> tuple[Any, Any, dict]:
+    """``abstract_model`` of the Wan DiT (``model.backbone="wan"``): the architecture from
+    ``model.pretrained_transformer``'s config.json, else ``model.wan``; the parameters'
+    shapes from tracing the DiT's init (``jax.eval_shape``: nothing is allocated).
+
+    The codec as ``model.codec`` says (configs/wan_*_scd.py: Wan's VAE, shapes only); a
+    "vae" codec without a folder is SD-1.x's per-frame VAE with the DiT's latent channels.
+    """
+    from consist_jax import factory
+    from consist_jax.models.scd import SCDModel
+    from consist_jax.models.wan_denoiser import WanDenoiser
+    from consist_jax.models.wan_scd import init_wan_scd_params
+    from consist_jax.models.wan_transformer import WanTransformerConfig
+
+    pretrained = _folder_config(model_config.get("pretrained_transformer", ""))
+    transformer = None if pretrained is None else WanTransformerConfig.from_diffusers(pretrained)
+    in_channels = int((pretrained or model_config.wan)["in_channels"])
+    codec, frozen = _abstract_codec(model_config.codec, latent_channels=in_channels)
+    wan_config = factory.wan_config_from(model_config.wan, codec.factor, transformer, codec.temporal_factor)
+    params = jax.eval_shape(lambda: init_wan_scd_params(wan_config, jax.random.key(0)))
+    context, frozen = _abstract_context(model_config.context, wan_config.cross_attention_dim, frozen)
+    return SCDModel(WanDenoiser(wan_config), codec, context), params, frozen
+
+
+def _abstract_codec(codec_cfg: Any, latent_channels: Optional[int] = None) -> tuple[Any, dict]:
+    """(codec, frozen) of ``model.codec``: a VAE from its folder's config.json, else SD-1.x's
+    (with ``latent_channels`` when given); Wan's VAE from its folder's config.json, else
+    ``model.codec.wan_vae``'s architecture."""
+    from consist_jax import factory
+    from consist_jax.convert.wan_vae import wan_vae_param_shapes
+    from consist_jax.models.scd import PixelCodec, VAECodec, WanVAECodec
+    from consist_jax.models.vae import AutoencoderKL, VAEConfig, vae_param_shapes
+    from consist_jax.models.wan_vae import AutoencoderKLWan, WanVAEConfig
+
+    if codec_cfg.kind == "wan_vae":
+        vae_json = _folder_config(codec_cfg.get("vae_path", ""))
+        wan_vae = WanVAEConfig.from_diffusers(vae_json) if vae_json else factory.wan_vae_config_from(codec_cfg)
+        return WanVAECodec(AutoencoderKLWan(wan_vae)), {"vae": wan_vae_param_shapes(wan_vae)}
+    if codec_cfg.kind != "vae":
+        return PixelCodec(int(codec_cfg.get("factor", 1))), {}
+    vae_json = _folder_config(codec_cfg.get("vae_path", ""))
+    if vae_json:
+        vae_config = VAEConfig.from_diffusers(vae_json)
+    else:
+        vae_config = VAEConfig(**({} if latent_channels is None else {"latent_channels": latent_channels}))
+    codec = VAECodec(AutoencoderKL(vae_config), int(codec_cfg.get("chunk_size", 8)))
+    return codec, {"vae": vae_param_shapes(vae_config)}
+
+
+def _abstract_context(context_cfg: Any, dim: int, frozen: dict) -> tuple[Any, dict]:
+    """(context, frozen) of ``model.context``: none, or the CLIP image encoder from its
+    folder's config.json, else SD image variations'."""
+    from consist_jax.models.clip_vision import (
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        clip_vision_param_shapes,
+    )
+    from consist_jax.models.scd import ImageEncoderContext, NullContext
+
+    if context_cfg.kind == "none":
+        return NullContext(dim), frozen
+    clip_json = _folder_config(context_cfg.get("image_encoder_path", "")) or SD15_IMAGE_ENCODER
+    clip_config = CLIPVisionConfig.from_transformers(clip_json)
+    context = ImageEncoderContext(CLIPVisionModelWithProjection(clip_config), context_cfg.kind)
+    return context, {**frozen, "image_encoder": clip_vision_param_shapes(clip_config)}
 
 
 def abstract_batch(config: Any, batch_size: int) -> dict:
