@@ -75,11 +75,13 @@ def test_train_step_compiles_for_tpu_with_kernels(tiny_report):
 
 
 def tiny_dit_tpu_config():
-    """tests/configs/tiny_dit.py (a 2-block Wan DiT) with the TPU kernels, FSDP over the slice."""
+    """tests/configs/tiny_dit.py (a 2-block Wan DiT) with the TPU kernels, FSDP over the slice,
+    conditioned on a caption as the Wan configs are (its embeddings in the batch, L = 512)."""
     from tests.configs.tiny_dit import get_config
 
     config = get_config()
     config.model.wan.attention_impl = "auto"
+    config.model.context.kind = "text"
     config.mesh.shape = (1, -1)
     return config
 

@@ -76,5 +76,5 @@ def test_tiny_variant_train_step_lowers():
     program = build_train_program(config, model, params, frozen, mesh)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):
-        lowered = program.step.lower(program.abstract_state, abstract_batch(config, 2), rng, frozen)
+        lowered = program.step.lower(program.abstract_state, abstract_batch(config, 2, model), rng, frozen)
     assert "bf16" in lowered.as_text()  # the compute dtype reached the step

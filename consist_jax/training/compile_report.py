@@ -252,25 +252,41 @@ def _abstract_codec(codec_cfg: Any, latent_channels: Optional[int] = None) -> tu
 
 
 def _abstract_context(context_cfg: Any, dim: int, frozen: dict) -> tuple[Any, dict]:
-    """(context, frozen) of ``model.context``: none, or the CLIP image encoder from its
-    folder's config.json, else SD image variations'."""
+    """(context, frozen) of ``model.context``: none, a caption (from the batch), or the CLIP
+    image encoder from its folder's config.json, else SD image variations'."""
     from consist_jax.models.clip_vision import (
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
         clip_vision_param_shapes,
     )
-    from consist_jax.models.scd import ImageEncoderContext, NullContext
+    from consist_jax.models.scd import ImageEncoderContext, NullContext, TextContext
 
     if context_cfg.kind == "none":
         return NullContext(dim), frozen
+    if context_cfg.kind == "text":  # the caption embeddings come in the batch
+        return TextContext(dim), frozen
     clip_json = _folder_config(context_cfg.get("image_encoder_path", "")) or SD15_IMAGE_ENCODER
     clip_config = CLIPVisionConfig.from_transformers(clip_json)
     context = ImageEncoderContext(CLIPVisionModelWithProjection(clip_config), context_cfg.kind)
     return context, {**frozen, "image_encoder": clip_vision_param_shapes(clip_config)}
 
 
-def abstract_batch(config: Any, batch_size: int) -> dict:
-    """The train batch the data pipeline deals (``trainer.TRAIN_KEYS`` + example_id)."""
+def caption_length(pipe: Any) -> int:
+    """The caption embeddings' padded length L: the folder's (data.pipeline.text_embeddings_dir),
+    else Wan's 512 (an abstract compile needs no folder)."""
+    from consist_jax.convert.caption_encoder import WAN_MAX_LENGTH
+    from consist_jax.data.text_embeddings import TextEmbeddings
+
+    folder = pipe.get("text_embeddings_dir", "")
+    return TextEmbeddings(folder).max_length if folder else WAN_MAX_LENGTH
+
+
+def abstract_batch(config: Any, batch_size: int, model: Any = None) -> dict:
+    """The train batch the data pipeline deals (``trainer.TRAIN_KEYS`` + example_id); with
+    ``model`` (an SCDModel) whose context is a caption (``TextContext``), its embeddings
+    ``context`` (B, L, D) too."""
+    from consist_jax.models.scd import TextContext
+
     pipe = config.data.pipeline
     h, w = pipe.resolution
     f = int(pipe.clip_length)
@@ -284,6 +300,8 @@ def abstract_batch(config: Any, batch_size: int) -> dict:
     }
     if pipe.get("with_region_mask", False):
         batch["region_mask"] = jax.ShapeDtypeStruct((batch_size, f, h, w, 1), jnp.float32)
+    if model is not None and isinstance(model.context, TextContext):
+        batch["context"] = jax.ShapeDtypeStruct((batch_size, caption_length(pipe), model.context.dim), jnp.float32)
     return batch
 
 
@@ -312,7 +330,8 @@ def compile_train_step(config: Any, devices: list, global_batch_size: Optional[i
     program = build_train_program(config, model, params, frozen, mesh)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     with jax.set_mesh(mesh):  # the attention kernels read the targeted devices from it
-        lowered = program.step.lower(program.abstract_state, abstract_batch(config, batch_size), rng, frozen)
+        lowered = program.step.lower(program.abstract_state, abstract_batch(config, batch_size, model), rng,
+                                     frozen)
         return lowered.compile(), mesh
 
 
@@ -479,25 +498,29 @@ def compile_sampler(config: Any, device: Any, num_frames: int, steps: Optional[i
     temporal windows + VAE decode) of ``config`` for one ``device`` -> (compiled, mesh)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from consist_jax.diffusion.schedule import NoiseSchedule
+    from consist_jax.diffusion.kinds import sampler_name, schedule_from_config
+    from consist_jax.models.scd import TextContext
     from consist_jax.sampling.pipeline import SCDPipeline
 
     model, params, frozen = abstract_model(config.model)
     resolution = tuple(config.data.pipeline.resolution)
     sample = config.sample
-    schedule = NoiseSchedule.from_config(config.diffusion)
+    schedule = schedule_from_config(config.diffusion)
     pipe = SCDPipeline(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
                        config.train.reference_timestep)
-    generate = pipe._compiled(num_frames, int(steps or sample.steps), sample.sampler,
+    generate = pipe._compiled(num_frames, int(steps or sample.steps), sampler_name(schedule, sample.sampler),
                               sample.get("timestep_spacing") or None, float(sample.guidance_rescale),
                               int(sample.window), int(sample.overlap), False)
     h, w = resolution
     unet = model.unet.config
     with_pose = unet.pose_block_out_channels is not None and unet.reference_pose_injection
     image = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    caption = None  # a caption-conditioned model samples with its caption and zeros as the negative
+    if isinstance(model.context, TextContext):
+        caption = jax.ShapeDtypeStruct((1, caption_length(config.data.pipeline), model.context.dim), jnp.float32)
     args = (params, frozen, jax.ShapeDtypeStruct((), jnp.float32), image, image if with_pose else None,
             jax.ShapeDtypeStruct((1, num_frames, h, w, 3), jnp.float32),
-            jax.eval_shape(lambda: jax.random.key(0)))
+            jax.eval_shape(lambda: jax.random.key(0)), caption, None)
     mesh = Mesh(np.asarray([device]), ("data",))
     on_device = NamedSharding(mesh, PartitionSpec())
     args = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_device), args)
