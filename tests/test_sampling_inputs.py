@@ -12,6 +12,7 @@ from PIL import Image
 
 from consist_jax.poses import example_pose
 from consist_jax.sampling import io
+from tests.test_videos import corrupt_mp4
 
 RESOLUTION = (16, 16)
 
@@ -97,16 +98,11 @@ def test_pose_video_decodes_every_frame_in_order(rng, tmp_path):
 def test_partly_corrupt_pose_video_names_file_and_frame(rng, tmp_path):
     path = tmp_path / "poses.mp4"
     _write_mp4(str(path), rng)
-    data = bytearray(path.read_bytes())
-    start = data.find(b"mdat") + 4
-    size = struct.unpack(">I", data[start - 8:start - 4])[0]
-    # A quarter of the frame data in the middle, several frames' length prefixes included.
-    middle = slice(start + size * 3 // 8, start + size * 5 // 8)
-    data[middle] = b"\xff" * (middle.stop - middle.start)
-    path.write_bytes(bytes(data))
+    corrupt_mp4(path)
     with pytest.raises(ValueError, match=r"poses\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "):
         io.read_pose_images(str(path), (32, 48))
-    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the index at the end is gone
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated: the index at the end is gone
     with pytest.raises(ValueError, match=r"cannot read pose video '.*poses\.mp4': "):
         io.read_pose_images(str(path), (32, 48))
 

@@ -22,7 +22,7 @@ def _write_mp4(path, rng, frames=20, height=32, width=48):
     return colors
 
 
-def _corrupt(path):
+def corrupt_mp4(path):
     """Overwrites a quarter of the frame data in the middle, several frames' prefixes included."""
     data = bytearray(path.read_bytes())
     start = data.find(b"mdat") + 4
@@ -58,7 +58,7 @@ def test_frames_stream_in_order(rng, tmp_path):
 def test_every_reader_refuses_a_partly_corrupt_video(rng, tmp_path, reader):
     path = tmp_path / "video.mp4"
     _write_mp4(str(path), rng)
-    _corrupt(path)
+    corrupt_mp4(path)
     with pytest.raises(ValueError, match=r"video '.*video\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "):
         READERS[reader](str(path))
     (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # its index is gone
