@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     # WanTransformer3DModel folder, "" for a fresh DiT).
     c.model.backbone = "unet"
     c.model.wan = ml_collections.ConfigDict(wan_option_defaults())
+    # The DiT's sequence axis (docs/wan.md, "Scale"): a mesh axis each clip's tokens are split
+    # over, e.g. --config.mesh.axes='("data","fsdp","sequence")' --config.mesh.shape='(1,-1,2)'
+    # --config.model.wan.sequence_axis=sequence. None: a clip's tokens stay on one device. A
+    # typed placeholder, so the command line can set it.
+    c.model.wan.sequence_axis = ml_collections.config_dict.placeholder(str)
     c.model.pretrained_transformer = ""
     c.model.pretrained_unet = ""
     # One SD-1.x .safetensors file in the original LDM layout (instead of pretrained_unet): its

@@ -27,7 +27,6 @@ dtype. mesh.param_rules: ``training/sharding.py: WAN_PARAM_RULES``. FSDP splits 
 and the batch; ``model.wan.sequence_axis`` (off here) also splits each clip's tokens over a
 mesh axis, for a global batch smaller than the chips (docs/wan.md, "Scale").
 """
-import ml_collections
 
 from configs.common import base_config
 from consist_jax.training.sharding import WAN_PARAM_RULES
@@ -60,11 +59,6 @@ def wan_scd_config(transformer: dict, global_batch_size: int):
     c.train.update(global_batch_size=global_batch_size, num_steps=10_000)
     c.optim.update(lr=1e-5, warmup_steps=500, decay_steps=10_000, weight_decay=0.0, ema_decay=0.0)
     c.mesh.update(axes=("data", "fsdp"), shape=(1, -1), param_sharding="fsdp", param_rules=WAN_PARAM_RULES)
-    # The sequence axis (docs/wan.md, "Scale"): a mesh axis each clip's tokens are split over,
-    # e.g. --config.mesh.axes='("data","fsdp","sequence")' --config.mesh.shape='(1,-1,2)'
-    # --config.model.wan.sequence_axis=sequence. None: a clip's tokens stay on one device. A
-    # typed placeholder, so the command line can set it.
-    c.model.wan.sequence_axis = ml_collections.config_dict.placeholder(str)
     c.sample.update(steps=50, guidance=5.0, window=LATENT_FRAMES, overlap=0)
     return c
 

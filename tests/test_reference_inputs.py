@@ -198,14 +198,14 @@ def test_sample_py_with_the_peers_pair(peers_pair, uninterrupted_run, data_dir, 
 
 def test_sample_py_input_refusals_are_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
     """Refused inputs after the checkpoint load: one line, exit code 2, before any compile."""
-    from tests.test_videos import _corrupt, _write_mp4
+    from tests.test_videos import _write_mp4, corrupt_mp4
 
     reference, reference_pose, video = peers_pair
     Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "other.png")
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "dot.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     _write_mp4(str(tmp_path / "corrupt.mp4"), np.random.default_rng(0))
-    _corrupt(tmp_path / "corrupt.mp4")
+    corrupt_mp4(tmp_path / "corrupt.mp4")
     base = [f"--checkpoint={uninterrupted_run}", f"--out={tmp_path}/out.mp4"]
     cases = {
         f"--poses={video} --reference={reference} --reference_pose={tmp_path}/other.png": "is on a 10x12 canvas (HxW)",
@@ -220,11 +220,11 @@ def test_sample_py_input_refusals_are_one_line(peers_pair, uninterrupted_run, da
 def test_sample_py_refusal_after_the_load_is_one_line(peers_pair, uninterrupted_run, data_dir, tmp_path):
     """The real entry point: a partly corrupt pose video is refused in exactly one line on
     stderr (no orbax note from the checkpoint load, no JAX at-fork warning from ffmpeg's start)."""
-    from tests.test_videos import _corrupt, _write_mp4
+    from tests.test_videos import _write_mp4, corrupt_mp4
 
     reference, _, _ = peers_pair
     _write_mp4(str(tmp_path / "corrupt.mp4"), np.random.default_rng(0))
-    _corrupt(tmp_path / "corrupt.mp4")
+    corrupt_mp4(tmp_path / "corrupt.mp4")
     result = subprocess.run(
         script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={reference}",
                    f"--poses={tmp_path}/corrupt.mp4", f"--out={tmp_path}/out.mp4"),
