@@ -50,8 +50,8 @@ from consist_jax.convert.wan import load_transformer
 from consist_jax.convert.wan_vae import load_wan_vae
 from consist_jax.models.clip_vision import CLIPVisionConfig
 from consist_jax.models.motion import MotionConfig
-from consist_jax.models.scd import ImageEncoderContext, NullContext, PixelCodec, SCDModel, VAECodec, WanVAECodec
-from consist_jax.models.scd import TextContext
+from consist_jax.models.scd import (ImageEncoderContext, NullContext, PixelCodec, SCDModel, TextContext, VAECodec,
+                                    WanVAECodec)
 from consist_jax.models.self_attention import AttentionConfig
 from consist_jax.models.unet import UNet, UNetConfig
 from consist_jax.models.vae import VAEConfig

@@ -32,8 +32,7 @@ from consist_jax.checks import check_sample_settings
 from consist_jax.diffusion.kinds import Schedule, make_sampler_for, sampler_name, schedule_from_config
 from consist_jax.factory import build_model
 from consist_jax.models.attention_rule import has_reference_cache
-from consist_jax.models.scd import SCDModel
-from consist_jax.models.scd import TextContext
+from consist_jax.models.scd import SCDModel, TextContext
 from consist_jax.poses.keypoints import PoseSequence
 from consist_jax.poses.render import render
 from consist_jax.sampling.two_stage import GuidanceConfig, denoise, extract_reference, window_starts

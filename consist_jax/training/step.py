@@ -22,8 +22,7 @@ from flax import traverse_util
 
 from consist_jax.diffusion.kinds import TrainingSchedule
 from consist_jax.diffusion.schedule import sample_training_noise
-from consist_jax.models.scd import SCDModel
-from consist_jax.models.scd import TextContext
+from consist_jax.models.scd import SCDModel, TextContext
 from consist_jax.training.state import (OptimizerConfig, TrainState, learning_rate_schedule, trainable_labels,
                                         update_ema)
 
