@@ -17,6 +17,7 @@ REPORT_KEYS = {
     "topology", "num_slices", "device_kind", "num_devices", "mesh", "global_batch_size",
     "per_device_bytes", "device_memory_bytes", "fits", "flops_per_step", "bytes_accessed_per_step",
     "estimated_step_seconds", "estimated_mfu", "tpu_attention_kernels",
+    "compile_seconds", "host_peak_rss_bytes",
 }
 TINY_TPU = ["--config.model.unet.attention_impl=auto", "--config.mesh.shape=(1,-1)"]
 
@@ -72,6 +73,7 @@ def test_train_step_compiles_for_tpu_with_kernels(tiny_report):
     assert report["fits"] and 0 < report["per_device_bytes"]["peak"] < report["device_memory_bytes"]
     assert report["flops_per_step"] > 0 and report["estimated_step_seconds"] > 0
     assert 0 < report["estimated_mfu"] <= 1
+    assert report["compile_seconds"] > 0 and report["host_peak_rss_bytes"] > 2**20
 
 
 def tiny_dit_tpu_config():

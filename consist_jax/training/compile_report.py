@@ -15,7 +15,9 @@ image-variations architecture), compiles it, and writes ``{workdir}/compile_repo
   devices: XLA's cost analysis of one device's program times the devices),
   estimated_step_seconds (roofline: the slower of compute and HBM traffic at the chip's
   peaks, ``TPU_CHIPS``), estimated_mfu, tpu_attention_kernels (compiled Mosaic kernel
-  calls in the executable: 0 means the attention fell back to XLA).
+  calls in the executable: 0 means the attention fell back to XLA), and what the compile
+  cost this host: compile_seconds (tracing, lowering and compiling, wall) and
+  host_peak_rss_bytes (the compiling process's peak resident memory, to size the host).
 
 ``sample_report`` (``bench/compile_tpu.py --program=sample``) does the same for the
 two-stage sampler (reference pass, the whole guided loop over the temporal windows, VAE
@@ -33,6 +35,9 @@ import dataclasses
 import math
 import os
 import re
+import resource
+import sys
+import time
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -398,6 +403,9 @@ def format_table(report: dict) -> str:
         ("TFLOP / step", f"{report['flops_per_step'] / 1e12:.1f}"),
         ("TPU attention kernels", report["tpu_attention_kernels"]),
     ]
+    if "compile_seconds" in report:
+        rows.append(("compile (this host)", f"{report['compile_seconds'] / 60:.1f} min, peak RSS "
+                                            f"{report['host_peak_rss_bytes'] / GIB:.1f} GiB"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -447,20 +455,29 @@ def _does_not_fit_report(needed: int, devices: list, config: Any, topology: str,
     }
 
 
+def host_cost(started: float) -> dict:
+    """What a compile begun at ``started`` (``time.perf_counter()``) cost this host so far."""
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"compile_seconds": round(time.perf_counter() - started, 1), "host_peak_rss_bytes": int(rss)}
+
+
 def train_report(config: Any, topology: str, num_slices: int = 1,
                  global_batch_size: Optional[int] = None) -> dict:
     """Compiles ``config``'s train step for a topology and reports on it. A step XLA:TPU
     refuses for lack of HBM is reported (``fits: false``), any other failure raised."""
     devices = tpu_devices(topology, num_slices)
     batch = int(global_batch_size or config.train.global_batch_size)
+    started = time.perf_counter()
     try:
         compiled, mesh = compile_train_step(config, devices, batch)
     except Exception as error:  # XlaRuntimeError; its type moves between jax versions
         needed = hbm_exceeded(error)
         if needed is None:
             raise
-        return _does_not_fit_report(needed, devices, config, topology, num_slices, batch, program="train_step")
-    return make_report(compiled, mesh, topology, num_slices, batch, program="train_step")
+        return _does_not_fit_report(needed, devices, config, topology, num_slices, batch, program="train_step",
+                                    **host_cost(started))
+    return make_report(compiled, mesh, topology, num_slices, batch, program="train_step", **host_cost(started))
 
 
 def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16) -> int:
@@ -531,6 +548,8 @@ def compile_sampler(config: Any, device: Any, num_frames: int, steps: Optional[i
 def sample_report(config: Any, topology: str, num_frames: int, steps: Optional[int] = None) -> dict:
     """The sampler of ``config`` for ``num_frames`` frames on one chip of ``topology``."""
     device = tpu_devices(topology)[0]
+    started = time.perf_counter()
     compiled, mesh = compile_sampler(config, device, num_frames, steps)
     return make_report(compiled, mesh, topology, 1, 1, program="sampler", frames=num_frames,
-                       steps=int(steps or config.sample.steps), window=int(config.sample.window))
+                       steps=int(steps or config.sample.steps), window=int(config.sample.window),
+                       **host_cost(started))
