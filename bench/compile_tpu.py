@@ -8,7 +8,8 @@
 does (``compile_report.train_report``); ``sample`` compiles the two-stage sampler
 (reference pass, the whole guided loop over the temporal windows, VAE decode) for
 ``--frames`` frames on one chip. ``--largest_batch`` also finds the largest global
-batch whose train step fits (doubling, then bisecting: several compiles). Each report
+batch whose train step fits (``compile_report.search_largest``: from the config's batch,
+where memory meets HBM on the line through two compiles; 4-5 compiles in all). Each report
 goes to ``DIR/{program}_{topology}x{slices}.json`` and a summary table is printed.
 
 Any backbone: the UNet configs (configs/sd15_*.py) and the Wan DiT (configs/wan_*_scd.py,
@@ -45,7 +46,8 @@ def main(argv):
     if FLAGS.program == "train":
         report = cr.train_report(config, FLAGS.topology, FLAGS.num_slices)
         if FLAGS.largest_batch:
-            report["largest_fitting_global_batch"] = cr.largest_fitting_batch(config, FLAGS.topology, FLAGS.num_slices)
+            report["largest_fitting_global_batch"] = cr.largest_fitting_batch(
+                config, FLAGS.topology, FLAGS.num_slices, known=report)
     else:
         frames = FLAGS.frames or int(config.data.pipeline.clip_length)
         report = cr.sample_report(config, FLAGS.topology, frames, FLAGS.steps)

@@ -1,17 +1,21 @@
 """Train-step speed: our jitted step vs a diffusers-PyTorch step of the same UNet.
 
     python bench/train_step.py [--config small] [--latent 32] [--batch 4] [--runs 5]
+        [--attention_impls xla,xla_chunked]
     python bench/train_step.py --gpu          # on a GPU: SD-1.5 at 512x512, bf16, SCD step, MFU
 
 CPU mode: both sides do forward + backward + AdamW on the same UNet config, batch and
-latent size (plain denoising MSE, no reference), alternating runs; prints the median
-step times, samples/s and the ratio ours/theirs. It also times our SCD step (the
-reference beside each target: twice the images) and prints its MFU against the peak
-given by --peak_tflops (XLA's cost analysis for the FLOPs).
+latent size (plain denoising MSE, no reference), alternating runs; ours once per
+attention form in --attention_impls (the same model, so each row says what its form
+buys); prints the median step times, samples/s and each ratio ours/theirs. It also
+times our SCD step (the reference beside each target: twice the images) with the last
+form and prints its MFU against the peak given by --peak_tflops (XLA's cost analysis
+for the FLOPs).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -60,8 +64,8 @@ def torch_step(name, batch, latent, context_len):
     return model, step
 
 
-def our_plain_step(model, name, batch, latent, context_len):
-    config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None)
+def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"):
+    config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None, attention_impl=attention_impl)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     params = jax.tree_util.tree_map(jnp.asarray, state_dict_to_params(
         state, unet_param_shapes(config), may_be_missing=NEW_WEIGHTS))
@@ -91,8 +95,6 @@ def our_plain_step(model, name, batch, latent, context_len):
 
 def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
     """The full SCD train step (reference + target, pose encoder) from consist_jax.training."""
-    import dataclasses
-
     from consist_jax.diffusion.schedule import NoiseSchedule
     from consist_jax.training.state import OptimizerConfig, create_train_state, make_optimizer
     from consist_jax.training.step import LossConfig, make_train_step
@@ -131,6 +133,8 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--attention_impls", default="xla,xla_chunked",
+                        help="our attention forms to time, comma-separated (self_attention.ATTENTION_IMPLS)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (CPU: your own figure)")
     parser.add_argument("--gpu", action="store_true", help="SD-1.5, 512x512 (64x64 latents), bf16, SCD step only")
     args = parser.parse_args()
@@ -148,24 +152,39 @@ def main():
               f"{args.batch / seconds:.2f} samples/s, {flops / 1e12:.2f} TFLOP, MFU {mfu}")
         return
     model, theirs = torch_step(args.config, args.batch, args.latent, args.context)
-    ours, flops, config = our_plain_step(model, args.config, args.batch, args.latent, args.context)
-    times = {"ours": [], "theirs": []}
-    ours(), theirs()
+    steps = {"theirs": theirs}
+    flops = {}
+    for impl in args.attention_impls.split(","):
+        steps[impl], flops[impl], config = our_plain_step(
+            model, args.config, args.batch, args.latent, args.context, attention_impl=impl)
+    times = {label: [] for label in steps}
+    for fn in steps.values():
+        fn()
     for _ in range(args.runs):
-        for label, fn in (("ours", ours), ("theirs", theirs)):
+        for label, fn in steps.items():
             start = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     scd_run, scd_flops = our_scd_step(config, args.batch, args.latent, args.context)
+    if config.attention_impl != "xla":  # its FLOPs as above: the dense form's count (compiled, not run)
+        scd_flops = our_scd_step(dataclasses.replace(config, attention_impl="xla"),
+                                 args.batch, args.latent, args.context)[1]
     scd_seconds = timed(scd_run, args.runs)
-    print("| step | batch | latents | GFLOP | s/step | samples/s |")
-    print("|---|---|---|---|---|---|")
-    print(f"| ours, plain | {args.batch} | {args.latent}x{args.latent} | {flops / 1e9:.0f} | {med['ours']:.3f} | {args.batch / med['ours']:.2f} |")
-    print(f"| diffusers (PyTorch), plain | {args.batch} | {args.latent}x{args.latent} | - | {med['theirs']:.3f} | {args.batch / med['theirs']:.2f} |")
-    print(f"| ours, SCD (reference + target) | {args.batch} | {args.latent}x{args.latent} | {scd_flops / 1e9:.0f} | {scd_seconds:.3f} | {args.batch / scd_seconds:.2f} |")
-    print(f"ours/diffusers (plain step): {med['ours'] / med['theirs']:.2f}; "
-          f"achieved {flops / med['ours'] / 1e9:.1f} GFLOP/s (plain), {scd_flops / scd_seconds / 1e9:.1f} GFLOP/s (SCD)")
+    # One FLOP count for every form (the same arithmetic): XLA's cost analysis counts a loop
+    # body once, so the chunked form's own count misses all its chunks but one.
+    flops = dict.fromkeys(flops, flops.get("xla", max(flops.values())))
+    size = f"{args.batch} | {args.latent}x{args.latent}"
+    print("| step | batch | latents | GFLOP | s/step | samples/s | ours/diffusers |")
+    print("|---|---|---|---|---|---|---|")
+    for impl in flops:
+        print(f"| ours, plain, attention_impl={impl} | {size} | {flops[impl] / 1e9:.0f} | {med[impl]:.3f} | "
+              f"{args.batch / med[impl]:.2f} | {med[impl] / med['theirs']:.2f} |")
+    print(f"| diffusers (PyTorch), plain | {size} | - | {med['theirs']:.3f} | {args.batch / med['theirs']:.2f} | 1 |")
+    print(f"| ours, SCD (reference + target), {config.attention_impl} | {size} | {scd_flops / 1e9:.0f} | "
+          f"{scd_seconds:.3f} | {args.batch / scd_seconds:.2f} | - |")
+    print("achieved GFLOP/s: " + ", ".join(f"{impl} {flops[impl] / med[impl] / 1e9:.1f}" for impl in flops)
+          + f", SCD {scd_flops / scd_seconds / 1e9:.1f}")
     if args.peak_tflops:
         print(f"MFU of the SCD step against {args.peak_tflops} TFLOP/s: {scd_flops / scd_seconds / (args.peak_tflops * 1e12):.1%}")
 

@@ -1,4 +1,4 @@
-"""Kernel backends of the causal rule (cudnn, splash, pallas, auto) agree with ``xla``.
+"""Kernel backends of the causal rule (cudnn, splash, pallas, auto) and xla_chunked agree with ``xla``.
 
 On CPU, splash and the Pallas flash kernel run in Pallas interpret mode (asked for by
 name: ``*_interpret``), and the cuDNN backend's decomposition (key layout, key lengths)
@@ -38,6 +38,7 @@ CPU_BACKENDS = {
     "splash": kernels.SPLASH_INTERPRET,
     "pallas": kernels.PALLAS_INTERPRET,
     "cudnn_layout": kernels.cudnn_backend("xla"),
+    "xla_chunked": attention_backend("xla_chunked"),
 }
 
 
@@ -89,10 +90,10 @@ def test_cached_target_and_plain_match_xla(rng, name):
     _assert_close(jax.jit(backend.plain)(q, k, v), XLA_BACKEND.plain(q, k, v), 1e-5)
 
 
-@pytest.mark.parametrize("name", ["splash", "pallas"])
+@pytest.mark.parametrize("name", ["splash", "pallas", "xla_chunked"])
 def test_gradients_match_xla(rng, name):
     """Training through a kernel: splash has its own backward kernels, pallas
-    differentiates the xla form."""
+    differentiates the xla form, xla_chunked recomputes its chunks."""
     ref, tgt = _qkv(rng, 2, 6), _qkv(rng, 2, 2, 5)
     mask = jnp.asarray([True, False])
     weights = jnp.asarray(rng.standard_normal((2, 2, 5, HEADS, DIM)), jnp.float32)
@@ -161,7 +162,8 @@ def test_kernels_never_materialise_the_score_matrix():
 
 def test_impls_and_auto(caplog):
     assert set(ATTENTION_IMPLS) == {
-        "xla", "xla_joint", "cudnn", "splash", "pallas", "splash_interpret", "pallas_interpret", "auto"
+        "xla", "xla_joint", "xla_chunked", "cudnn", "splash", "pallas", "splash_interpret",
+        "pallas_interpret", "auto",
     }
     with caplog.at_level(logging.WARNING):
         assert kernels.auto_backend("tpu") is kernels.SPLASH

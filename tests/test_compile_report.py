@@ -130,6 +130,33 @@ def test_out_of_memory_compiles_are_read():
     assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
 
 
+@pytest.mark.parametrize("start", [1, 12, 64])
+@pytest.mark.parametrize("fixed_gib, per_example_gib", [(3.0, 0.05), (12.0, 0.7), (20.0, 9.0), (90.0, 1.0)])
+@pytest.mark.parametrize("shape", ["linear", "convex", "jump"])
+def test_largest_batch_search_finds_the_last_that_fits(start, fixed_gib, per_example_gib, shape):
+    """``search_largest`` (each probe one compile in ``largest_fitting_batch``) against
+    every batch tried: the same answer for memory linear, convex or jumping in the batch,
+    with refused probes reporting only a lower bound of their need; and for linear memory
+    from a start that fits (the config's batch), at most 5 compiles."""
+    budget, most = 85.5 * 2**30, 4096
+
+    def peak(m):
+        extra = {"linear": 0.0, "convex": 0.01 * per_example_gib * m * m, "jump": 5.0 * (m > 37)}[shape]
+        return (fixed_gib + per_example_gib * m + extra) * 2**30
+
+    probed = []
+
+    def probe(m):
+        probed.append(m)
+        fits = peak(m) <= budget
+        return fits, peak(m) if fits else min(peak(m), 1.05 * budget), budget
+
+    expected = max(m for m in range(most + 1) if m == 0 or peak(m) <= budget)
+    assert cr.search_largest(probe, start, most) == expected, probed
+    if shape == "linear" and peak(start) <= budget:
+        assert len(probed) <= 5, probed
+
+
 def test_dit_sampler_compiles_for_tpu_with_kernels():
     """The DiT's two-stage sampler (reference pass, guided loop over two windows), one v5e chip."""
     config = tiny_dit_tpu_config()

@@ -17,7 +17,7 @@ branch (the target then attends to itself only).
 
 A backend (``AttentionBackend``) is the three entry points a self-attention layer
 calls: plain self-attention (no reference), the target half (the reference cache)
-and the whole rule. This module holds the two XLA backends, which compute the same
+and the whole rule. This module holds the three XLA backends, which compute the same
 numbers:
   * ``XLA_BACKEND`` (``attention_impl="xla"``): decomposed. The reference block and
     each frame's ``[R ; T_f]`` block are separate attentions (``decomposed_rule``), so
@@ -25,17 +25,23 @@ numbers:
     F N_t (N_r + N_t) scores instead of (N_r + F N_t)^2.
   * ``XLA_JOINT_BACKEND`` (``"xla_joint"``): the plain reference. One joint sequence
     ``[R ; T_1 ; ... ; T_F]`` with a block mask built from segment ids.
-The kernels (cuDNN, splash, Pallas) live in ``attention_kernels.py``; the backends by
-name (``attention_impl``), the layer and the reference cache in ``self_attention.py``.
+  * ``XLA_CHUNKED_BACKEND`` (``"xla_chunked"``): the decomposed form with each
+    attention in query chunks and a recomputing backward (``chunked_attention.py``):
+    no (Nq, Nk) scores kept for the backward pass; the fastest form on CPU.
+The accelerator kernels (cuDNN, splash, Pallas) live in ``attention_kernels.py``; the
+backends by name (``attention_impl``), the layer and the reference cache in
+``self_attention.py``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
+from consist_jax.models.chunked_attention import chunked_attention
 from consist_jax.models.attention_rule import REFERENCE_SEGMENT, reference_reads_targets, segment_allows
 
 # --------------------------------------------------------------------------- primitive
@@ -73,6 +79,12 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+def key_masked_attention(query, key, value, key_mask=None, *, upcast=False):
+    """``dot_product_attention`` with a per-key mask: key_mask (B, Nk) bool or None."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return dot_product_attention(query, key, value, mask, upcast=upcast)
+
+
 # --------------------------------------------------------------------------- the rule
 
 
@@ -85,27 +97,31 @@ def target_attention(
     reference_mask: Optional[jax.Array] = None,
     *,
     upcast: bool = False,
+    attend: Optional[Callable] = None,
 ) -> jax.Array:
     """The target half of the causal rule: each frame attends to ``[R ; itself]``.
 
     q/k/v_tgt (B, F, N_t, H, D); k/v_ref (B, N_r, H, D) (fresh or from the cache);
-    reference_mask (B,) bool or None -> (B, F, N_t, H, D).
+    reference_mask (B,) bool or None -> (B, F, N_t, H, D). attend(q, k, v, key_mask,
+    *, upcast): the attention over each frame's keys, key_mask (B*F, N_r + N_t) or None
+    (default ``key_masked_attention``, the dense form).
     """
+    attend = attend or key_masked_attention
     b, f, n_t, h, d = q_tgt.shape
     n_r = k_ref.shape[1]
     keys = jnp.concatenate([jnp.broadcast_to(k_ref[:, None], (b, f, n_r, h, d)), k_tgt], axis=2)
     values = jnp.concatenate([jnp.broadcast_to(v_ref[:, None], (b, f, n_r, h, d)), v_tgt], axis=2)
-    mask = None
+    key_mask = None
     if reference_mask is not None:
         visible = jnp.concatenate(
             [jnp.broadcast_to(reference_mask[:, None], (b, n_r)), jnp.ones((b, n_t), bool)], axis=1
         )
-        mask = jnp.repeat(visible, f, axis=0)[:, None, None, :]  # (B*F, 1, 1, N_r + N_t)
-    out = dot_product_attention(
+        key_mask = jnp.repeat(visible, f, axis=0)  # (B*F, N_r + N_t)
+    out = attend(
         q_tgt.reshape(b * f, n_t, h, d),
         keys.reshape(b * f, n_r + n_t, h, d),
         values.reshape(b * f, n_r + n_t, h, d),
-        mask,
+        key_mask,
         upcast=upcast,
     )
     return out.reshape(b, f, n_t, h, d)
@@ -207,6 +223,16 @@ XLA_BACKEND = AttentionBackend(
 # With the reference cached there is no joint sequence left, so xla_joint's plain and
 # target calls are xla's; only the whole rule differs.
 XLA_JOINT_BACKEND = AttentionBackend(_xla_plain, target_attention, _joint_attention)
+
+
+def _chunked_plain(q, k, v, *, upcast=False):
+    return chunked_attention(q, k, v, upcast=upcast)
+
+
+_chunked_target = functools.partial(target_attention, attend=chunked_attention)
+XLA_CHUNKED_BACKEND = AttentionBackend(
+    _chunked_plain, _chunked_target, decomposed_rule(frames_appended(_chunked_plain), _chunked_target)
+)
 
 
 class KernelUnavailableError(ValueError):

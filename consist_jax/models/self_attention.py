@@ -7,6 +7,9 @@ carried as one value down to every ``SelfAttention`` layer.
 Backends (``attention_impl``, one table: ``_BACKENDS``), all computing the same numbers:
   * ``"xla"`` (default): the decomposed form (``attention.XLA_BACKEND``).
   * ``"xla_joint"``: the plain reference, one masked joint sequence.
+  * ``"xla_chunked"``: the decomposed form in query chunks with a recomputing
+    backward (``attention.XLA_CHUNKED_BACKEND``): no (Nq, Nk) scores kept for the
+    backward pass; the fastest form on CPU (BENCHMARKS.md, "Train step").
   * ``"cudnn"``: the decomposed form on cuDNN flash attention (GPU).
   * ``"splash"``: the joint form on the Pallas splash kernel, masked blocks skipped
     (TPU only).
@@ -33,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from consist_jax.models.attention import XLA_BACKEND, XLA_JOINT_BACKEND, AttentionBackend
+from consist_jax.models.attention import XLA_BACKEND, XLA_CHUNKED_BACKEND, XLA_JOINT_BACKEND, AttentionBackend
 from consist_jax.models.attention_rule import check_choice, check_rule, has_reference_cache
 
 Dtype = Any
@@ -50,6 +53,7 @@ def _kernels():
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {
     "xla": lambda: XLA_BACKEND,
     "xla_joint": lambda: XLA_JOINT_BACKEND,
+    "xla_chunked": lambda: XLA_CHUNKED_BACKEND,
     "cudnn": lambda: _kernels().CUDNN,
     "splash": lambda: _kernels().SPLASH,
     "pallas": lambda: _kernels().PALLAS,

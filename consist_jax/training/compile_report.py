@@ -38,7 +38,7 @@ import re
 import resource
 import sys
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -480,25 +480,69 @@ def train_report(config: Any, topology: str, num_slices: int = 1,
     return make_report(compiled, mesh, topology, num_slices, batch, program="train_step", **host_cost(started))
 
 
-def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16) -> int:
-    """The largest global batch (a multiple of the data-parallel devices, doubling then
-    bisecting) whose train step fits; 0 when none does."""
+def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16,
+                          known: Optional[dict] = None) -> int:
+    """The largest global batch (a multiple of the data-parallel devices) whose train step
+    fits; 0 when none does. Each probe is one compile (``search_largest``: 3-5 of them
+    where memory grows about linearly with the batch). known: a report already made
+    (``train_report``) of this config, reused as the first probe."""
     from consist_jax.training import sharding
 
     devices = tpu_devices(topology, num_slices)
     mesh = sharding.mesh_from_config(config.mesh, devices)
     unit = sharding.data_parallel_size(mesh) * int(config.optim.grad_accum_steps)
 
-    def fits(multiple: int) -> bool:
-        return train_report(config, topology, num_slices, multiple * unit)["fits"]
+    def probe(multiple: int) -> tuple[bool, int, float]:
+        if known is not None and known["global_batch_size"] == multiple * unit:
+            report = known
+        else:
+            report = train_report(config, topology, num_slices, multiple * unit)
+        budget = report["device_memory_bytes"] * (1 - report["hbm_headroom"])
+        return report["fits"], report["per_device_bytes"]["peak"], budget
 
-    low, high = 0, 1
-    while high * unit <= limit and fits(high):
-        low, high = high, high * 2
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    return low * unit
+    start = max(1, int(config.train.global_batch_size) // unit)
+    return search_largest(probe, start, limit // unit) * unit
+
+
+def search_largest(probe: Callable[[int], tuple[bool, int, float]], start: int, most: int) -> int:
+    """The largest m in [0, most] for which ``probe(m)`` fits (0 if none), for a fit that
+    holds below some m and fails above it.
+
+    probe(m) -> (fits, peak_bytes, budget_bytes); the peak of a probe that does not fit
+    may be a lower bound only (what XLA:TPU said when it refused). Keeps the bracket
+    [largest m that fits, smallest that does not]: doubling (halving) from the start, then
+    probing where the line through the last two fitting probes meets the budget (memory is
+    close to linear in the batch, so that is the answer, and its successor confirms it),
+    bisecting while fewer than two probes fit or when the line stops halving the bracket.
+    """
+    low, high = 0, most + 1  # fits(0) trivially; most + 1 is taken not to fit
+    fitting: list[tuple[int, int]] = []  # (m, exact peak)
+    widths: list[int] = []  # the bracket after each probe that found an upper bound
+    guess = min(max(1, start), most)
+    while True:
+        fits, peak, budget = probe(guess)
+        if fits:
+            low = guess
+            fitting.append((guess, peak))
+        else:
+            high = guess
+        if high - low <= 1:
+            return low
+        if high <= most:
+            widths.append(high - low)
+        guess = min(max(_next_guess(fitting, budget, low, high, widths), low + 1), high - 1)
+
+
+def _next_guess(fitting, budget, low, high, widths) -> int:
+    bisect = (low + high) // 2
+    if not widths:  # no upper bound yet: double (the line, once it has two points, may jump further)
+        if len(fitting) < 2:
+            return 2 * low
+    elif len(fitting) < 2 or (len(widths) >= 3 and 2 * widths[-1] > widths[-3]):
+        return bisect if widths and fitting else max(1, high // 2)
+    (m1, p1), (m2, p2) = fitting[-2:]
+    slope = (p2 - p1) / (m2 - m1)
+    return m2 + math.floor((budget - p2) / slope + 1e-9) if slope > 0 else max(bisect, 2 * low)
 
 
 def run(config: Any, workdir: str, topology: str, num_slices: int = 1) -> dict:
