@@ -1,14 +1,14 @@
 """Causal reference/target attention: joint masked vs decomposed vs kernels, one layer.
 
     python bench/attention.py [--latents 64x64 96x96] [--head-dims 40 80 160] [--heads 8]
-                              [--frames 1] [--forms joint decomposed pallas splash]
+                              [--frames 1] [--forms joint decomposed chunked pallas splash]
                               [--runs 1] [--head-chunk 1] [--dtype float32] [--gpu]
     python bench/attention.py --memory-only --latents 64x128 --head-dims 40
 
 One SD-1.5 self-attention layer, batch 1: N_r = N_t = h*w latent tokens (64x64 ->
 4096 + 4096), ``--frames`` target frames, 8 heads. Forms (``attention_impl``):
-joint = ``xla_joint`` (one masked joint sequence), decomposed = ``xla``, and the
-kernels ``pallas``, ``splash``, ``cudnn`` (off their platform, the Pallas kernels
+joint = ``xla_joint`` (one masked joint sequence), decomposed = ``xla``, chunked =
+``xla_chunked`` (the decomposed form in query chunks), and the kernels ``pallas``, ``splash``, ``cudnn`` (off their platform, the Pallas kernels
 run as ``*_interpret``). Every form is compiled ahead of time; the timed calls exclude compilation.
 
 Printed per form: model FLOPs (4 H D x the score count of the form: joint
@@ -36,6 +36,7 @@ from consist_jax.models.self_attention import reference_target_attention
 FORM_IMPLS = {
     "joint": "xla_joint",
     "decomposed": "xla",
+    "chunked": "xla_chunked",
     "pallas": "pallas",
     "splash": "splash",
     "cudnn": "cudnn",
@@ -52,7 +53,7 @@ def form_impl(form: str) -> str:
 
 
 DEFAULT_FORMS = {
-    "cpu": ["joint", "decomposed", "pallas", "splash"],
+    "cpu": ["joint", "decomposed", "chunked", "pallas", "splash"],
     "gpu": ["joint", "decomposed", "cudnn", "pallas"],
     "tpu": ["joint", "decomposed", "splash"],
 }
