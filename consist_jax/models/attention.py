@@ -27,7 +27,8 @@ numbers:
     ``[R ; T_1 ; ... ; T_F]`` with a block mask built from segment ids.
   * ``XLA_CHUNKED_BACKEND`` (``"xla_chunked"``): the decomposed form with each
     attention in query chunks and a recomputing backward (``chunked_attention.py``):
-    no (Nq, Nk) scores kept for the backward pass; the fastest form on CPU.
+    no (Nq, Nk) scores kept for the backward pass; faster than ``xla`` on CPU at a
+    thousand tokens (BENCHMARKS.md, "Train step").
 The accelerator kernels (cuDNN, splash, Pallas) live in ``attention_kernels.py``; the
 backends by name (``attention_impl``), the layer and the reference cache in
 ``self_attention.py``.
@@ -41,8 +42,8 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from consist_jax.models.chunked_attention import chunked_attention
 from consist_jax.models.attention_rule import REFERENCE_SEGMENT, reference_reads_targets, segment_allows
+from consist_jax.models.chunked_attention import chunked_attention
 
 # --------------------------------------------------------------------------- primitive
 
