@@ -8,8 +8,8 @@
 One SD-1.5 self-attention layer, batch 1: N_r = N_t = h*w latent tokens (64x64 ->
 4096 + 4096), ``--frames`` target frames, 8 heads. Forms (``attention_impl``):
 joint = ``xla_joint`` (one masked joint sequence), decomposed = ``xla``, chunked =
-``xla_chunked`` (the decomposed form in query chunks), and the kernels ``pallas``, ``splash``, ``cudnn`` (off their platform, the Pallas kernels
-run as ``*_interpret``). Every form is compiled ahead of time; the timed calls exclude compilation.
+``xla_chunked`` (the decomposed form in query chunks), and the kernels ``pallas``,
+``splash``, ``cudnn`` (off their platform, the Pallas kernels run as ``*_interpret``). Every form is compiled ahead of time; the timed calls exclude compilation.
 
 Printed per form: model FLOPs (4 H D x the score count of the form: joint
 (N_r + F N_t)^2, decomposed N_r^2 + F N_t (N_r + N_t)), the compiled temporaries

@@ -87,7 +87,7 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
         return denoise(model, params, ref, sampler, noise, poses, guidance, joint=True, reference_pose=ref_pose)
 
     args = (params, frozen, reference, ref_pose, poses, noise)
-    times = {"cached": [float("nan")], "joint": [float("nan")]} if runs == 0 else {"cached": [], "joint": []}
+    times = {"cached": [], "joint": []}
     for fn in (cached, joint) if runs else ():
         jax.block_until_ready(fn(*args))  # compile
     for _ in range(runs):
@@ -97,7 +97,7 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
             times[name].append(time.perf_counter() - start)
 
     # FLOPs: XLA does not multiply a loop body by its trip count, so count the parts.
-    ref = jax.jit(functools.partial(extract_reference, model))(params, frozen, reference, ref_pose)
+    ref = jax.eval_shape(functools.partial(extract_reference, model), params, frozen, reference, ref_pose)
     t = sampler.timesteps[0]
 
     def reference_pass(params, frozen, r, p):
@@ -118,7 +118,7 @@ def bench(config, frames: int, steps: int, runs: int) -> dict:
     stage1 = _flops(reference_pass, params, frozen, reference, ref_pose)  # encode included
     cached_step = _flops(cached_step, params, ref, noise)
     joint_step = _flops(joint_step, params, ref, noise)
-    cached_s, joint_s = statistics.median(times["cached"]), statistics.median(times["joint"])
+    cached_s, joint_s = (statistics.median(times[name]) if runs else float("nan") for name in ("cached", "joint"))
     return dict(frames=frames, cached_s=cached_s, joint_s=joint_s, per_frame_cached=cached_s / frames,
                 per_frame_joint=joint_s / frames, time_ratio=joint_s / cached_s,
                 gflop_cached=(stage1 + steps * cached_step) / 1e9, gflop_encode=encode_flops / 1e9,

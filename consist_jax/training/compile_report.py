@@ -534,15 +534,15 @@ def search_largest(probe: Callable[[int], tuple[bool, int, float]], start: int, 
 
 
 def _next_guess(fitting, budget, low, high, widths) -> int:
-    bisect = (low + high) // 2
-    if not widths:  # no upper bound yet: double (the line, once it has two points, may jump further)
-        if len(fitting) < 2:
-            return 2 * low
-    elif len(fitting) < 2 or (len(widths) >= 3 and 2 * widths[-1] > widths[-3]):
-        return bisect if widths and fitting else max(1, high // 2)
+    """Doubling until a probe fails, bisecting while fewer than two probes fit or when the
+    bracket has not halved over the last two probes, else the secant on the fitting peaks."""
+    if len(fitting) < 2:
+        return (low + high) // 2 if widths else 2 * low
+    if len(widths) >= 3 and 2 * widths[-1] > widths[-3]:
+        return (low + high) // 2
     (m1, p1), (m2, p2) = fitting[-2:]
     slope = (p2 - p1) / (m2 - m1)
-    return m2 + math.floor((budget - p2) / slope + 1e-9) if slope > 0 else max(bisect, 2 * low)
+    return m2 + math.floor((budget - p2) / slope + 1e-9) if slope > 0 else max((low + high) // 2, 2 * low)
 
 
 def run(config: Any, workdir: str, topology: str, num_slices: int = 1) -> dict:
