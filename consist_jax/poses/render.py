@@ -18,7 +18,7 @@ linearly with ``min(height, width) / 512`` and ``stroke_scale``, and never below
 
 Rasterisation is by distance on the pixel grid (pixel (row y, column x) has its centre at
 coordinates (x, y), as in OpenPose's pixel coordinates), one vectorised pass per shape
-kind and limb, over every frame at once, each evaluated only inside its bounding box.
+kind (all limbs of all frames at once, say), each evaluated only inside its bounding box.
 No anti-aliasing: the pose encoder sees flat colours, as in the peers' training data.
 """
 from __future__ import annotations
@@ -110,14 +110,6 @@ def _paint(canvas, frame_index, start, end, half_width, colors, *, ellipse):
     canvas[frame_index[shape], ys[shape, row], xs[shape, col]] = colors[shape]
 
 
-def _paint_limbs(canvas, xy, visible, limbs, colors, half_width):
-    """Draws limb i (for every frame where both ends are visible) before limb i + 1."""
-    for (a, b), color in zip(limbs, colors):
-        frames = np.nonzero(visible[:, a] & visible[:, b])[0]
-        _paint(canvas, frames, xy[frames, a], xy[frames, b], half_width,
-               np.broadcast_to(color, (len(frames), 3)), ellipse=True)
-
-
 def _paint_discs(canvas, xy, visible, colors, radius):
     """Draws the visible points of xy (T, P, 2) as discs, point p after point p - 1.
 
@@ -128,12 +120,14 @@ def _paint_discs(canvas, xy, visible, colors, radius):
     _paint(canvas, frames, centres, centres, radius, colors[points], ellipse=False)
 
 
-def _paint_segments(canvas, xy, visible, edges, colors, half_width):
-    """Draws the edges of a point set (one call for all frames), edge e after e - 1."""
+def _paint_segments(canvas, xy, visible, edges, colors, half_width, *, ellipse=False):
+    """Draws the edges (E, 2) of a point set (T, P, 2), in one pass over every frame: edge e
+    after e - 1 within a frame (frames never overlap, so their order does not matter).
+    ellipse: OpenPose's limb ellipses, else capsules (DWPose's bones)."""
     a, b = edges[:, 0], edges[:, 1]
     frames, edge = np.nonzero(visible[:, a] & visible[:, b])
     _paint(canvas, frames, xy[frames, a[edge]], xy[frames, b[edge]], half_width,
-           colors[edge], ellipse=False)
+           colors[edge], ellipse=ellipse)
 
 
 def draw_skeletons(points, layout, height, width, *,
@@ -178,10 +172,11 @@ def draw_skeletons(points, layout, height, width, *,
     if "body" in layout.groups:
         # OpenPose multiplies the canvas by 0.6 after the limbs: the same as dimmed limb colours.
         limb_colors = _dimmed(layout.body_limb_colors)
-        _paint_limbs(canvas, xy, visible, layout.body_limbs, limb_colors, size(LIMB_HALF_WIDTH))
+        _paint_segments(canvas, xy, visible, layout.body_limbs, limb_colors, size(LIMB_HALF_WIDTH),
+                        ellipse=True)
         if draw_feet and len(layout.feet_limbs):
-            _paint_limbs(canvas, xy, visible, layout.feet_limbs,
-                         _dimmed(layout.feet_limb_colors), size(LIMB_HALF_WIDTH))
+            _paint_segments(canvas, xy, visible, layout.feet_limbs, _dimmed(layout.feet_limb_colors),
+                            size(LIMB_HALF_WIDTH), ellipse=True)
         body = layout.group_slice("body")
         _paint_discs(canvas, xy[:, body], visible[:, body], layout.joint_colors,
                      size(JOINT_RADIUS))
