@@ -98,6 +98,9 @@ def main(argv):
     check_flags(config)
     if FLAGS.compile_topology:
         return compile_for_topology(config)
+    from consist_jax.training import sharding
+
+    sharding.split_cpu_host(config.get("mesh", {}).get("cpu_devices", 0))
     initialize_distributed()
     from consist_jax.training.trainer import train
 

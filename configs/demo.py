@@ -40,6 +40,7 @@ def get_config():
     c.model.codec = dict(kind="pixel", factor=2)
     c.model.context = dict(kind="none")
     c.diffusion.update(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, prediction_type="sample")
+    c.mesh.cpu_devices = 2  # the 2 cores as 2 devices, 4 examples each (training/sharding.py)
     c.train.update(global_batch_size=8, num_steps=2400)
     c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, decay_steps=2400, ema_decay=0.998)
     c.checkpoint.update(every_steps=600, keep=4)

@@ -170,6 +170,7 @@ def test_user_errors_and_bugs(capsys, monkeypatch):
     ({"sample.overlap": 8, "sample.window": 8}, "sample.overlap"),
     ({"checkpoint.every_steps": -1}, "checkpoint.every_steps"),
     ({"log.every_steps": -1}, "log.every_steps"),
+    ({"mesh.cpu_devices": -1}, "mesh.cpu_devices"),
 ])
 def test_run_config_ranges(override, key):
     from tests.configs.tiny import get_config

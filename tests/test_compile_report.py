@@ -117,6 +117,8 @@ def test_a_batch_past_the_chip_memory_does_not_fit(tiny_dit_report):
     assert not report["fits"], report["per_device_bytes"]
     # XLA:TPU refuses past its usable HBM (15.75 of a v5e's 16 GiB) or reports the peak.
     assert report["per_device_bytes"]["peak"] > (1 - report["hbm_headroom"]) * report["device_memory_bytes"]
+    if report["estimated_step_seconds"] is None:  # refused: XLA's listing of its largest buffers is kept
+        assert "RESOURCE_EXHAUSTED" in report["xla_message"], report["xla_message"][:300]
 
 
 def test_out_of_memory_compiles_are_read():
@@ -128,6 +130,10 @@ def test_out_of_memory_compiles_are_read():
                          "HLO temporaries (36.00G) exceeds available HBM (15.75G).")
     assert cr.hbm_exceeded(error) == 36 * 2**30
     assert cr.hbm_exceeded(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
+    # The report keeps the head of XLA's message (its largest buffers), cut to a bounded size.
+    listing = "RESOURCE_EXHAUSTED: Ran out of memory. Largest program allocations in hbm:\n" + "x" * 10**5
+    kept = cr.refusal_message(RuntimeError(listing))
+    assert kept.startswith(listing[:200]) and len(kept) <= cr.REFUSAL_MESSAGE_CHARS + 10
 
 
 @pytest.mark.parametrize("start", [1, 12, 64])

@@ -253,21 +253,25 @@ def test_killed_run_resumes_exactly(uninterrupted_run, data_dir, tmp_path):
 
 
 def test_sigterm_saves_before_exiting(data_dir, tmp_path):
+    """Also on a CPU host split into 2 devices (mesh.cpu_devices): the batch over both."""
     workdir = str(tmp_path / "preempted")
     proc = subprocess.Popen(train_cmd(workdir, "--config.train.num_steps=100000",
-                                      "--config.checkpoint.every_steps=1000"),
+                                      "--config.checkpoint.every_steps=1000", "--config.mesh.cpu_devices=2"),
                             cwd=REPO, env=run_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 900
-    line = ""
+    line, lines = "", []
     while "step 3/" not in line:  # training is under way
         line = proc.stdout.readline()
+        lines.append(line)
         assert line or proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.time() < deadline
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
+    out = "".join(lines) + out
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: saved a checkpoint" in out
+    assert "mesh {'data': 2, 'fsdp': 1} over 2 cpu device(s)" in out, out[:2000]
     listing = os.listdir(os.path.join(workdir, "checkpoints"))
     steps = [int(s) for s in listing if s.isdigit()]
     assert steps and max(steps) >= 3, (listing, out[-2000:], err[-2000:])

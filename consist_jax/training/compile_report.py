@@ -422,6 +422,7 @@ _HBM_EXCEEDED = (
     re.compile(r"required for [\w ]+\(([\d.]+)([KMGT]?)\) exceeds available HBM"),
 )
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+REFUSAL_MESSAGE_CHARS = 6000  # of XLA's message kept in a refused program's report
 
 
 def hbm_exceeded(error: Exception) -> Optional[int]:
@@ -434,6 +435,13 @@ def hbm_exceeded(error: Exception) -> Optional[int]:
         if match:
             return int(float(match.group(1)) * _UNITS[match.group(2)])
     return None
+
+
+def refusal_message(error: Exception) -> str:
+    """XLA:TPU's out-of-HBM message, cut to its head: it names the largest buffers (shape,
+    the op that made it, its share of HBM), which is where to look for a wrong sharding."""
+    text = str(error)
+    return text[:REFUSAL_MESSAGE_CHARS] + (" [...]" if len(text) > REFUSAL_MESSAGE_CHARS else "")
 
 
 def _does_not_fit_report(needed: int, devices: list, config: Any, topology: str, num_slices: int,
@@ -476,7 +484,7 @@ def train_report(config: Any, topology: str, num_slices: int = 1,
         if needed is None:
             raise
         return _does_not_fit_report(needed, devices, config, topology, num_slices, batch, program="train_step",
-                                    **host_cost(started))
+                                    xla_message=refusal_message(error), **host_cost(started))
     return make_report(compiled, mesh, topology, num_slices, batch, program="train_step", **host_cost(started))
 
 

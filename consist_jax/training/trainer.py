@@ -173,6 +173,9 @@ def train(config: Any, workdir: str) -> dict:
     """Trains as ``config`` says, checkpointing under ``workdir``; resumes from its latest
     checkpoint when ``config.resume`` is set. Returns the last logged metrics."""
     mesh = preflight(config)
+    if jax.process_index() == 0:
+        print(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.default_backend()} device(s), "
+              f"global batch {config.train.global_batch_size}", flush=True)
     ensure_dataset(config.data)
     rng = jax.random.key(config.seed)
     model_rng, train_rng = jax.random.split(rng)

@@ -93,6 +93,7 @@ def check_run_config(config: Any) -> None:
         if name in config:
             _check_section(config[name], name, rules)
     _check_section(config.data.pipeline, "data.pipeline", PIPELINE_RULES)
+    checks.non_negative_int("mesh.cpu_devices", config.get("mesh", {}).get("cpu_devices", 0))
     d = config.diffusion
     if d.beta_end < d.beta_start:
         raise ValueError(f"diffusion.beta_end={d.beta_end} must be >= diffusion.beta_start={d.beta_start}")
