@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.self_attention import AttentionConfig, ReferenceLayout, SelfAttention
 from consist_jax.models.layers import GroupNorm, conv1x1
+from consist_jax.parallel.batch import constrain_leading
 
 Dtype = Any
 
@@ -38,14 +39,17 @@ class CrossAttention(nn.Module):
         n, length, channels = x.shape
         inner = self.heads * self.head_dim
 
+        # Pinned to the batch split under a mesh: else SPMD may keep the FSDP-split weight
+        # and gather a whole batch of activations (parallel/batch.py).
         def project(name, source):
             y = nn.Dense(inner, use_bias=False, dtype=self.dtype, name=name)(source)
-            return y.reshape(n, source.shape[1], self.heads, self.head_dim)
+            return constrain_leading(y.reshape(n, source.shape[1], self.heads, self.head_dim))
 
         out = dot_product_attention(
             project("to_q", x), project("to_k", context), project("to_v", context), upcast=self.upcast
         )
-        return nn.Dense(channels, dtype=self.dtype, name="to_out.0")(out.reshape(n, length, inner))
+        out = constrain_leading(out.reshape(n, length, inner))
+        return nn.Dense(channels, dtype=self.dtype, name="to_out.0")(out)
 
 
 class FeedForward(nn.Module):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from consist_jax import checks
 from consist_jax.models.attention import dot_product_attention
 from consist_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv3x3
+from consist_jax.parallel.batch import constrain_leading, leading_split
 
 Dtype = Any
 
@@ -433,39 +434,51 @@ def decode_latents(module: AutoencoderKL, params: dict, latents: jax.Array) -> j
     return jnp.clip(images, -1.0, 1.0)
 
 
-def map_in_chunks(fn: Callable, x: jax.Array, chunk_size: int):
-    """``fn`` over the leading axis of ``x``, ``chunk_size`` items per call.
+def map_in_chunks(fn: Callable, x: jax.Array, chunk_size: int, devices: Optional[int] = None):
+    """``fn`` over the leading axis of ``x``, ``chunk_size`` items per call and device.
 
     Full chunks go through one ``lax.map`` (a loop: one chunk's activations live at a
     time); a smaller remainder is one more call. fn: (n, ...) -> pytree of (n, ...).
+    Under a mesh that splits the leading axis over d devices (parallel/batch.py), each
+    step takes ``chunk_size`` items from every device's own part, so nothing moves
+    between devices; with d = 1 the chunks are consecutive. devices: d, when the caller
+    knows it (a jitted caller must take it as a static argument: its traces are cached
+    without the mesh).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = x.shape[0]
-    full = n - n % chunk_size
+    d = leading_split(n) if devices is None else devices
+    local = x.reshape(d, n // d, *x.shape[1:])  # device i's items in row i
+    full = (n // d) - (n // d) % chunk_size
     parts = []
     if full:
-        chunks = x[:full].reshape(full // chunk_size, chunk_size, *x.shape[1:])
-        out = jax.lax.map(fn, chunks)
-        parts.append(jax.tree.map(lambda a: a.reshape(full, *a.shape[2:]), out))
-    if n - full:
-        parts.append(fn(x[full:]))
-    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+        chunks = local[:, :full].reshape(d, full // chunk_size, chunk_size, *x.shape[1:]).swapaxes(0, 1)
+        out = jax.lax.map(lambda chunk: fn(constrain_leading(chunk.reshape(d * chunk_size, *x.shape[1:]))),
+                          chunks)
+        parts.append(jax.tree.map(
+            lambda a: a.reshape(full // chunk_size, d, chunk_size, *a.shape[2:]).swapaxes(0, 1)
+            .reshape(d, full, *a.shape[2:]), out))
+    if n // d - full:
+        rest = local[:, full:]
+        out = fn(constrain_leading(rest.reshape(d * rest.shape[1], *x.shape[1:])))
+        parts.append(jax.tree.map(lambda a: a.reshape(d, rest.shape[1], *a.shape[1:]), out))
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=1).reshape(n, *a[0].shape[2:]), *parts)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "chunk_size"))
-def _encode_frames_posterior(module, params, frames, chunk_size):
+@functools.partial(jax.jit, static_argnames=("module", "chunk_size", "devices"))
+def _encode_frames_posterior(module, params, frames, chunk_size, devices):
     """frames (N, H, W, 3) -> the posterior of every frame, ``chunk_size`` at a time."""
     encode = functools.partial(module.apply, {"params": params}, method=AutoencoderKL.encode)
-    return map_in_chunks(encode, frames, chunk_size)
+    return map_in_chunks(encode, frames, chunk_size, devices)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "chunk_size"))
-def _decode_frames(module, params, latents, chunk_size):
+@functools.partial(jax.jit, static_argnames=("module", "chunk_size", "devices"))
+def _decode_frames(module, params, latents, chunk_size, devices):
     b, f = latents.shape[:2]
     decode = functools.partial(module.apply, {"params": params}, method=AutoencoderKL.decode)
     z = unscale_latents(module.config, latents.reshape(b * f, *latents.shape[2:]))
-    images = jnp.clip(map_in_chunks(decode, z, chunk_size), -1.0, 1.0)
+    images = jnp.clip(map_in_chunks(decode, z, chunk_size, devices), -1.0, 1.0)
     return images.reshape(b, f, *images.shape[1:])
 
 
@@ -486,7 +499,8 @@ def encode_frames(
     if frames.ndim != 5:
         raise ValueError(f"frames: expected (B, F, H, W, C), got shape {tuple(frames.shape)}")
     b, f = frames.shape[:2]
-    posterior = _encode_frames_posterior(module, params, frames.reshape(b * f, *frames.shape[2:]), chunk_size)
+    posterior = _encode_frames_posterior(module, params, frames.reshape(b * f, *frames.shape[2:]), chunk_size,
+                                         leading_split(b * f))
     # Noise is drawn for all frames at once (latent-sized), so chunking never changes a sample.
     latents = _latents_from_posterior(module.config, posterior, rng)
     return latents.reshape(b, f, *latents.shape[1:])
@@ -496,4 +510,4 @@ def decode_frames(
     module: AutoencoderKL, params: dict, latents: jax.Array, chunk_size: int
 ) -> jax.Array:
     """scaled latents (B, F, h, w, L) -> frames (B, F, h*f, w*f, 3) in [-1, 1], in chunks."""
-    return _decode_frames(module, params, latents, chunk_size)
+    return _decode_frames(module, params, latents, chunk_size, leading_split(latents.shape[0] * latents.shape[1]))
