@@ -316,7 +316,8 @@ def test_two_processes_match_one(data_dir, tmp_path):
 
 def test_video_stage_trains_only_motion_modules_from_the_image_run(uninterrupted_run, data_dir, tmp_path):
     """configs/demo_video.py's path: spatial weights from the image run's checkpoint, frozen;
-    the fresh motion modules (zero output) are all that moves."""
+    the fresh motion modules (zero output) are all that moves. On 2 CPU devices: the
+    restored weights are laid over the mesh (they come back on one device)."""
     from flax import traverse_util
 
     from consist_jax.convert.motion import is_motion_path
@@ -324,7 +325,7 @@ def test_video_stage_trains_only_motion_modules_from_the_image_run(uninterrupted
     workdir = str(tmp_path / "video")
     result = subprocess.run(
         script_cmd("train.py", "--config=tests/configs/tiny_video.py", f"--workdir={workdir}",
-                   f"--config.model.init_from={uninterrupted_run}"),
+                   f"--config.model.init_from={uninterrupted_run}", "--config.mesh.cpu_devices=2"),
         cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"from {uninterrupted_run} step 8" in result.stdout

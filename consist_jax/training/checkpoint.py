@@ -339,5 +339,7 @@ def init_from_checkpoint(params: Any, workdir: str) -> Any:
     kept = len(ours) - len(theirs)
     print(f"initialised {len(theirs)} params from {workdir} step {step}; {kept} keep their fresh values",
           flush=True)
-    merged = {p: theirs.get(p, v).astype(v.dtype) for p, v in ours.items()}
+    # Host copies: the restored leaves sit on one device, and the caller lays the params
+    # over its mesh (with 2+ devices jit refuses arguments committed to one of them).
+    merged = {p: np.asarray(theirs[p]).astype(v.dtype) if p in theirs else v for p, v in ours.items()}
     return traverse_util.unflatten_dict(merged)
