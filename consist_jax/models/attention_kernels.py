@@ -62,6 +62,7 @@ from consist_jax.models.attention import (
     target_platform,
 )
 from consist_jax.models.attention_rule import PAD_SEGMENT, reference_reads_targets, segment_allows
+from consist_jax.parallel.batch import leading_axes
 
 # Finite, so a fully masked key block gives exp(MASK - m) = 0 rather than inf - inf = NaN.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -100,20 +101,17 @@ def require_platform(impl: str, platform: str, interpretable: bool = False) -> N
 def _kernel_partition(mesh, batch: int, heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Mesh axes over which a kernel call is split: (batch axes, head axes).
 
-    Each axis of size > 1 takes the batch while it divides, else the heads; an axis
-    that divides neither computes the call whole on each of its devices.
+    Each axis of size > 1 takes the batch while it divides (``leading_axes``, the
+    batch's own split), else the heads; an axis that divides neither computes the call
+    whole on each of its devices.
     """
-    batch_axes, head_axes = [], []
+    batch_axes = leading_axes(batch, mesh)
+    head_axes = []
     for axis, size in mesh.shape.items():
-        if size == 1:
-            continue
-        if batch % size == 0:
-            batch_axes.append(axis)
-            batch //= size
-        elif heads % size == 0:
+        if size > 1 and axis not in batch_axes and heads % size == 0:
             head_axes.append(axis)
             heads //= size
-    return tuple(batch_axes), tuple(head_axes)
+    return batch_axes, tuple(head_axes)
 
 
 def per_device(kernel: Callable, *args):

@@ -14,17 +14,20 @@ Without a mesh (sampling on one device) both are no-ops.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
 
 
-def leading_axes(n: int) -> tuple[str, ...]:
-    """Mesh axes (of the mesh set with ``jax.set_mesh``) a leading axis of ``n`` items is
-    split over: each axis of size > 1 in mesh order while it divides what is left; ()
-    without a mesh or inside ``shard_map``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh._any_axis_manual:
-        return ()
+def leading_axes(n: int, mesh: Any = None) -> tuple[str, ...]:
+    """Mesh axes a leading axis of ``n`` items is split over: each axis of size > 1 in
+    mesh order while it divides what is left. mesh: default the one set with
+    ``jax.set_mesh`` (() without one, or inside ``shard_map``)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh._any_axis_manual:
+            return ()
     axes, devices = [], 1
     for axis, size in mesh.shape.items():
         if size > 1 and n % (devices * size) == 0:
