@@ -118,15 +118,18 @@ _WITH_FILE_SIZE_LIMIT = ("import os, resource, signal, sys; signal.signal(signal
                          "os.execv(sys.argv[2], sys.argv[2:])")
 
 
-def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir, tmp_path):
+@pytest.mark.parametrize("cpu_devices", [0, 2])
+def test_failed_save_stops_the_run_with_one_message(uninterrupted_run, data_dir, tmp_path, cpu_devices):
     """A disk that takes no more (a per-process file size limit: writes fail with an OSError
     inside orbax's background writer, as on a full disk) stops the run with one error naming
-    the step and its folder; the last good checkpoint stays intact."""
+    the step and its folder; the last good checkpoint stays intact. On 2 devices too, where
+    writers of other arrays are still writing into the partial step when the error arrives."""
     workdir = _copy(uninterrupted_run, tmp_path)
     for step in (6, 8):
         shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
     _, largest = _cut_in_half(_copy(workdir, tmp_path, "probe"), 4)
-    result = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(largest // 2), *train_cmd(workdir)],
+    result = subprocess.run([sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, str(largest // 2),
+                             *train_cmd(workdir, f"--config.mesh.cpu_devices={cpu_devices}")],
                             cwd=REPO, env=run_env(data_dir), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 2, result.stderr[-3000:]  # the CLIs' exit code for a user's error
     errors = [line for line in result.stderr.splitlines() if "CheckpointSaveError:" in line]

@@ -22,6 +22,8 @@ import logging
 import os
 import shutil
 import sys
+import threading
+import time
 from typing import Any, Optional
 
 import jax
@@ -165,6 +167,37 @@ class _Manager(ocp.CheckpointManager):
         return False
 
 
+def _join_orbax_writers(timeout_seconds: float = 120.0) -> None:
+    """Waits for orbax's writer threads still running. When one array's write fails,
+    orbax raises at once while the writers of other arrays go on (seen with the state
+    split over 2 devices): a partial step removed under them would be written again."""
+    deadline = time.monotonic() + timeout_seconds
+    writers = [t for t in threading.enumerate()
+               if t is not threading.current_thread() and type(t).__module__.startswith("orbax.")]
+    for thread in writers:
+        try:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - orbax's join raises its writer's error again: already reported
+            pass
+    if any(t.is_alive() for t in writers):
+        print(f"orbax writer threads still running after {timeout_seconds:.0f} s; removing the partial "
+              "step anyway", file=sys.stderr, flush=True)
+
+
+def _remove_until_gone(path: str, settle_seconds: float = 1.0, timeout_seconds: float = 60.0) -> None:
+    """Removes ``path`` and checks that it stays gone for ``settle_seconds``: tensorstore's
+    own threads may still be finishing writes that orbax's threads issued (a file written
+    into the folder while it is removed, or just after)."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle_seconds)
+        if not os.path.exists(path):
+            return
+    print(f"could not remove the partial checkpoint {path}: still being written after "
+          f"{timeout_seconds:.0f} s", file=sys.stderr, flush=True)
+
+
 class Checkpointer:
     """Save every ``every_steps`` steps, keep the last ``keep``; restore the newest intact one.
 
@@ -248,10 +281,11 @@ class Checkpointer:
     def _remove_partial_steps(self) -> None:
         """Deletes orbax's temporary step folders ``{step}.orbax-checkpoint-tmp*`` (no writer
         is left to finish them): a failed save leaves no partial checkpoint to fill the disk."""
+        _join_orbax_writers()  # every process: its own writers would write into the folder again
         if jax.process_index() != 0:
             return
         for path in glob.glob(os.path.join(glob.escape(self.directory), f"*{PARTIAL_STEP_SUFFIX}*")):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_until_gone(path)
 
     @contextlib.contextmanager
     def _save_errors(self):
