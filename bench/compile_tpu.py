@@ -9,7 +9,8 @@ does (``compile_report.train_report``); ``sample`` compiles the two-stage sample
 (reference pass, the whole guided loop over the temporal windows, VAE decode) for
 ``--frames`` frames on one chip. ``--largest_batch`` also finds the largest global
 batch whose train step fits (``compile_report.search_largest``: from the config's batch,
-where memory meets HBM on the line through two compiles; 4-5 compiles in all). Each report
+where memory meets HBM on the line through two compiles; 4-5 compiles in all; each
+probe's report goes to DIR/probes/); ``--known=a.json,b.json`` reuses earlier reports. Each report
 goes to ``DIR/{program}_{topology}x{slices}.json`` and a summary table is printed.
 
 Any backbone: the UNet configs (configs/sd15_*.py) and the Wan DiT (configs/wan_*_scd.py,
@@ -32,8 +33,20 @@ flags.DEFINE_enum("program", "train", ["train", "sample"], "What to compile.")
 flags.DEFINE_integer("frames", None, "Sampled frames (default: the config's clip length).")
 flags.DEFINE_integer("steps", None, "Sampler steps (default: config.sample.steps).")
 flags.DEFINE_bool("largest_batch", False, "Also search the largest global batch that fits (train).")
+flags.DEFINE_list("known", [], "Reports of earlier compiles of this config and topology (JSON files), "
+                  "reused by --largest_batch where it probes their batch.")
 flags.DEFINE_string("out", "compile_reports", "Folder for the JSON reports.")
 flags.mark_flags_as_required(["config", "topology"])
+
+
+def _read_report(path):
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --known {path}: not a readable report ({e})") from None
 
 
 def main(argv):
@@ -44,10 +57,19 @@ def main(argv):
     cr.use_cpu_host()
     config = FLAGS.config
     if FLAGS.program == "train":
-        report = cr.train_report(config, FLAGS.topology, FLAGS.num_slices)
+        known = [_read_report(path) for path in FLAGS.known]
+        batch = int(config.train.global_batch_size)
+        report = next((r for r in known if r["global_batch_size"] == batch), None)
+        if report is None:
+            report = cr.train_report(config, FLAGS.topology, FLAGS.num_slices)
         if FLAGS.largest_batch:
+            def keep(probe):  # each probe's report beside the main one
+                files.write_json(os.path.join(FLAGS.out, "probes", f"train_{FLAGS.topology}x{FLAGS.num_slices}"
+                                              f"_batch{probe['global_batch_size']}.json"), probe)
+                print(cr.format_table(probe), flush=True)
+
             report["largest_fitting_global_batch"] = cr.largest_fitting_batch(
-                config, FLAGS.topology, FLAGS.num_slices, known=report)
+                config, FLAGS.topology, FLAGS.num_slices, known=[report, *known], on_probe=keep)
     else:
         frames = FLAGS.frames or int(config.data.pipeline.clip_length)
         report = cr.sample_report(config, FLAGS.topology, frames, FLAGS.steps)

@@ -163,6 +163,30 @@ def test_largest_batch_search_finds_the_last_that_fits(start, fixed_gib, per_exa
         assert len(probed) <= 5, probed
 
 
+def test_largest_batch_reuses_known_reports(monkeypatch):
+    """``largest_fitting_batch`` compiles only the batches no known report covers, and hands
+    each new probe's report to on_probe (the bench keeps them); a compile is faked here by
+    memory linear in the batch: 2 GiB + 1 GiB an example on 16 GiB v5e chips."""
+    from tests.configs.tiny import get_config
+
+    config = get_config()
+    budget = 16 * 2**30 * (1 - cr.HBM_HEADROOM)
+
+    def fake_report(batch):
+        peak = (2 + batch / 4) * 2**30  # 4 chips, the batch split over them
+        return {"global_batch_size": batch, "fits": peak <= budget, "device_memory_bytes": 16 * 2**30,
+                "hbm_headroom": cr.HBM_HEADROOM, "per_device_bytes": {"peak": int(peak)}}
+
+    compiled, kept = [], []
+    monkeypatch.setattr(cr, "train_report", lambda c, t, n, batch: compiled.append(batch) or fake_report(batch))
+    config.train.global_batch_size = 8
+    known = [fake_report(8), fake_report(16), fake_report(64)]
+    largest = cr.largest_fitting_batch(config, "v5e-4", known=known, on_probe=kept.append)
+    assert largest == 4 * math.floor(budget / 2**30 - 2) == 48  # 14.4 GiB: 12 examples a chip
+    assert 8 not in compiled and 16 not in compiled and 64 not in compiled and compiled
+    assert [r["global_batch_size"] for r in kept] == compiled
+
+
 def test_dit_sampler_compiles_for_tpu_with_kernels():
     """The DiT's two-stage sampler (reference pass, guided loop over two windows), one v5e chip."""
     config = tiny_dit_tpu_config()
@@ -183,3 +207,5 @@ def test_two_stage_sampler_compiles_for_tpu_with_kernels():
     assert REPORT_KEYS <= set(report) and report["program"] == "sampler"
     assert report["num_devices"] == 1 and report["frames"] == 3
     assert report["tpu_attention_kernels"] > 0 and report["fits"]
+    # what its FLOPs count is said in the report and its table
+    assert report["cost_counts"] == cr.SAMPLER_COST_COUNTS and cr.SAMPLER_COST_COUNTS in cr.format_table(report)

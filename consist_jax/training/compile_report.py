@@ -38,7 +38,7 @@ import re
 import resource
 import sys
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -403,6 +403,8 @@ def format_table(report: dict) -> str:
         ("TFLOP / step", f"{report['flops_per_step'] / 1e12:.1f}"),
         ("TPU attention kernels", report["tpu_attention_kernels"]),
     ]
+    if "cost_counts" in report:
+        rows.append(("counted", report["cost_counts"]))
     if "compile_seconds" in report:
         rows.append(("compile (this host)", f"{report['compile_seconds'] / 60:.1f} min, peak RSS "
                                             f"{report['host_peak_rss_bytes'] / GIB:.1f} GiB"))
@@ -489,22 +491,25 @@ def train_report(config: Any, topology: str, num_slices: int = 1,
 
 
 def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16,
-                          known: Optional[dict] = None) -> int:
+                          known: Sequence[dict] = (), on_probe: Optional[Callable[[dict], None]] = None) -> int:
     """The largest global batch (a multiple of the data-parallel devices) whose train step
     fits; 0 when none does. Each probe is one compile (``search_largest``: 3-5 of them
-    where memory grows about linearly with the batch). known: a report already made
-    (``train_report``) of this config, reused as the first probe."""
+    where memory grows about linearly with the batch). known: reports already made
+    (``train_report``) of this config and topology, reused where the search probes their
+    batch; on_probe(report) sees each new probe's report (to keep them)."""
     from consist_jax.training import sharding
 
     devices = tpu_devices(topology, num_slices)
     mesh = sharding.mesh_from_config(config.mesh, devices)
     unit = sharding.data_parallel_size(mesh) * int(config.optim.grad_accum_steps)
+    made = {int(r["global_batch_size"]): r for r in known}
 
     def probe(multiple: int) -> tuple[bool, int, float]:
-        if known is not None and known["global_batch_size"] == multiple * unit:
-            report = known
-        else:
-            report = train_report(config, topology, num_slices, multiple * unit)
+        report = made.get(multiple * unit)
+        if report is None:
+            report = made[multiple * unit] = train_report(config, topology, num_slices, multiple * unit)
+            if on_probe is not None:
+                on_probe(report)
         budget = report["device_memory_bytes"] * (1 - report["hbm_headroom"])
         return report["fits"], report["per_device_bytes"]["peak"], budget
 
@@ -597,6 +602,11 @@ def compile_sampler(config: Any, device: Any, num_frames: int, steps: Optional[i
         return generate.lower(*args).compile(), mesh
 
 
+# XLA's cost analysis counts a while loop's body once, whatever its trip count.
+SAMPLER_COST_COUNTS = ("flops, bytes and the roofline count the denoising loop's body once: the reference "
+                       "pass, one guided step of one window and the decode, not every step")
+
+
 def sample_report(config: Any, topology: str, num_frames: int, steps: Optional[int] = None) -> dict:
     """The sampler of ``config`` for ``num_frames`` frames on one chip of ``topology``."""
     device = tpu_devices(topology)[0]
@@ -604,4 +614,4 @@ def sample_report(config: Any, topology: str, num_frames: int, steps: Optional[i
     compiled, mesh = compile_sampler(config, device, num_frames, steps)
     return make_report(compiled, mesh, topology, 1, 1, program="sampler", frames=num_frames,
                        steps=int(steps or config.sample.steps), window=int(config.sample.window),
-                       **host_cost(started))
+                       cost_counts=SAMPLER_COST_COUNTS, **host_cost(started))
