@@ -187,6 +187,96 @@ def test_largest_batch_reuses_known_reports(monkeypatch):
     assert [r["global_batch_size"] for r in kept] == compiled
 
 
+def test_memory_probe_reads_the_buffer_assignment(tiny_dit_report):
+    """The probe stops the compile at XLA:TPU's buffer assignment: its HBM total holds the
+    parameters and is at most the full compile's (the back end only adds code and buffers);
+    a batch XLA:TPU refuses in its HLO passes reports what it asked for (XLA dumps that
+    assignment before it refuses, so either may reach the probe first)."""
+    from consist_jax.training import memory_probe
+
+    config, full = tiny_dit_tpu_config(), tiny_dit_report["per_device_bytes"]
+    probe = memory_probe.train_memory(config, "v5e-4")
+    assert not probe["refused"] and probe["probe_seconds"] > 0, probe
+    assert full["arguments"] <= probe["hbm_bytes"] <= full["peak"] - full["generated_code"], (probe, full)
+    refused = memory_probe.train_memory(config, "v5e-4", batch=16384 * tiny_dit_report["global_batch_size"])
+    assert refused["hbm_bytes"] > 16 * 2**30, refused
+    assert "RESOURCE_EXHAUSTED" in refused["xla_message"] or not refused["refused"]
+
+
+@pytest.mark.parametrize("growth_gib, full_compiles, expected", [
+    (0.0, 2, ((96, 96), [96])),  # the back end's share constant: the floors' candidate fits
+    (0.025, 2, ((92, 92), [96, 92])),  # it grows: 96 refuted, the ceilings' 92 fits, closes
+    (0.025, 1, ((8, 95), [96])),  # one full compile only: a bracket
+])
+def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_compiles, expected):
+    """``largest_batch_bracket``: memory probes (the buffer assignment plus what the back
+    end added at a full compile's batch) give floors above that batch and ceilings below
+    it; full compiles confirm the candidates. Faked: 4 v5e chips, buffer assignment 2 GiB +
+    0.5 GiB an example a chip, the back end 0.25 GiB of code and ``growth_gib`` an example
+    a chip more. The answer is the batch a search of full compiles gives, or brackets it."""
+    from consist_jax.training import memory_probe
+    from tests.configs.tiny import get_config
+
+    def assignment(batch):
+        return (2 + 0.5 * batch / 4) * 2**30
+
+    def full_peak(batch):
+        return assignment(batch) + (0.25 + growth_gib * batch / 4) * 2**30
+
+    budget = 0.9 * 16 * 2**30
+    probed, compiled, kept = [], [], []
+    monkeypatch.setattr(memory_probe, "train_memory", lambda c, t, n, batch: probed.append(batch) or {
+        "hbm_bytes": int(assignment(batch)), "refused": False, "probe_seconds": 1.0, "host_peak_rss_bytes": 0})
+    full = {"topology": "v5e-4", "num_slices": 1, "device_kind": "TPU v5 lite", "num_devices": 4,
+            "mesh": {"data": 1, "fsdp": 4}, "device_memory_bytes": 16 * 2**30, "hbm_headroom": cr.HBM_HEADROOM,
+            "chip": {}, "global_batch_size": 8, "fits": True,
+            "per_device_bytes": {"generated_code": int(0.25 * 2**30), "temp": 1, "peak": int(full_peak(8))}}
+
+    def fake_full(c, t, n, batch):
+        compiled.append(batch)
+        return dict(full, global_batch_size=batch, fits=full_peak(batch) <= budget,
+                    per_device_bytes={"temp": 1, "peak": int(full_peak(batch))})
+
+    monkeypatch.setattr(cr, "train_report", fake_full)
+    at_40 = memory_probe.calibrated_reports(get_config(), full)(40)
+    assert at_40["per_device_bytes"]["peak"] == int(assignment(40)) + int(full_peak(8)) - int(assignment(8))
+    assert at_40["probe"]["hbm_bytes"] == int(assignment(40)) and probed == [8, 40]
+
+    config = get_config()
+    config.train.global_batch_size = 8
+    bracket = memory_probe.largest_batch_bracket(config, full, full_compiles=full_compiles, on_probe=kept.append)
+    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= budget)
+    assert (bracket, compiled) == expected, (bracket, compiled)
+    assert bracket[0] <= truth <= bracket[1]
+    assert [r["global_batch_size"] for r in kept if "probe" not in r] == compiled  # the bench keeps all
+
+
+def test_bench_brackets_the_largest_batch_with_probes(tmp_path):
+    """bench/compile_tpu.py --largest_batch on the tiny DiT: the full compile of the
+    config's batch, then memory probes (no further full compile here), each kept in
+    DIR/probes/; the report holds the bracket, the batch above it failing a probe."""
+    from runs import script_cmd
+
+    cmd = script_cmd("bench/compile_tpu.py", "--config=tests/configs/tiny_dit.py", "--topology=v5e-4",
+                     "--largest_batch", "--full_compiles=0", f"--out={tmp_path}",
+                     "--config.model.wan.attention_impl=auto", "--config.mesh.shape=(1,-1)")
+    done = subprocess.run(cmd, cwd=REPO, env=run_env(str(tmp_path / "no_data")), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "train_v5e-4x1.json") as f:
+        report = json.load(f)
+    low, high = report["largest_batch_bracket"]
+    assert report["largest_fitting_global_batch"] == low == 8 < high and report["largest_batch_probes"] == "memory"
+    probes = {}
+    for path in (tmp_path / "probes").glob("*.json"):
+        with open(path) as f:
+            probe = json.load(f)
+        probes[probe["global_batch_size"]] = probe
+    assert all("probe" in p and p["per_device_bytes"]["peak"] > 0 for p in probes.values()), probes
+    assert probes[high]["fits"] and not probes[high + 4]["fits"], sorted(probes)
+    assert f"largest fitting global batch: 8 (to {high}: not closed)" in done.stdout
+
+
 def test_dit_sampler_compiles_for_tpu_with_kernels():
     """The DiT's two-stage sampler (reference pass, guided loop over two windows), one v5e chip."""
     config = tiny_dit_tpu_config()

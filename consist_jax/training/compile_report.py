@@ -491,23 +491,29 @@ def train_report(config: Any, topology: str, num_slices: int = 1,
 
 
 def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16,
-                          known: Sequence[dict] = (), on_probe: Optional[Callable[[dict], None]] = None) -> int:
+                          known: Sequence[dict] = (), on_probe: Optional[Callable[[dict], None]] = None,
+                          report_for: Optional[Callable[[int], dict]] = None) -> int:
     """The largest global batch (a multiple of the data-parallel devices) whose train step
     fits; 0 when none does. Each probe is one compile (``search_largest``: 3-5 of them
     where memory grows about linearly with the batch). known: reports already made
     (``train_report``) of this config and topology, reused where the search probes their
-    batch; on_probe(report) sees each new probe's report (to keep them)."""
+    batch; on_probe(report) sees each new probe's report (to keep them); report_for(batch):
+    how a probe is made (default: ``train_report``, a full compile; ``memory_probe``'s
+    ``calibrated_reports`` stops after XLA's buffer assignment)."""
     from consist_jax.training import sharding
 
     devices = tpu_devices(topology, num_slices)
     mesh = sharding.mesh_from_config(config.mesh, devices)
     unit = sharding.data_parallel_size(mesh) * int(config.optim.grad_accum_steps)
     made = {int(r["global_batch_size"]): r for r in known}
+    if report_for is None:
+        def report_for(batch: int) -> dict:
+            return train_report(config, topology, num_slices, batch)
 
     def probe(multiple: int) -> tuple[bool, int, float]:
         report = made.get(multiple * unit)
         if report is None:
-            report = made[multiple * unit] = train_report(config, topology, num_slices, multiple * unit)
+            report = made[multiple * unit] = report_for(multiple * unit)
             if on_probe is not None:
                 on_probe(report)
         budget = report["device_memory_bytes"] * (1 - report["hbm_headroom"])
