@@ -9,8 +9,8 @@ does (``compile_report.train_report``); ``sample`` compiles the two-stage sample
 (reference pass, the whole guided loop over the temporal windows, VAE decode) for
 ``--frames`` frames on one chip. ``--largest_batch`` also finds the largest global
 batch whose train step fits (``compile_report.search_largest``: from the config's batch,
-where memory meets HBM on the line through two probes; 4-5 probes in all; each probe's
-report goes to DIR/probes/). A probe stops at XLA:TPU's buffer assignment
+where memory meets HBM on the line through two probes; each probe's report goes to
+DIR/probes/, named ..._probe or ..._full). A probe stops at XLA:TPU's buffer assignment
 (``training.memory_probe``: 2-5 minutes where a full compile takes 20-45), calibrated on
 the full compile of the config's batch; the candidate is then compiled in full
 (``memory_probe.largest_batch_bracket``, ``--full_compiles`` of them at most; the answer is
@@ -87,9 +87,10 @@ def main(argv):
         if report is None:
             report = cr.train_report(config, FLAGS.topology, FLAGS.num_slices)
         if FLAGS.largest_batch:
-            def keep(probe):  # each probe's report beside the main one
+            def keep(probe):  # each probe's report beside the main one (a memory probe's, a full compile's)
+                kind = "probe" if "probe" in probe else "full"
                 files.write_json(os.path.join(FLAGS.out, "probes", f"train_{FLAGS.topology}x{FLAGS.num_slices}"
-                                              f"_batch{probe['global_batch_size']}.json"), probe)
+                                              f"_batch{probe['global_batch_size']}_{kind}.json"), probe)
                 print(cr.format_table(probe), flush=True)
 
             report.update(_largest_batch(config, report, known, keep))
