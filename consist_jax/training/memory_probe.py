@@ -61,7 +61,8 @@ def _compile_in_child(config: Any, topology: str, num_slices: int, batch: int, d
         needed = cr.hbm_exceeded(error)
         results.send(("refused", needed, cr.refusal_message(error)) if needed else ("error", None, str(error)))
         return
-    results.send(("compiled", compiled.memory_analysis().temp_size_in_bytes, ""))
+    del compiled
+    results.send(("compiled", None, ""))
 
 
 def _peak_rss(pid: int) -> int:
@@ -182,7 +183,7 @@ def calibrated_reports(config: Any, full_report: dict, probes: Optional[dict] = 
 def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] = (), full_compiles: int = 2,
                           on_probe: Optional[Callable[[dict], None]] = None) -> tuple[int, int]:
     """(low, high): the largest global batch whose train step fits lies in [low, high]; low
-    fits by a full compile (or is 0), every batch above high fails a probe's floor.
+    fits by a full compile, and the batch after high failed a probe's floor or a full compile.
 
     Calibrated on a fitting full compile, probes are floors above it: their search gives
     high, and the candidate is compiled in full. If it fits, it is the answer (low = high);
@@ -205,10 +206,12 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
                                              report_for=calibrated_reports(config, calibration, probes))
         if calibration["fits"]:
             high = candidate
-        if candidate <= low or compiles == full_compiles:
+        if candidate <= low:
             return low, max(high, low)
         report = full.get(candidate)
         if report is None:
+            if compiles == full_compiles:
+                return low, max(high, low)
             report = full[candidate] = cr.train_report(config, topology, slices, candidate)
             compiles += 1
             if on_probe is not None:
