@@ -11,7 +11,7 @@ does (``compile_report.train_report``); ``sample`` compiles the two-stage sample
 batch whose train step fits (``compile_report.search_largest``: from the config's batch,
 where memory meets HBM on the line through two probes; each probe's report goes to
 DIR/probes/, named ..._probe or ..._full). A probe stops at XLA:TPU's buffer assignment
-(``training.memory_probe``: 2-5 minutes where a full compile takes 20-45), calibrated on
+(``training.memory_probe``: 1.5-5.5 minutes where a full compile takes 15-45), calibrated on
 the full compile of the config's batch; the candidate is then compiled in full
 (``memory_probe.largest_batch_bracket``, ``--full_compiles`` of them at most; the answer is
 a bracket [low, high] where those did not close it; ``--probe=full`` compiles every probe whole).
