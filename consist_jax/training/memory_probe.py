@@ -3,7 +3,7 @@
 A full compile of SD-1.5's step for a pod takes 20-45 minutes and 15-22 GiB on a 2-core
 host, nearly all of it in XLA:TPU's back end (code generation, after the HLO passes). The
 memory a program needs is settled before that: the buffer assignment, which fixes every
-HBM buffer's size and lifetime, comes at the end of the HLO passes (1-3 minutes here).
+HBM buffer's size and lifetime, comes at the end of the HLO passes (1.5-5.5 minutes here).
 ``train_memory`` compiles the step in a child process that dumps the step's buffer
 assignment (``--xla_dump_to``), reads the HBM total from it and kills the child before
 the back end starts: what a search for the largest batch needs, at a tenth of the cost.
