@@ -374,7 +374,7 @@ def make_report(compiled: Any, mesh: Any, topology: str, num_slices: int, global
         "per_device_bytes": per_device,
         "device_memory_bytes": hbm,
         "hbm_headroom": HBM_HEADROOM,
-        "fits": per_device["peak"] <= (1 - HBM_HEADROOM) * hbm,
+        "fits": within_budget(per_device["peak"], hbm),
         "flops_per_step": flops * n,
         "bytes_accessed_per_step": traffic * n,
         "estimated_step_seconds": seconds,
@@ -446,6 +446,28 @@ def refusal_message(error: Exception) -> str:
     return text[:REFUSAL_MESSAGE_CHARS] + (" [...]" if len(text) > REFUSAL_MESSAGE_CHARS else "")
 
 
+# The keys that name a report's program and target, the same at every batch.
+TARGET_KEYS = ("topology", "num_slices", "device_kind", "num_devices", "mesh", "device_memory_bytes",
+               "hbm_headroom", "chip")
+
+
+def within_budget(peak: int, hbm: int) -> bool:
+    """Whether a per-chip peak fits a chip of ``hbm`` bytes, ``HBM_HEADROOM`` kept free."""
+    return peak <= (1 - HBM_HEADROOM) * hbm
+
+
+def memory_only_report(target: dict, batch: int, peak: int, refused: bool, note: str, **extra) -> dict:
+    """The report of a program whose per-chip peak alone is known (XLA:TPU refused it, or
+    a memory probe): ``target`` holds ``TARGET_KEYS``; the cost figures are None."""
+    per_device = dict.fromkeys(("arguments", "outputs", "temp", "generated_code"))
+    return {
+        **target, "global_batch_size": int(batch), "per_device_bytes": dict(per_device, peak=int(peak)),
+        "fits": not refused and within_budget(peak, target["device_memory_bytes"]),
+        "flops_per_step": None, "bytes_accessed_per_step": None, "estimated_step_seconds": None,
+        "estimated_mfu": None, "tpu_attention_kernels": None, "note": note, **extra,
+    }
+
+
 def _does_not_fit_report(needed: int, devices: list, config: Any, topology: str, num_slices: int,
                          batch: int, **extra) -> dict:
     """The report of a program XLA:TPU refused for memory: only the peak is known."""
@@ -453,16 +475,13 @@ def _does_not_fit_report(needed: int, devices: list, config: Any, topology: str,
 
     mesh = sharding.mesh_from_config(config.mesh, devices)
     kind = devices[0].device_kind
-    per_device = dict.fromkeys(("arguments", "outputs", "temp", "generated_code"))
-    return {
-        "topology": topology, "num_slices": num_slices, "device_kind": kind,
-        "num_devices": len(devices), "mesh": {str(a): int(s) for a, s in mesh.shape.items()},
-        "global_batch_size": batch, "per_device_bytes": dict(per_device, peak=needed),
+    target = {
+        "topology": topology, "num_slices": num_slices, "device_kind": kind, "num_devices": len(devices),
+        "mesh": {str(a): int(s) for a, s in mesh.shape.items()},
         "device_memory_bytes": int(TPU_CHIPS[kind].hbm_gib * GIB), "hbm_headroom": HBM_HEADROOM,
-        "fits": False, "flops_per_step": None, "bytes_accessed_per_step": None,
-        "estimated_step_seconds": None, "estimated_mfu": None, "tpu_attention_kernels": None,
-        "chip": TPU_CHIPS[kind]._asdict(), "note": "XLA:TPU refused the program: out of HBM", **extra,
+        "chip": TPU_CHIPS[kind]._asdict(),
     }
+    return memory_only_report(target, batch, needed, True, "XLA:TPU refused the program: out of HBM", **extra)
 
 
 def host_cost(started: float) -> dict:

@@ -56,12 +56,11 @@ def _compile_in_child(config: Any, topology: str, num_slices: int, batch: int, d
     os.environ["XLA_FLAGS"] = f"{flags} --xla_dump_to={dump_dir} --xla_dump_hlo_module_re=^{STEP_MODULE}$"
     cr.use_cpu_host()
     try:
-        compiled, _ = cr.compile_train_step(config, cr.tpu_devices(topology, num_slices), batch)
+        cr.compile_train_step(config, cr.tpu_devices(topology, num_slices), batch)
     except Exception as error:  # XlaRuntimeError; its type moves between jax versions
         needed = cr.hbm_exceeded(error)
         results.send(("refused", needed, cr.refusal_message(error)) if needed else ("error", None, str(error)))
         return
-    del compiled
     results.send(("compiled", None, ""))
 
 
@@ -157,26 +156,18 @@ def calibrated_reports(config: Any, full_report: dict, probes: Optional[dict] = 
     if at_full["refused"]:
         raise RuntimeError(f"memory probe of {topology} at batch {b0}: refused where the full compile was not")
     added = full_report["per_device_bytes"]["peak"] - at_full["hbm_bytes"]
-    hbm = full_report["device_memory_bytes"]
+    target = {k: full_report[k] for k in cr.TARGET_KEYS}
 
     def report(batch: int) -> dict:
         probe = probe_at(batch)
-        peak = probe["hbm_bytes"] + (0 if probe["refused"] else added)
-        return {
-            **{k: full_report[k] for k in ("topology", "num_slices", "device_kind", "num_devices", "mesh",
-                                           "device_memory_bytes", "hbm_headroom", "chip")},
-            "global_batch_size": int(batch),
-            "per_device_bytes": {"arguments": None, "outputs": None, "temp": None, "generated_code": None,
-                                 "peak": int(peak)},
-            "fits": not probe["refused"] and peak <= (1 - cr.HBM_HEADROOM) * hbm,
-            "flops_per_step": None, "bytes_accessed_per_step": None, "estimated_step_seconds": None,
-            "estimated_mfu": None, "tpu_attention_kernels": None, "program": "train_step",
-            "note": ("XLA:TPU refused the program: out of HBM" if probe["refused"] else
-                     f"memory probe: buffer assignment {probe['hbm_bytes'] / cr.GIB:.2f} GiB + "
-                     f"{added / cr.GIB:.2f} GiB the back end added at batch {b0}"),
-            "probe": probe, "calibration": {"batch": b0, "probe": at_full, "back_end_bytes": added},
-            "compile_seconds": probe["probe_seconds"], "host_peak_rss_bytes": probe["host_peak_rss_bytes"],
-        }
+        refused = probe["refused"]
+        note = ("XLA:TPU refused the program: out of HBM" if refused else
+                f"memory probe: buffer assignment {probe['hbm_bytes'] / cr.GIB:.2f} GiB + "
+                f"{added / cr.GIB:.2f} GiB the back end added at batch {b0}")
+        return cr.memory_only_report(
+            target, batch, probe["hbm_bytes"] + (0 if refused else added), refused, note, program="train_step",
+            probe=probe, calibration={"batch": b0, "probe": at_full, "back_end_bytes": added},
+            compile_seconds=probe["probe_seconds"], host_peak_rss_bytes=probe["host_peak_rss_bytes"])
     return report
 
 
