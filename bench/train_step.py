@@ -1,13 +1,14 @@
 """Train-step speed: our jitted step vs a diffusers-PyTorch step of the same UNet.
 
     python bench/train_step.py [--config small] [--latent 32] [--batch 4] [--runs 5]
-        [--attention_impls xla,xla_chunked]
+        [--attention_impls xla,xla_chunked] [--cpu_devices 1,2]
     python bench/train_step.py --gpu          # on a GPU: SD-1.5 at 512x512, bf16, SCD step, MFU
 
 CPU mode: both sides do forward + backward + AdamW on the same UNet config, batch and
 latent size (plain denoising MSE, no reference), alternating runs; ours once per
 attention form in --attention_impls (the same model, so each row says what its form
-buys); prints the median step times, samples/s and each ratio ours/theirs. It also
+buys) and per entry of --cpu_devices (the batch split over that many CPU devices);
+prints the median step times, samples/s and each ratio ours/theirs. It also
 times our SCD step (the reference beside each target: twice the images) with the last
 form and prints its MFU against the peak given by --peak_tflops (XLA's cost analysis
 for the FLOPs).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 import time
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, ".")
 from bench.unet_vs_diffusers import CONFIGS  # noqa: E402
@@ -31,6 +35,7 @@ from consist_jax.convert.loading import state_dict_to_params  # noqa: E402
 from consist_jax.convert.unet import NEW_WEIGHTS, init_pose_encoder_params, unet_param_shapes  # noqa: E402
 from consist_jax.models.scd import NullContext, PixelCodec, SCDModel  # noqa: E402
 from consist_jax.models.unet import UNet, UNetConfig  # noqa: E402
+from consist_jax.training.sharding import split_cpu_host  # noqa: E402
 
 
 def timed(fn, runs):
@@ -64,32 +69,40 @@ def torch_step(name, batch, latent, context_len):
     return model, step
 
 
-def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"):
+def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla", cpu_devices=1):
+    """Our step on diffusers' weights; with cpu_devices > 1 the batch is split over that
+    many CPU devices (params replicated; as the demo's ``mesh.cpu_devices``)."""
     config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None, attention_impl=attention_impl)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = jax.tree_util.tree_map(jnp.asarray, state_dict_to_params(
+    mesh = Mesh(np.asarray(jax.devices()[:cpu_devices]), ("data",))
+    put = lambda a, spec=P(): jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))  # noqa: E731
+    params = jax.tree_util.tree_map(put, state_dict_to_params(
         state, unet_param_shapes(config), may_be_missing=NEW_WEIGHTS))
     unet = UNet(config)
     opt = optax.adamw(1e-5)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, latent, latent, 4)), jnp.float32)
-    t = jnp.asarray(rng.integers(0, 1000, (batch,)))
-    ctx = jnp.asarray(rng.standard_normal((batch, context_len, config.cross_attention_dim)), jnp.float32)
-    target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    x = put(rng.standard_normal((batch, latent, latent, 4)).astype(np.float32), P("data"))
+    t = put(rng.integers(0, 1000, (batch,)), P("data"))
+    ctx = put(rng.standard_normal((batch, context_len, config.cross_attention_dim)).astype(np.float32), P("data"))
+    target = put(rng.standard_normal(x.shape).astype(np.float32), P("data"))
 
-    @jax.jit
-    def step(params, opt_state):
+    replicated = NamedSharding(mesh, P())
+
+    # Updated in place (donated), as torch's optimizer does; the state keeps its sharding.
+    @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=replicated)
+    def step(params, opt_state, x, t, ctx, target):
         loss, grads = jax.value_and_grad(lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx) - target) ** 2))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    carry = [params, opt.init(params)]
+    carry = [params, jax.device_put(opt.init(params), replicated)]
+    data = (x, t, ctx, target)
 
     def run():
-        carry[0], carry[1], loss = step(*carry)
+        carry[0], carry[1], loss = step(*carry, *data)
         loss.block_until_ready()
 
-    flops = step.lower(*carry).compile().cost_analysis()["flops"]
+    flops = step.lower(*carry, *data).compile().cost_analysis()["flops"] * cpu_devices  # one device's share, times all
     return run, flops, config
 
 
@@ -137,7 +150,13 @@ def main():
                         help="our attention forms to time, comma-separated (self_attention.ATTENTION_IMPLS)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (CPU: your own figure)")
     parser.add_argument("--gpu", action="store_true", help="SD-1.5, 512x512 (64x64 latents), bf16, SCD step only")
+    parser.add_argument("--cpu_devices", default="1",
+                        help="comma-separated: also time our step with the batch split over N CPU devices "
+                             "(the demo's mesh.cpu_devices; XLA:CPU runs a program's ops one at a time)")
     args = parser.parse_args()
+    splits = [int(n) for n in args.cpu_devices.split(",")]
+    if not args.gpu and max(splits) > 1:
+        split_cpu_host(max(splits))
     device = jax.devices()[0]
     print(f"# {device.platform} {device.device_kind}, jax {jax.__version__}")
     if args.gpu:
@@ -155,8 +174,10 @@ def main():
     steps = {"theirs": theirs}
     flops = {}
     for impl in args.attention_impls.split(","):
-        steps[impl], flops[impl], config = our_plain_step(
-            model, args.config, args.batch, args.latent, args.context, attention_impl=impl)
+        for n in splits:
+            label = impl if n == 1 else f"{impl}, {n} CPU devices"
+            steps[label], flops[label], config = our_plain_step(
+                model, args.config, args.batch, args.latent, args.context, attention_impl=impl, cpu_devices=n)
     times = {label: [] for label in steps}
     for fn in steps.values():
         fn()

@@ -573,14 +573,19 @@ def search_largest(probe: Callable[[int], tuple[bool, int, float]], start: int, 
 
 def _next_guess(fitting, budget, low, high, widths) -> int:
     """Doubling until a probe fails, bisecting while fewer than two probes fit or when the
-    bracket has not halved over the last two probes, else the secant on the fitting peaks."""
+    bracket has not halved over the last two probes, else the secant on the fitting peaks:
+    through the last and the nearest earlier one below it (near the chip's limit XLA
+    rematerialises to fit, so a larger batch can need less; v4-8's SD-1.5 step: 28.71 GiB
+    at 160 images, 28.42 at 164)."""
     if len(fitting) < 2:
         return (low + high) // 2 if widths else 2 * low
     if len(widths) >= 3 and 2 * widths[-1] > widths[-3]:
         return (low + high) // 2
-    (m1, p1), (m2, p2) = fitting[-2:]
-    slope = (p2 - p1) / (m2 - m1)
-    return m2 + math.floor((budget - p2) / slope + 1e-9) if slope > 0 else max((low + high) // 2, 2 * low)
+    m2, p2 = fitting[-1]
+    for m1, p1 in reversed(fitting[:-1]):
+        if p1 < p2:
+            return m2 + math.floor((budget - p2) / ((p2 - p1) / (m2 - m1)) + 1e-9)
+    return (low + high) // 2 if widths else 2 * low
 
 
 def run(config: Any, workdir: str, topology: str, num_slices: int = 1) -> dict:

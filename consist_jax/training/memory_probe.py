@@ -9,7 +9,8 @@ assignment (``--xla_dump_to``), reads the HBM total from it and kills the child 
 the back end starts: what a search for the largest batch needs, at a tenth of the cost.
 
 What the back end adds (its generated code, and temporaries it allocates beyond the
-assignment: 0.7 GiB at 16 images a v5p chip, 1.2 GiB at 32) is not in the dump.
+assignment: 1.7 GiB at 16 images a v5p chip, 1.05 of it code; 2.3 at 32; 4.4 at 160) is
+not in the dump.
 ``calibrated_reports`` takes it from a full compile at one batch: a floor for larger
 batches, a ceiling for smaller ones; ``largest_batch_bracket`` searches with such probes
 and confirms its candidates by full compiles. BENCHMARKS.md "TPU" compares probes with
@@ -139,7 +140,7 @@ def calibrated_reports(config: Any, full_report: dict, probes: Optional[dict] = 
     config and topology at a batch B0, whose own probe is made once, here.
 
     The back end adds to the buffer assignment its generated code and temporaries of its
-    own, more for a larger batch (on v5p-8's image step 0.7 GiB at 64 and 1.2 GiB at 128;
+    own, more for a larger batch (on v5p-8's image step 1.7 GiB at 64 and 2.3 GiB at 128;
     BENCHMARKS.md "TPU"). A probe's peak is its assignment plus what the back end added at
     B0: exact at B0, a floor above it (a probe that does not fit there proves the batch
     does not) and a ceiling below it (one that fits there proves the batch does).
@@ -182,10 +183,12 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
     that fits, compiled in full to confirm, which then calibrates the floors above it, and
     so on, ``full_compiles`` compiles at most (each 15-45 minutes on a small host). The
     back end's share is taken not to shrink as the batch grows. known: reports already
-    made of this config and topology, full compiles or probes (those that hold "probe")."""
+    made of this config and topology, full compiles or probes (those that hold "probe"; the
+    probe each was calibrated on is reused too)."""
     topology, slices = full_report["topology"], full_report["num_slices"]
     full = {int(r["global_batch_size"]): r for r in (full_report, *known) if "probe" not in r}
-    probes = {int(r["global_batch_size"]): r["probe"] for r in known if "probe" in r}
+    probes = {int(r["calibration"]["batch"]): r["calibration"]["probe"] for r in known if "calibration" in r}
+    probes.update({int(r["global_batch_size"]): r["probe"] for r in known if "probe" in r})
     low, high, calibration, compiles = int(full_report["global_batch_size"]), 2**16, full_report, 0
     if not full_report["fits"]:
         raise ValueError(f"largest_batch_bracket: the full compile at batch {low} must fit")
