@@ -509,6 +509,15 @@ def train_report(config: Any, topology: str, num_slices: int = 1,
     return make_report(compiled, mesh, topology, num_slices, batch, program="train_step", **host_cost(started))
 
 
+def batch_unit(config: Any, topology: str, num_slices: int = 1) -> int:
+    """The step of global batch sizes the trainer accepts on this topology: one example per
+    data-parallel device per accumulation step."""
+    from consist_jax.training import sharding
+
+    mesh = sharding.mesh_from_config(config.mesh, tpu_devices(topology, num_slices))
+    return sharding.data_parallel_size(mesh) * int(config.optim.grad_accum_steps)
+
+
 def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16,
                           known: Sequence[dict] = (), on_probe: Optional[Callable[[dict], None]] = None,
                           report_for: Optional[Callable[[int], dict]] = None) -> int:
@@ -519,11 +528,7 @@ def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit
     batch; on_probe(report) sees each new probe's report (to keep them); report_for(batch):
     how a probe is made (default: ``train_report``, a full compile; ``memory_probe``'s
     ``calibrated_reports`` stops after XLA's buffer assignment)."""
-    from consist_jax.training import sharding
-
-    devices = tpu_devices(topology, num_slices)
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-    unit = sharding.data_parallel_size(mesh) * int(config.optim.grad_accum_steps)
+    unit = batch_unit(config, topology, num_slices)
     made = {int(r["global_batch_size"]): r for r in known}
     if report_for is None:
         def report_for(batch: int) -> dict:

@@ -192,6 +192,8 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
     low, high, calibration, compiles = int(full_report["global_batch_size"]), 2**16, full_report, 0
     if not full_report["fits"]:
         raise ValueError(f"largest_batch_bracket: the full compile at batch {low} must fit")
+    unit = cr.batch_unit(config, topology, slices)  # the bracket's ends are batches the trainer takes
+
     while True:
         # Floors above a fitting calibration, ceilings below a failing one.
         limit = high if calibration["fits"] else calibration["global_batch_size"] - 1
@@ -213,7 +215,7 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
         if report["fits"]:
             low = candidate
         else:
-            high = min(high, candidate - 1)
+            high = min(high, candidate - unit)
         if low >= high or report["per_device_bytes"].get("temp") is None:
             return low, max(high, low)  # closed, or refused: no calibration from a refusal
         calibration = report
