@@ -102,8 +102,9 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
         carry[0], carry[1], loss = step(*carry, *data)
         loss.block_until_ready()
 
-    flops = step.lower(*carry, *data).compile().cost_analysis()["flops"] * cpu_devices  # one device's share, times all
-    return run, flops, config
+    compiled = step.lower(*carry, *data).compile()  # for its FLOPs and HLO (bench/step_profile.py)
+    run.hlo_text = compiled.as_text
+    return run, compiled.cost_analysis()["flops"] * cpu_devices, config  # one device's FLOPs, times all
 
 
 def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
