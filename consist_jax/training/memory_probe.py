@@ -175,14 +175,17 @@ def calibrated_reports(config: Any, full_report: dict, probes: Optional[dict] = 
 def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] = (), full_compiles: int = 2,
                           on_probe: Optional[Callable[[dict], None]] = None) -> tuple[int, int]:
     """(low, high): the largest global batch whose train step fits lies in [low, high]; low
-    fits by a full compile, and the batch after high failed a probe's floor or a full compile.
+    fits by a full compile or by its ceiling, and the batch after high failed a probe's floor
+    or a full compile.
 
     Calibrated on a fitting full compile, probes are floors above it: their search gives
     high, and the candidate is compiled in full. If it fits, it is the answer (low = high);
     if not, probes calibrated on it are ceilings below it, and their search gives a batch
-    that fits, compiled in full to confirm, which then calibrates the floors above it, and
-    so on, ``full_compiles`` compiles at most (each 15-45 minutes on a small host). The
-    back end's share is taken not to shrink as the batch grows. known: reports already
+    that fits (its ceiling does). That closes the search when it is the batch below the
+    refuted one; otherwise it is compiled in full to calibrate the floors above it, and so
+    on, ``full_compiles`` compiles at most (each 15-45 minutes on a small host). The back
+    end's share is taken not to shrink as the batch grows (floors and ceilings both rest on
+    that; every measured pair agrees, BENCHMARKS.md "TPU"). known: reports already
     made of this config and topology, full compiles or probes (those that hold "probe"; the
     probe each was calibrated on is reused too)."""
     topology, slices = full_report["topology"], full_report["num_slices"]
@@ -204,10 +207,13 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
             high = candidate
         if candidate <= low:
             return low, max(high, low)
+        ceiling_fits = not calibration["fits"]  # below a refuted batch: the candidate's ceiling fits
+        if ceiling_fits and candidate >= high:
+            return candidate, candidate
         report = full.get(candidate)
         if report is None:
             if compiles == full_compiles:
-                return low, max(high, low)
+                return (candidate if ceiling_fits else low), max(high, low)
             report = full[candidate] = cr.train_report(config, topology, slices, candidate)
             compiles += 1
             if on_probe is not None:
