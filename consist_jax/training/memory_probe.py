@@ -185,9 +185,9 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
     refuted one; otherwise it is compiled in full to calibrate the floors above it, and so
     on, ``full_compiles`` compiles at most (each 15-45 minutes on a small host). The back
     end's share is taken not to shrink as the batch grows (floors and ceilings both rest on
-    that; every measured pair agrees, BENCHMARKS.md "TPU"). known: reports already
-    made of this config and topology, full compiles or probes (those that hold "probe"; the
-    probe each was calibrated on is reused too)."""
+    that; all measured pairs but one agree, that one by 0.06 GiB: BENCHMARKS.md "TPU").
+    known: reports already made of this config and topology, full compiles or probes
+    (those that hold "probe"; the probe each was calibrated on is reused too)."""
     topology, slices = full_report["topology"], full_report["num_slices"]
     full = {int(r["global_batch_size"]): r for r in (full_report, *known) if "probe" not in r}
     probes = {int(r["calibration"]["batch"]): r["calibration"]["probe"] for r in known if "calibration" in r}
