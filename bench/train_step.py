@@ -75,7 +75,11 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
     config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None, attention_impl=attention_impl)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     mesh = Mesh(np.asarray(jax.devices()[:cpu_devices]), ("data",))
-    put = lambda a, spec=P(): jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))  # noqa: E731
+    replicated = NamedSharding(mesh, P())
+
+    def put(a, spec=P()):
+        return jax.device_put(jnp.asarray(a), NamedSharding(mesh, spec))
+
     params = jax.tree_util.tree_map(put, state_dict_to_params(
         state, unet_param_shapes(config), may_be_missing=NEW_WEIGHTS))
     unet = UNet(config)
@@ -86,8 +90,6 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
     ctx = put(rng.standard_normal((batch, context_len, config.cross_attention_dim)).astype(np.float32), P("data"))
     target = put(rng.standard_normal(x.shape).astype(np.float32), P("data"))
 
-    replicated = NamedSharding(mesh, P())
-
     # Updated in place (donated), as torch's optimizer does; the state keeps its sharding.
     @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=replicated)
     def step(params, opt_state, x, t, ctx, target):
@@ -97,13 +99,13 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
 
     carry = [params, jax.device_put(opt.init(params), replicated)]
     data = (x, t, ctx, target)
+    compiled = step.lower(*carry, *data).compile()  # run, and read for its FLOPs and HLO
 
     def run():
-        carry[0], carry[1], loss = step(*carry, *data)
+        carry[0], carry[1], loss = compiled(*carry, *data)
         loss.block_until_ready()
 
-    compiled = step.lower(*carry, *data).compile()  # for its FLOPs and HLO (bench/step_profile.py)
-    run.hlo_text = compiled.as_text
+    run.hlo_text = compiled.as_text  # for bench/step_profile.py
     return run, compiled.cost_analysis()["flops"] * cpu_devices, config  # one device's FLOPs, times all
 
 

@@ -272,7 +272,8 @@ def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_
     # A second search given what was kept (probes, their calibrations, full compiles) repeats
     # no probe or compile of the first; it goes on where the first stopped, narrowing the bracket.
     first_probed, first_compiled, closed = set(probed), set(compiled), bracket[0] == bracket[1]
-    probed.clear(), compiled.clear()
+    probed.clear()
+    compiled.clear()
     again = memory_probe.largest_batch_bracket(config, full, kept, full_compiles=full_compiles)
     assert bracket[0] <= again[0] <= truth <= again[1] <= bracket[1], again
     assert not (first_probed & set(probed) or first_compiled & set(compiled)), (probed, compiled)

@@ -582,14 +582,12 @@ def _next_guess(fitting, budget, low, high, widths) -> int:
     through the last and the nearest earlier one below it (near the chip's limit XLA
     rematerialises to fit, so a larger batch can need less; v4-8's SD-1.5 step: 28.71 GiB
     at 160 images, 28.42 at 164)."""
-    if len(fitting) < 2:
-        return (low + high) // 2 if widths else 2 * low
-    if len(widths) >= 3 and 2 * widths[-1] > widths[-3]:
-        return (low + high) // 2
-    m2, p2 = fitting[-1]
-    for m1, p1 in reversed(fitting[:-1]):
-        if p1 < p2:
-            return m2 + math.floor((budget - p2) / ((p2 - p1) / (m2 - m1)) + 1e-9)
+    stalled = len(widths) >= 3 and 2 * widths[-1] > widths[-3]
+    if len(fitting) >= 2 and not stalled:
+        m2, p2 = fitting[-1]
+        for m1, p1 in reversed(fitting[:-1]):
+            if p1 < p2:
+                return m2 + math.floor((budget - p2) / ((p2 - p1) / (m2 - m1)) + 1e-9)
     return (low + high) // 2 if widths else 2 * low
 
 
