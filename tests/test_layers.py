@@ -53,3 +53,22 @@ def test_group_norm_keeps_bfloat16_inputs_and_gradients(rng):
     reference = GroupNorm(4).apply(params, x.astype(jnp.float32))
     assert out.dtype == jnp.bfloat16 and d_x.dtype == jnp.bfloat16
     assert relative_error(out, reference) <= 2 ** -8  # one bfloat16 rounding of the output
+
+
+def test_bench_grouped_form_is_the_same_group_norm(rng):
+    """bench/group_norm.py times ours against the grouped form (autodiff of one reduction
+    over (positions, channels of a group)); both are GroupNorm: values and gradients agree
+    to float32 rounding of sums over 128 terms (<= ~1e-6 of the largest)."""
+    from bench.group_norm import grouped_form
+
+    from consist_jax.models.layers import group_norm
+
+    x = (rng.standard_normal((2, 8, 8, 32)) * 2 + 0.5).astype(np.float32)
+    d_out = rng.standard_normal(x.shape).astype(np.float32)
+    scale, bias = (rng.standard_normal(32).astype(np.float32) for _ in range(2))
+    outs = [f(x, scale, bias, 8, 1e-5) for f in (group_norm, grouped_form)]
+    grads = [jax.grad(lambda x, s, b, f=f: jnp.sum(f(x, s, b, 8, 1e-5) * d_out), argnums=(0, 1, 2))(x, scale, bias)
+             for f in (group_norm, grouped_form)]
+    assert relative_error(*outs) <= 1e-5
+    for grad, grad_ref in zip(*grads):
+        assert relative_error(grad, grad_ref) <= 1e-5
