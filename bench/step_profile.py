@@ -8,7 +8,9 @@ with ``jax.profiler`` (``create_perfetto_trace=True``: a JSON trace, readable wi
 TensorBoard), sums each XLA op's time over all threads and steps, and classes the ops by
 what the optimized HLO says they compute: YNNPACK fusions as convolutions (by output
 shape and window), matmuls or other; XLA's own ops by name (``transpose_copy_fusion``,
-``dot``, ...). Prints ms a step per class, then the heaviest convolutions. The profiler
+``dot``, ...). Prints ms a step per class, then the heaviest convolutions, then the same
+time by the part of the model each op came from (``by_module``: the ``op_name`` XLA keeps
+in each instruction's metadata; "backward" where JAX's transpose made the op). The profiler
 adds its own overhead; compare the shares, not the totals, with bench/train_step.py.
 """
 from __future__ import annotations
@@ -31,6 +33,16 @@ _FUSION = re.compile(r"^\s*%?([\w.\-]+) = \S+ fusion\(.*?calls=%?([\w.\-]+)", re
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*?\{\n(.*?)\n\}", re.M | re.S)
 _CONV = re.compile(r"= (\S+) convolution\(.*?window=\{([^}]*)\}")
 _HOST_EVENTS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "while")
+_OP_NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", re.M)
+# (part of the model, pattern in the op_name), the first match wins; diffusers' module names.
+_MODULES = (
+    ("attention core", r"chunked_attention|attn[12]/(?!to_)"),
+    ("attention projections", r"attn[12]/to_"),
+    ("convolutions", r"conv_general_dilated"),
+    ("feed-forward", r"/ff/"),
+    ("norms", r"norm"),
+    ("optimizer and loss", r"^jit\(step\)/(?!.*UNet)"),
+)
 
 
 def op_times(run, steps: int) -> dict:
@@ -67,6 +79,22 @@ def classify(times: dict, hlo: str) -> tuple[collections.Counter, collections.Co
     return classes, convolutions
 
 
+def by_module(times: dict, hlo: str) -> collections.Counter:
+    """(part of the model, "forward" | "backward" | "outside the model") -> us, from each op's op_name;
+    ops without one (copies XLA inserted, runtime events) are ("unattributed", kind)."""
+    op_names = dict(_OP_NAME.findall(hlo))
+    parts = collections.Counter()
+    for name, us in times.items():
+        op_name = op_names.get(name)
+        if op_name is None:
+            parts["unattributed", re.sub(r"\.\d+$", "", name)] += us
+            continue
+        part = next((part for part, pattern in _MODULES if re.search(pattern, op_name)), "other")
+        kind = "backward" if "transpose(" in op_name else "forward" if "UNet" in op_name else "outside the model"
+        parts[part, kind] += us
+    return parts
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="small")
@@ -80,7 +108,8 @@ def main():
     run, _, _ = our_plain_step(model, args.config, args.batch, args.latent, 1, attention_impl=args.attention_impl)
     for _ in range(3):  # compile and settle
         run()
-    classes, convolutions = classify(op_times(run, args.steps), run.hlo_text())
+    times = op_times(run, args.steps)
+    classes, convolutions = classify(times, run.hlo_text())
     per_step = 1e-3 / args.steps
     print(f"# {args.config}, batch {args.batch}, {args.latent}x{args.latent} latents, {args.attention_impl}: "
           f"{sum(classes.values()) * per_step:.0f} ms of op time a step (all threads, under the profiler)")
@@ -89,6 +118,9 @@ def main():
     print("# heaviest convolutions (output shape, window)")
     for (shape, window), us in convolutions.most_common(args.top):
         print(f"{us * per_step:8.1f} ms  {shape}  {window}")
+    print("# by part of the model")
+    for (part, kind), us in by_module(times, run.hlo_text()).most_common(args.top):
+        print(f"{us * per_step:8.1f} ms  {part}, {kind}")
 
 
 if __name__ == "__main__":
