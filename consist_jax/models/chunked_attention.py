@@ -12,7 +12,7 @@ log-sum-exp, p = exp(s - lse), and forms
 
 so residual memory is O(N D) instead of O(N^2). Same numbers as the dense form to float32
 rounding (tests/test_chunked_attention.py). On the dev CPU (2 cores) one attention's
-forward + backward at 1024 tokens (batch 4, 4 heads of 16) takes ~50 ms against the dense
+forward + backward at 1024 tokens (batch 4, 4 heads of 16) takes ~48 ms against the dense
 form's ~145 ms, and the small UNet's train step 0.73 s against 1.00 s
 (``bench/train_step.py``, BENCHMARKS.md "Train step").
 """
@@ -125,6 +125,13 @@ def _attend_backward(upcast, chunk, residuals, d_out):
 
     # Keys first, (B, H, Nk, chunk): then dV, dP and dK are plain matmuls over the chunk
     # and only dQ contracts the keys; 22% faster than the queries-first layout on CPU.
+    # dQ = dS^T K would contract dS's major axis, a matmul XLA:CPU does not hand to
+    # YNNPACK (its own emitter ran at about half the speed); as dQ^T = K^T dS, K^T copied
+    # once (the barrier stops XLA folding the transpose back into the dot), it is a plain
+    # one, and only the small (D, chunk) results are transposed: -14% of one attention's
+    # forward + backward at 1024 tokens.
+    keys_by_dim = jax.lax.optimization_barrier(jnp.swapaxes(keys, 2, 3))  # (B, H, D, Nk)
+
     def one_chunk(carry, chunk_inputs):
         d_keys, d_values = carry
         q_chunk, lse, d_o, row_term = chunk_inputs
@@ -134,12 +141,7 @@ def _attend_backward(upcast, chunk, residuals, d_out):
         )
         d_probs = jnp.einsum("bhkd,bhqd->bhkq", values, d_o, preferred_element_type=f32)
         d_scores = (probs * (d_probs - row_term[:, :, None, :])).astype(q_chunk.dtype)
-        # dQ contracts the keys, dS's major axis. XLA:CPU hands YNNPACK only matmuls that
-        # contract a minor axis and runs this one with its own slower emitter, so dS is laid
-        # out queries-first by a real copy (the barrier stops XLA folding the transpose back
-        # into the dot): -9% of one attention's forward + backward at 1024 tokens.
-        d_scores_by_query = jax.lax.optimization_barrier(jnp.swapaxes(d_scores, 2, 3))
-        d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores_by_query, keys, preferred_element_type=f32)
+        d_q = jnp.einsum("bhdk,bhkq->bhdq", keys_by_dim, d_scores, preferred_element_type=f32)
         d_keys = d_keys + jnp.einsum("bhkq,bhqd->bhkd", d_scores, q_chunk, preferred_element_type=f32)
         return (d_keys, d_values), d_q
 
@@ -148,7 +150,7 @@ def _attend_backward(upcast, chunk, residuals, d_out):
         one_chunk, (zeros, zeros), (q_chunks, log_sum_exp, d_out_chunks, row_terms)
     )
     # q_chunks hold Q / sqrt(d), so dK above is already dS^T Q / sqrt(d).
-    d_query = (_from_chunks(d_q) * scale).astype(q_chunks.dtype)
+    d_query = (_from_chunks(jnp.swapaxes(d_q, 3, 4)) * scale).astype(q_chunks.dtype)
     d_key = _heads_first(d_keys).astype(keys.dtype)
     d_value = _heads_first(d_values).astype(values.dtype)
     return d_query, d_key, d_value, None
