@@ -12,15 +12,14 @@ Prints the median ms of each and ours / torch.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, ".")
+from bench.train_step import timed  # noqa: E402
 from consist_jax.models.layers import group_norm  # noqa: E402
 
 EPSILON = 1e-5
@@ -32,16 +31,6 @@ def grouped_form(x, scale, bias, num_groups, epsilon):
     mean = grouped.mean(axis=(1, 3), keepdims=True)
     var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
     return ((grouped - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape) * scale + bias
-
-
-def median_ms(fn, runs):
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def torch_step(x, scale, bias, d_out, groups):
@@ -80,8 +69,8 @@ def main():
         for name, norm in (("ours", group_norm), ("grouped", grouped_form)):
             grad = jax.jit(jax.grad(
                 lambda x, s, b, norm=norm: jnp.sum(norm(x, s, b, args.groups, EPSILON) * d_out), argnums=(0, 1, 2)))
-            times[name] = median_ms(lambda grad=grad: jax.block_until_ready(grad(x, scale, bias)), args.runs)
-        times["torch"] = median_ms(torch_step(x, scale, bias, d_out, args.groups), args.runs)
+            times[name] = 1e3 * timed(lambda grad=grad: jax.block_until_ready(grad(x, scale, bias)), args.runs)
+        times["torch"] = 1e3 * timed(torch_step(x, scale, bias, d_out, args.groups), args.runs)
         print(f"| {text} | {times['ours']:.2f} | {times['grouped']:.2f} | {times['torch']:.2f} | "
               f"{times['ours'] / times['torch']:.1f} |", flush=True)
 

@@ -45,6 +45,11 @@ _MODULES = (
 )
 
 
+def _op_kind(name: str) -> str:
+    """An XLA op's name without its instance number: "transpose_copy_fusion.25" -> "transpose_copy_fusion"."""
+    return re.sub(r"\.\d+$", "", name)
+
+
 def op_times(run, steps: int) -> dict:
     """XLA op name -> microseconds of thread time over ``steps`` calls of ``run``."""
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -68,7 +73,7 @@ def classify(times: dict, hlo: str) -> tuple[collections.Counter, collections.Co
     bodies = dict(_COMPUTATION.findall(hlo))
     classes, convolutions = collections.Counter(), collections.Counter()
     for name, us in times.items():
-        kind = re.sub(r"\.\d+$", "", name)
+        kind = _op_kind(name)
         if kind == "ynn_fusion":
             body = bodies.get(called.get(name, ""), "")
             conv = _CONV.search(body)
@@ -87,7 +92,7 @@ def by_module(times: dict, hlo: str) -> collections.Counter:
     for name, us in times.items():
         op_name = op_names.get(name)
         if op_name is None:
-            parts["unattributed", re.sub(r"\.\d+$", "", name)] += us
+            parts["unattributed", _op_kind(name)] += us
             continue
         part = next((part for part, pattern in _MODULES if re.search(pattern, op_name)), "other")
         kind = "backward" if "transpose(" in op_name else "forward" if "UNet" in op_name else "outside the model"
@@ -108,8 +113,8 @@ def main():
     run, _, _ = our_plain_step(model, args.config, args.batch, args.latent, 1, attention_impl=args.attention_impl)
     for _ in range(3):  # compile and settle
         run()
-    times = op_times(run, args.steps)
-    classes, convolutions = classify(times, run.hlo_text())
+    times, hlo = op_times(run, args.steps), run.hlo_text()
+    classes, convolutions = classify(times, hlo)
     per_step = 1e-3 / args.steps
     print(f"# {args.config}, batch {args.batch}, {args.latent}x{args.latent} latents, {args.attention_impl}: "
           f"{sum(classes.values()) * per_step:.0f} ms of op time a step (all threads, under the profiler)")
@@ -119,7 +124,7 @@ def main():
     for (shape, window), us in convolutions.most_common(args.top):
         print(f"{us * per_step:8.1f} ms  {shape}  {window}")
     print("# by part of the model")
-    for (part, kind), us in by_module(times, run.hlo_text()).most_common(args.top):
+    for (part, kind), us in by_module(times, hlo).most_common(args.top):
         print(f"{us * per_step:8.1f} ms  {part}, {kind}")
 
 
