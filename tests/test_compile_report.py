@@ -221,6 +221,36 @@ def test_memory_probe_reads_the_buffer_assignment(tiny_dit_report):
     assert "RESOURCE_EXHAUSTED" in refused["xla_message"] or not refused["refused"]
 
 
+def _faked_v5e_compiles(monkeypatch, growth_gib):
+    """4 v5e chips faked for ``memory_probe``: buffer assignment 2 GiB + 0.5 GiB an example
+    a chip, the back end 0.25 GiB of code and ``growth_gib`` an example a chip more.
+    -> (the full compile at batch 8, assignment(batch), full_peak(batch), the batches
+    probed, the batches compiled in full); ``cr.train_report`` compiles in this fake."""
+    from consist_jax.training import memory_probe
+
+    def assignment(batch):
+        return (2 + 0.5 * batch / 4) * 2**30
+
+    def full_peak(batch):
+        return assignment(batch) + (0.25 + growth_gib * batch / 4) * 2**30
+
+    probed, compiled = [], []
+    monkeypatch.setattr(memory_probe, "train_memory", lambda c, t, n, batch: probed.append(batch) or {
+        "hbm_bytes": int(assignment(batch)), "refused": False, "probe_seconds": 1.0, "host_peak_rss_bytes": 0})
+    full = {"topology": "v5e-4", "num_slices": 1, "device_kind": "TPU v5 lite", "num_devices": 4,
+            "mesh": {"data": 1, "fsdp": 4}, "device_memory_bytes": 16 * 2**30, "hbm_headroom": cr.HBM_HEADROOM,
+            "chip": {}, "global_batch_size": 8, "fits": True,
+            "per_device_bytes": {"generated_code": int(0.25 * 2**30), "temp": 1, "peak": int(full_peak(8))}}
+
+    def fake_full(c, t, n, batch):
+        compiled.append(batch)
+        return dict(full, global_batch_size=batch, fits=full_peak(batch) <= 0.9 * 16 * 2**30,
+                    per_device_bytes={"temp": 1, "peak": int(full_peak(batch))})
+
+    monkeypatch.setattr(cr, "train_report", fake_full)
+    return full, assignment, full_peak, probed, compiled
+
+
 @pytest.mark.parametrize("growth_gib, full_compiles, expected", [
     (0.0, 2, ((96, 96), [96])),  # the back end's share constant: the floors' candidate fits
     (0.025, 1, ((92, 92), [96])),  # it grows: 96 refuted, 92's ceiling fits: closed
@@ -231,41 +261,22 @@ def test_memory_probe_reads_the_buffer_assignment(tiny_dit_report):
 def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_compiles, expected):
     """``largest_batch_bracket``: memory probes (the buffer assignment plus what the back
     end added at a full compile's batch) give floors above that batch and ceilings below
-    it; full compiles confirm the candidates. Faked: 4 v5e chips, buffer assignment 2 GiB +
-    0.5 GiB an example a chip, the back end 0.25 GiB of code and ``growth_gib`` an example
-    a chip more. The answer is the batch a search of full compiles gives, or brackets it."""
+    it; full compiles confirm the candidates (``_faked_v5e_compiles``). The answer is the
+    batch a search of full compiles gives, or brackets it."""
     from consist_jax.training import memory_probe
     from tests.configs.tiny import get_config
 
-    def assignment(batch):
-        return (2 + 0.5 * batch / 4) * 2**30
-
-    def full_peak(batch):
-        return assignment(batch) + (0.25 + growth_gib * batch / 4) * 2**30
-
-    budget = 0.9 * 16 * 2**30
-    probed, compiled, kept = [], [], []
-    monkeypatch.setattr(memory_probe, "train_memory", lambda c, t, n, batch: probed.append(batch) or {
-        "hbm_bytes": int(assignment(batch)), "refused": False, "probe_seconds": 1.0, "host_peak_rss_bytes": 0})
-    full = {"topology": "v5e-4", "num_slices": 1, "device_kind": "TPU v5 lite", "num_devices": 4,
-            "mesh": {"data": 1, "fsdp": 4}, "device_memory_bytes": 16 * 2**30, "hbm_headroom": cr.HBM_HEADROOM,
-            "chip": {}, "global_batch_size": 8, "fits": True,
-            "per_device_bytes": {"generated_code": int(0.25 * 2**30), "temp": 1, "peak": int(full_peak(8))}}
-
-    def fake_full(c, t, n, batch):
-        compiled.append(batch)
-        return dict(full, global_batch_size=batch, fits=full_peak(batch) <= budget,
-                    per_device_bytes={"temp": 1, "peak": int(full_peak(batch))})
-
-    monkeypatch.setattr(cr, "train_report", fake_full)
+    full, assignment, full_peak, probed, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
+    kept = []
     at_40 = memory_probe.calibrated_reports(get_config(), full)(40)
     assert at_40["per_device_bytes"]["peak"] == int(assignment(40)) + int(full_peak(8)) - int(assignment(8))
     assert at_40["probe"]["hbm_bytes"] == int(assignment(40)) and probed == [8, 40]
+    probed.clear()  # that check's probes are not the search's (nor kept by it)
 
     config = get_config()
     config.train.global_batch_size = 8
     bracket = memory_probe.largest_batch_bracket(config, full, full_compiles=full_compiles, on_probe=kept.append)
-    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= budget)
+    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= 0.9 * 16 * 2**30)
     assert (bracket, compiled) == expected, (bracket, compiled)
     assert bracket[0] <= truth <= bracket[1]
     assert [r["global_batch_size"] for r in kept if "probe" not in r] == compiled  # the bench keeps all
@@ -278,6 +289,30 @@ def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_
     assert bracket[0] <= again[0] <= truth <= again[1] <= bracket[1], again
     assert not (first_probed & set(probed) or first_compiled & set(compiled)), (probed, compiled)
     assert not closed or probed == compiled == [], (probed, compiled)
+
+
+@pytest.mark.parametrize("growth_gib, known_batches, expected", [
+    (0.025, [96], (92, 92)),  # refuted beside the floors' candidate: 92's ceiling closes it
+    (0.1, [96, 84], (80, 80)),  # a refuted compile below the floors' candidate bounds them too
+    (0.1, [76], (76, 80)),  # a fitting one calibrates the floors
+    (0.1, [84, 96, 64, 72], (80, 80)),  # any order, several of each
+])
+def test_full_compiles_already_made_bound_the_search(monkeypatch, growth_gib, known_batches, expected):
+    """Full compiles made before (another search's, or one run by hand at the batch a
+    bracket left open) are used as the search's own: with no compile left to make, the
+    bracket is what they and the probes calibrated on them prove."""
+    from consist_jax.training import memory_probe
+    from tests.configs.tiny import get_config
+
+    full, _, full_peak, _, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
+    known = [cr.train_report(None, "v5e-4", 1, batch) for batch in known_batches]
+    compiled.clear()
+    config = get_config()
+    config.train.global_batch_size = 8
+    bracket = memory_probe.largest_batch_bracket(config, full, known, full_compiles=0)
+    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= 0.9 * 16 * 2**30)
+    assert bracket == expected and compiled == [], (bracket, compiled)
+    assert bracket[0] <= truth <= bracket[1]
 
 
 def test_bench_brackets_the_largest_batch_with_probes(tmp_path, tiny_dit_report):

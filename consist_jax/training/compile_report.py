@@ -520,14 +520,16 @@ def batch_unit(config: Any, topology: str, num_slices: int = 1) -> int:
 
 def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit: int = 2**16,
                           known: Sequence[dict] = (), on_probe: Optional[Callable[[dict], None]] = None,
-                          report_for: Optional[Callable[[int], dict]] = None) -> int:
+                          report_for: Optional[Callable[[int], dict]] = None,
+                          start: Optional[int] = None) -> int:
     """The largest global batch (a multiple of the data-parallel devices) whose train step
     fits; 0 when none does. Each probe is one compile (``search_largest``: 3-5 of them
     where memory grows about linearly with the batch). known: reports already made
     (``train_report``) of this config and topology, reused where the search probes their
     batch; on_probe(report) sees each new probe's report (to keep them); report_for(batch):
     how a probe is made (default: ``train_report``, a full compile; ``memory_probe``'s
-    ``calibrated_reports`` stops after XLA's buffer assignment)."""
+    ``calibrated_reports`` stops after XLA's buffer assignment); start: the first batch
+    probed (default: the config's)."""
     unit = batch_unit(config, topology, num_slices)
     made = {int(r["global_batch_size"]): r for r in known}
     if report_for is None:
@@ -543,8 +545,8 @@ def largest_fitting_batch(config: Any, topology: str, num_slices: int = 1, limit
         budget = report["device_memory_bytes"] * (1 - report["hbm_headroom"])
         return report["fits"], report["per_device_bytes"]["peak"], budget
 
-    start = max(1, int(config.train.global_batch_size) // unit)
-    return search_largest(probe, start, limit // unit) * unit
+    first = int(config.train.global_batch_size) if start is None else start
+    return search_largest(probe, max(1, first // unit), limit // unit) * unit
 
 
 def search_largest(probe: Callable[[int], tuple[bool, int, float]], start: int, most: int) -> int:

@@ -178,50 +178,53 @@ def largest_batch_bracket(config: Any, full_report: dict, known: Sequence[dict] 
     fits by a full compile or by its ceiling, and the batch after high failed a probe's floor
     or a full compile.
 
-    Calibrated on a fitting full compile, probes are floors above it: their search gives
-    high, and the candidate is compiled in full. If it fits, it is the answer (low = high);
-    if not, probes calibrated on it are ceilings below it, and their search gives a batch
-    that fits (its ceiling does). That closes the search when it is the batch below the
-    refuted one; otherwise it is compiled in full to calibrate the floors above it, and so
-    on, ``full_compiles`` compiles at most (each 15-45 minutes on a small host). The back
-    end's share is taken not to shrink as the batch grows (floors and ceilings both rest on
-    that; all measured pairs but one agree, that one by 0.06 GiB: BENCHMARKS.md "TPU").
+    Each round searches with probes calibrated on two full compiles: floors on the largest
+    batch that fitted give high (the search stops below the smallest batch refuted above
+    it); ceilings on that refuted batch give low (a batch whose ceiling fits, fits). When
+    they have not met, one more batch is compiled in full: low when only its ceiling says
+    it fits (it then calibrates the floors above it), else high (it fits, closing the
+    search, or is refuted and calibrates the ceilings below it); ``full_compiles`` of them
+    at most (each 15-45 minutes on a small host). The back end's share is taken not to
+    shrink as the batch grows (floors and ceilings both rest on that). Near the HBM limit
+    it can: v5p-128's image step, 9.43 GiB at 7936 and 7.96 at 8192 (BENCHMARKS.md "TPU"),
+    so a bracket's end that rests on a probe alone is an estimate; one a full compile
+    gave is not. Ceilings come from the refuted compile nearest above, the closest
+    calibration there is.
     known: reports already made of this config and topology, full compiles or probes
-    (those that hold "probe"; the probe each was calibrated on is reused too)."""
+    (those that hold "probe"; the probe each was calibrated on is reused too). Full
+    compiles among them bound the search as the ones it makes do."""
     topology, slices = full_report["topology"], full_report["num_slices"]
     full = {int(r["global_batch_size"]): r for r in (full_report, *known) if "probe" not in r}
     probes = {int(r["calibration"]["batch"]): r["calibration"]["probe"] for r in known if "calibration" in r}
     probes.update({int(r["global_batch_size"]): r["probe"] for r in known if "probe" in r})
-    low, high, calibration, compiles = int(full_report["global_batch_size"]), 2**16, full_report, 0
     if not full_report["fits"]:
-        raise ValueError(f"largest_batch_bracket: the full compile at batch {low} must fit")
+        raise ValueError(f"largest_batch_bracket: the full compile at batch {full_report['global_batch_size']} "
+                         "must fit")
     unit = cr.batch_unit(config, topology, slices)  # the bracket's ends are batches the trainer takes
+    searched: dict[tuple[int, int, int], int] = {}
 
+    def search(calibration: dict, limit: int, start: int) -> int:
+        key = (int(calibration["global_batch_size"]), limit, start)
+        if key not in searched:  # a round repeats the last one's searches with a new compile beside them
+            searched[key] = cr.largest_fitting_batch(config, topology, slices, limit=limit, known=[calibration],
+                                                     on_probe=on_probe, start=start,
+                                                     report_for=calibrated_reports(config, calibration, probes))
+        return searched[key]
+
+    compiles = 0
     while True:
-        # Floors above a fitting calibration, ceilings below a failing one.
-        limit = high if calibration["fits"] else calibration["global_batch_size"] - 1
-        candidate = cr.largest_fitting_batch(config, topology, slices, limit=limit, known=[calibration],
-                                             on_probe=on_probe,
-                                             report_for=calibrated_reports(config, calibration, probes))
-        if calibration["fits"]:
-            high = candidate
-        if candidate <= low:
+        fit = max(b for b, r in full.items() if r["fits"])
+        refuted = sorted(b for b, r in full.items() if not r["fits"] and b > fit)
+        high = search(full[fit], min([b - unit for b in refuted], default=2**16), start=fit)
+        low = fit
+        # A refusal's peak is XLA's lower bound only: no calibration from it.
+        ceiling = next((b for b in refuted if full[b]["per_device_bytes"].get("temp") is not None), None)
+        if ceiling is not None and high > low:  # from the floors' candidate down: what they should prove
+            low = max(low, min(high, search(full[ceiling], ceiling - 1, start=high)))
+        if low >= high or compiles >= full_compiles:
             return low, max(high, low)
-        ceiling_fits = not calibration["fits"]  # below a refuted batch: the candidate's ceiling fits
-        if ceiling_fits and candidate >= high:
-            return candidate, candidate
-        report = full.get(candidate)
-        if report is None:
-            if compiles == full_compiles:
-                return (candidate if ceiling_fits else low), max(high, low)
-            report = full[candidate] = cr.train_report(config, topology, slices, candidate)
-            compiles += 1
-            if on_probe is not None:
-                on_probe(report)
-        if report["fits"]:
-            low = candidate
-        else:
-            high = min(high, candidate - unit)
-        if low >= high or report["per_device_bytes"].get("temp") is None:
-            return low, max(high, low)  # closed, or refused: no calibration from a refusal
-        calibration = report
+        batch = low if low not in full else high
+        full[batch] = cr.train_report(config, topology, slices, batch)
+        compiles += 1
+        if on_probe is not None:
+            on_probe(full[batch])
