@@ -224,8 +224,9 @@ def test_memory_probe_reads_the_buffer_assignment(tiny_dit_report):
 def _faked_v5e_compiles(monkeypatch, growth_gib):
     """4 v5e chips faked for ``memory_probe``: buffer assignment 2 GiB + 0.5 GiB an example
     a chip, the back end 0.25 GiB of code and ``growth_gib`` an example a chip more.
-    -> (the full compile at batch 8, assignment(batch), full_peak(batch), the batches
-    probed, the batches compiled in full); ``cr.train_report`` compiles in this fake."""
+    -> (the full compile at batch 8, assignment(batch), full_peak(batch), the largest
+    batch that truly fits, the batches probed, the batches compiled in full);
+    ``cr.train_report`` compiles in this fake."""
     from consist_jax.training import memory_probe
 
     def assignment(batch):
@@ -234,6 +235,7 @@ def _faked_v5e_compiles(monkeypatch, growth_gib):
     def full_peak(batch):
         return assignment(batch) + (0.25 + growth_gib * batch / 4) * 2**30
 
+    budget = 0.9 * 16 * 2**30
     probed, compiled = [], []
     monkeypatch.setattr(memory_probe, "train_memory", lambda c, t, n, batch: probed.append(batch) or {
         "hbm_bytes": int(assignment(batch)), "refused": False, "probe_seconds": 1.0, "host_peak_rss_bytes": 0})
@@ -244,11 +246,12 @@ def _faked_v5e_compiles(monkeypatch, growth_gib):
 
     def fake_full(c, t, n, batch):
         compiled.append(batch)
-        return dict(full, global_batch_size=batch, fits=full_peak(batch) <= 0.9 * 16 * 2**30,
+        return dict(full, global_batch_size=batch, fits=full_peak(batch) <= budget,
                     per_device_bytes={"temp": 1, "peak": int(full_peak(batch))})
 
     monkeypatch.setattr(cr, "train_report", fake_full)
-    return full, assignment, full_peak, probed, compiled
+    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= budget)
+    return full, assignment, full_peak, truth, probed, compiled
 
 
 @pytest.mark.parametrize("growth_gib, full_compiles, expected", [
@@ -266,7 +269,7 @@ def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_
     from consist_jax.training import memory_probe
     from tests.configs.tiny import get_config
 
-    full, assignment, full_peak, probed, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
+    full, assignment, full_peak, truth, probed, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
     kept = []
     at_40 = memory_probe.calibrated_reports(get_config(), full)(40)
     assert at_40["per_device_bytes"]["peak"] == int(assignment(40)) + int(full_peak(8)) - int(assignment(8))
@@ -276,7 +279,6 @@ def test_probed_search_brackets_the_largest_batch(monkeypatch, growth_gib, full_
     config = get_config()
     config.train.global_batch_size = 8
     bracket = memory_probe.largest_batch_bracket(config, full, full_compiles=full_compiles, on_probe=kept.append)
-    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= 0.9 * 16 * 2**30)
     assert (bracket, compiled) == expected, (bracket, compiled)
     assert bracket[0] <= truth <= bracket[1]
     assert [r["global_batch_size"] for r in kept if "probe" not in r] == compiled  # the bench keeps all
@@ -304,13 +306,12 @@ def test_full_compiles_already_made_bound_the_search(monkeypatch, growth_gib, kn
     from consist_jax.training import memory_probe
     from tests.configs.tiny import get_config
 
-    full, _, full_peak, _, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
+    full, _, _, truth, _, compiled = _faked_v5e_compiles(monkeypatch, growth_gib)
     known = [cr.train_report(None, "v5e-4", 1, batch) for batch in known_batches]
     compiled.clear()
     config = get_config()
     config.train.global_batch_size = 8
     bracket = memory_probe.largest_batch_bracket(config, full, known, full_compiles=0)
-    truth = max(b for b in range(4, 4096, 4) if full_peak(b) <= 0.9 * 16 * 2**30)
     assert bracket == expected and compiled == [], (bracket, compiled)
     assert bracket[0] <= truth <= bracket[1]
 
