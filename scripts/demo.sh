@@ -16,7 +16,7 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q -e .
 .venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
 FRAMES=8
-STEPS=10  # DDIM steps (configs/demo.py's sample.steps; 25 score the same, BENCHMARKS.md)
+STEPS=$(.venv/bin/python -c "from configs.demo import get_config; print(get_config().sample.steps)")  # DDIM steps
 .venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0 \
   --steps=$STEPS --curve_videos=4
 example=$(ls -d outputs/demo/examples/*/ | head -n 1)
