@@ -51,9 +51,10 @@ def get_config():
     c.model.context = dict(kind="none")
     c.diffusion.update(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, prediction_type="sample")
     c.mesh.cpu_devices = 2  # the 2 cores as 2 devices, 2 examples each (training/sharding.py)
-    c.train.update(global_batch_size=4, num_steps=3500)
-    c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, decay_steps=3500, ema_decay=0.99)
-    c.checkpoint.update(every_steps=875, keep=4)
+    steps = 3500
+    c.train.update(global_batch_size=4, num_steps=steps)
+    c.optim.update(lr=1e-3, warmup_steps=100, weight_decay=0.0, decay_steps=steps, ema_decay=0.99)
+    c.checkpoint.update(every_steps=steps // 4, keep=4)  # four checkpoints: the metric curve's points
     c.log.update(every_steps=100)
     c.sample.update(steps=10, guidance=3.0, window=8, overlap=2)
     return c
