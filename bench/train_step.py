@@ -35,6 +35,7 @@ from consist_jax.convert.loading import state_dict_to_params  # noqa: E402
 from consist_jax.convert.unet import NEW_WEIGHTS, init_pose_encoder_params, unet_param_shapes  # noqa: E402
 from consist_jax.models.scd import NullContext, PixelCodec, SCDModel  # noqa: E402
 from consist_jax.models.unet import UNet, UNetConfig  # noqa: E402
+from consist_jax.parallel.gradients import flat_mean_value_and_grad  # noqa: E402
 from consist_jax.training.sharding import split_cpu_host  # noqa: E402
 
 
@@ -71,7 +72,8 @@ def torch_step(name, batch, latent, context_len):
 
 def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla", cpu_devices=1):
     """Our step on diffusers' weights; with cpu_devices > 1 the batch is split over that
-    many CPU devices (params replicated; as the demo's ``mesh.cpu_devices``)."""
+    many CPU devices (params replicated, gradients averaged as one vector; as the demo's
+    ``mesh.cpu_devices`` and ``mesh.flat_gradients``)."""
     config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None, attention_impl=attention_impl)
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     mesh = Mesh(np.asarray(jax.devices()[:cpu_devices]), ("data",))
@@ -90,10 +92,17 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
     ctx = put(rng.standard_normal((batch, context_len, config.cross_attention_dim)).astype(np.float32), P("data"))
     target = put(rng.standard_normal(x.shape).astype(np.float32), P("data"))
 
+    def value_and_grad(params, inputs, _rng):
+        x, t, ctx, target = inputs
+        return jax.value_and_grad(lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx) - target) ** 2))(params)
+
+    if cpu_devices > 1:  # as the demo's mesh.flat_gradients: one all-reduce a step, not one per parameter
+        value_and_grad = flat_mean_value_and_grad(value_and_grad, mesh, ("data",))
+
     # Updated in place (donated), as torch's optimizer does; the state keeps its sharding.
     @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=replicated)
     def step(params, opt_state, x, t, ctx, target):
-        loss, grads = jax.value_and_grad(lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx) - target) ** 2))(params)
+        loss, grads = value_and_grad(params, (x, t, ctx, target), None)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 

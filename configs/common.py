@@ -121,9 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
     # ((r"motion_modules", "fsdp"), (r".*", "replicated")); empty: param_sharding for all.
     # cpu_devices: on a CPU-only host, train.py splits it into this many XLA devices, so
     # the batch is split over the cores (data parallel); 0 keeps one device (training/sharding.py).
+    # flat_gradients: each data shard's gradients averaged as one flat vector, one all-reduce
+    # a step instead of one per parameter (parallel/gradients.py; replicated parameters only).
     c.mesh = ml_collections.ConfigDict(
         dict(axes=("data", "fsdp"), shape=(-1, 1), dcn_shape=(1, 1), param_sharding="fsdp",
-             fsdp_min_size=2**14, param_rules=(), cpu_devices=0)
+             fsdp_min_size=2**14, param_rules=(), cpu_devices=0, flat_gradients=False)
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
     # profile_steps: 0-based steps traced with jax.profiler into {workdir}/tensorboard, e.g. (10, 12)

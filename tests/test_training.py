@@ -186,37 +186,63 @@ optim = OptimizerConfig.from_config(config.optim)
 opt = make_optimizer(optim, params)
 step = make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossConfig.from_config(
     dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, optim)
-rng = np.random.default_rng(0)
+rng = np.random.default_rng(int(sys.argv[2]))
 batch = {"reference": rng.uniform(-1, 1, (8, 16, 16, 3)), "reference_pose": rng.uniform(0, 1, (8, 16, 16, 3)),
          "target": rng.uniform(-1, 1, (8, 1, 16, 16, 3)), "target_pose": rng.uniform(0, 1, (8, 1, 16, 16, 3))}
 batch = {k: v.astype(np.float32) for k, v in batch.items()}
+accumulating = OptimizerConfig.from_config(dict(config.optim, grad_accum_steps=2))
+
+
+config.model.unet.attention_impl = "xla_chunked"  # its backward's scan, under shard_map too
+chunked_model = build_model(config.model, jax.random.key(0))[0]
+
+
+def flat_step(mesh, optim=optim, model=model):  # mesh.flat_gradients: each shard's gradients, one all-reduce
+    return make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossConfig.from_config(
+        dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, optim,
+        (mesh, sharding.data_axes(mesh)))
+
+
 out = {}
-for shape in [(8, 1), (4, 2), (1, 8), None]:
-    devices = jax.devices()[:1] if shape is None else jax.devices()
-    mesh = sharding.make_mesh(("data", "fsdp"), shape or (1, 1), devices)
+# (mesh shape, devices, step): the flat runs use 8 and 4 data shards (2 micro-batches of 4).
+runs = [((8, 1), 8, None), ((4, 2), 8, None), ((1, 8), 8, None), ((1, 1), 1, None), ((8, 1), 8, flat_step),
+        ((4, 1), 4, lambda mesh: flat_step(mesh, accumulating, chunked_model))]
+for shape, count, make_step in runs:
+    mesh = sharding.make_mesh(("data", "fsdp"), shape, jax.devices()[:count])
     state = create_train_state(params, opt, ema=False)
     state_sh = sharding.param_shardings(state, mesh, "fsdp", min_size=64)
-    fn = jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh),
-                                     sharding.replicated(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
+    if shape == (1, 8):
+        try:
+            sharding.check_replicated(state_sh.params, "mesh.flat_gradients needs replicated parameters")
+        except ValueError as e:
+            out["refused"] = str(e)
+    fn = jax.jit(make_step(mesh) if make_step else step,
+                 in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh),
+                               sharding.replicated(mesh)), out_shardings=(state_sh, sharding.replicated(mesh)))
     new_state, metrics = fn(jax.device_put(state, state_sh), batch, jax.random.key(1), frozen)
     sharded = sum(1 for s in jax.tree_util.tree_leaves(state_sh) if "fsdp" in str(s.spec))
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(new_state.params)]
-    out[str(shape)] = {"loss": float(metrics["loss"]), "sharded_leaves": sharded,
+    out[("flat " if make_step else "") + str(shape)] = {"loss": float(metrics["loss"]), "sharded_leaves": sharded,
                        "params": [x.ravel()[:50].tolist() for x in leaves],
                        "norms": [float(np.linalg.norm(x)) for x in leaves]}
 print("RESULT" + json.dumps(out))
 """
 
 
-def test_one_step_is_the_same_on_every_mesh(tmp_path):
+def test_one_step_is_the_same_on_every_mesh(tmp_path, rng):
+    """Replicated, data-parallel, FSDP and flat-gradient (mesh.flat_gradients; with accumulation
+    and the chunked attention too) steps against one device's; the flat reduction refuses split
+    parameters."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, REPO], env=env, capture_output=True,
+    seed = str(int(rng.integers(2**31)))
+    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, REPO, seed], env=env, capture_output=True,
                             text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT", 1)[1])
-    single = out["None"]
+    single = out["(1, 1)"]
     assert out["(1, 8)"]["sharded_leaves"] > 0 and out["(8, 1)"]["sharded_leaves"] == 0
-    for shape in ["(8, 1)", "(4, 2)", "(1, 8)"]:
+    assert out["refused"].startswith("mesh.flat_gradients needs replicated parameters, but "), out["refused"]
+    for shape in ["(8, 1)", "(4, 2)", "(1, 8)", "flat (8, 1)", "flat (4, 1)"]:
         np.testing.assert_allclose(out[shape]["loss"], single["loss"], rtol=1e-5)
         np.testing.assert_allclose(out[shape]["norms"], single["norms"], rtol=1e-5)
         for a, b in zip(out[shape]["params"], single["params"]):

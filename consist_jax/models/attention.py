@@ -28,7 +28,7 @@ numbers:
   * ``XLA_CHUNKED_BACKEND`` (``"xla_chunked"``): the decomposed form with each
     attention in query chunks and a recomputing backward (``chunked_attention.py``):
     no (Nq, Nk) scores kept for the backward pass; faster than ``xla`` on CPU at a
-    thousand tokens (BENCHMARKS.md, "Train step").
+    thousand tokens and in the demo's train step at 256 (BENCHMARKS.md, "Train step").
 The accelerator kernels (cuDNN, splash, Pallas) live in ``attention_kernels.py``; the
 backends by name (``attention_impl``), the layer and the reference cache in
 ``self_attention.py``.

@@ -145,7 +145,7 @@ def _attend_backward(upcast, chunk, residuals, d_out):
         d_keys = d_keys + jnp.einsum("bhkq,bhqd->bhkd", d_scores, q_chunk, preferred_element_type=f32)
         return (d_keys, d_values), d_q
 
-    zeros = jnp.zeros(keys.shape, f32)
+    zeros = jnp.zeros_like(keys, f32)  # like keys: varying over the same axes under shard_map
     (d_keys, d_values), d_q = jax.lax.scan(
         one_chunk, (zeros, zeros), (q_chunks, log_sum_exp, d_out_chunks, row_terms)
     )

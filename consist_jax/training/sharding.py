@@ -119,6 +119,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def check_replicated(shardings: Any, why: str) -> None:
+    """Raises ValueError naming the first leaf of ``shardings`` split over some device axis."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        if not leaf.is_fully_replicated:
+            raise ValueError(f"{why}, but {leaf_path(path)} is split as {leaf.spec} "
+                             f"(mesh.param_sharding / mesh.param_rules)")
+
+
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
     """Split the largest dimension that ``fsdp_size`` divides; replicate small or indivisible leaves."""
     if fsdp_size == 1 or math.prod(shape) < min_size:

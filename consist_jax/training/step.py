@@ -13,16 +13,18 @@ region mask: ``x_t = M x_t + (1 - M) x_0`` and ``||M (target - pred)||^2``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import Mesh
 
 from consist_jax.diffusion.kinds import TrainingSchedule
 from consist_jax.diffusion.schedule import sample_training_noise
 from consist_jax.models.scd import SCDModel, TextContext
+from consist_jax.parallel.gradients import flat_mean_value_and_grad
 from consist_jax.training.state import (OptimizerConfig, TrainState, learning_rate_schedule, trainable_labels,
                                         update_ema)
 
@@ -176,49 +178,62 @@ def make_train_step(
     loss: LossConfig,
     optimizer: optax.GradientTransformation,
     optim: OptimizerConfig,
+    flat_gradients_over: Optional[tuple[Mesh, Sequence[str]]] = None,
 ) -> Callable:
     """Returns ``train_step(state, batch, rng, frozen) -> (state, metrics)``; pure, jittable.
 
     ``optim.grad_accum_steps`` = k splits the batch into k micro-batches whose
     gradients are averaged before one optimiser update. ``optim.ema_decay`` updates
-    the EMA params when the state has them.
+    the EMA params when the state has them. ``flat_gradients_over`` = (mesh, data axes):
+    each data shard computes its own examples' gradients, averaged over the shards as one
+    flat vector (parallel/gradients.py; the params must be replicated; one all-reduce a
+    micro-batch); None leaves the reduction to XLA's partitioner (one per parameter).
     """
     k = int(optim.grad_accum_steps)
     lr_at = learning_rate_schedule(optim)
 
-    def grads_of(params, inputs, rng):
-        """Loss and gradients; frozen leaves get zeros without being differentiated."""
+    def split_trainable(params) -> tuple[dict, dict]:
+        """({path: leaf} trained, {path: leaf} frozen), by ``optim.trainable``."""
         flat = traverse_util.flatten_dict(params)
         labels = traverse_util.flatten_dict(trainable_labels(params, optim.trainable))
-        trainable = {p: v for p, v in flat.items() if labels[p] == "trainable"}
-        frozen_leaves = {p: v for p, v in flat.items() if labels[p] == "frozen"}
+        return ({p: v for p, v in flat.items() if labels[p] == "trainable"},
+                {p: v for p, v in flat.items() if labels[p] == "frozen"})
+
+    def grads_of(params, inputs, rng):
+        """Loss and the trained leaves' gradients ({path: gradient}); frozen leaves are not differentiated."""
+        trainable, frozen_leaves = split_trainable(params)
 
         def loss_of(trainable):
             merged = traverse_util.unflatten_dict({**frozen_leaves, **trainable})
             return scd_loss(merged, model, schedule, loss, inputs, rng)
 
         (value, _), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-        zeros = {p: jnp.zeros_like(v) for p, v in frozen_leaves.items()}
-        return value, traverse_util.unflatten_dict({**zeros, **grads})
+        return value, grads
+
+    if flat_gradients_over is not None:  # the same, each data shard on its own examples
+        grads_of = flat_mean_value_and_grad(grads_of, *flat_gradients_over)
+
+    def mean_grads(params, inputs, rng):
+        """Loss and gradients averaged over the k micro-batches of ``inputs``."""
+        if k == 1:
+            return grads_of(params, inputs, rng)
+
+        def accumulate(carry, xs):
+            micro, micro_rng = xs
+            return jax.tree_util.tree_map(jnp.add, carry, grads_of(params, micro, micro_rng)), None
+
+        zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, split_trainable(params)[0]))
+        total, _ = jax.lax.scan(accumulate, zeros, (_microbatches(inputs, k), jnp.broadcast_to(rng, (k,))))
+        return jax.tree_util.tree_map(lambda a: a / k, total)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any):
         prep_rng, loss_rng = jax.random.split(rng)
         inputs = {k_: v for k_, v in prepare_inputs(model, frozen, batch, prep_rng).items() if v is not None}
-        if k == 1:
-            value, grads = grads_of(state.params, inputs, loss_rng)
-        else:
-            def accumulate(carry, xs):
-                micro, micro_rng = xs
-                value, grads = grads_of(state.params, micro, micro_rng)
-                return jax.tree_util.tree_map(jnp.add, carry, (value, grads)), None
-
-            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-            if "example_id" not in inputs:  # keep each example's draws as in one batch
-                inputs = dict(inputs, example_id=jnp.arange(inputs["target_latents"].shape[0], dtype=jnp.int32))
-            (value, grads), _ = jax.lax.scan(
-                accumulate, zeros, (_microbatches(inputs, k), jnp.broadcast_to(loss_rng, (k,)))
-            )
-            value, grads = jax.tree_util.tree_map(lambda a: a / k, (value, grads))
+        if "example_id" not in inputs:  # each example's draws as in the whole batch, however it is split
+            inputs = dict(inputs, example_id=jnp.arange(inputs["target_latents"].shape[0], dtype=jnp.int32))
+        value, trained = mean_grads(state.params, inputs, loss_rng)
+        zeros = {p: jnp.zeros_like(v) for p, v in split_trainable(state.params)[1].items()}
+        grads = traverse_util.unflatten_dict({**zeros, **trained})
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(

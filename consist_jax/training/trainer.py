@@ -154,9 +154,13 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
     optim = OptimizerConfig.from_config(config.optim)
     optimizer = make_optimizer(optim, params)
     loss_cfg = LossConfig.from_config(dict(config.train, prediction_type=config.diffusion.prediction_type))
-    step_fn = make_train_step(model, training_schedule(config), loss_cfg, optimizer, optim)
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, optimizer, optim.ema_decay > 0), params)
     state_sharding = sharding.shardings_from_config(abstract_state, mesh, config.mesh)
+    flat_gradients_over = None
+    if config.mesh.get("flat_gradients", False):
+        sharding.check_replicated(state_sharding.params, "mesh.flat_gradients needs replicated parameters")
+        flat_gradients_over = (mesh, sharding.data_axes(mesh))
+    step_fn = make_train_step(model, training_schedule(config), loss_cfg, optimizer, optim, flat_gradients_over)
     frozen_sharding = sharding.shardings_from_config(frozen, mesh, config.mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
