@@ -213,7 +213,7 @@ for shape, count, make_step in runs:
     state_sh = sharding.param_shardings(state, mesh, "fsdp", min_size=64)
     if shape == (1, 8):
         try:
-            sharding.check_replicated(state_sh.params, "mesh.flat_gradients needs replicated parameters")
+            sharding.check_flat_gradients(mesh, state_sh.params)
         except ValueError as e:
             out["refused"] = str(e)
     fn = jax.jit(make_step(mesh) if make_step else step,
@@ -279,10 +279,12 @@ def test_killed_run_resumes_exactly(uninterrupted_run, data_dir, tmp_path):
 
 
 def test_sigterm_saves_before_exiting(data_dir, tmp_path):
-    """Also on a CPU host split into 2 devices (mesh.cpu_devices): the batch over both."""
+    """Also on a CPU host split into 2 devices (mesh.cpu_devices) with the demo's one
+    all-reduce a step (mesh.flat_gradients): the batch over both."""
     workdir = str(tmp_path / "preempted")
     proc = subprocess.Popen(train_cmd(workdir, "--config.train.num_steps=100000",
-                                      "--config.checkpoint.every_steps=1000", "--config.mesh.cpu_devices=2"),
+                                      "--config.checkpoint.every_steps=1000", "--config.mesh.cpu_devices=2",
+                                      "--config.mesh.flat_gradients=True"),
                             cwd=REPO, env=run_env(data_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 900

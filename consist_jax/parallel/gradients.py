@@ -9,7 +9,8 @@ computes the loss and gradients of its own examples (``shard_map``) and the grad
 averaged as one vector: one all-reduce a step (the demo's step on 2 cores: 16% off,
 BENCHMARKS.md "The gradients' all-reduce and the chunked attention in the demo").
 
-The parameters must be whole on every device (replicated): the vector is all of them.
+The parameters must be whole on every device (replicated): the vector is all of them; and
+every mesh axis but the data axes must have one device (the body runs per data shard).
 The result equals the partitioner's to float32 rounding: the mean of the shards' mean
 losses is the batch's mean loss, as the batch split gives every shard as many examples.
 """
@@ -33,12 +34,12 @@ def flat_mean_value_and_grad(value_and_grad: ValueAndGrad, mesh: Mesh, axes: Seq
     axes = tuple(axes)
 
     def per_shard(params, inputs, rng):
-        # Each shard differentiates its own copy of the parameters ("varying" over the axes):
-        # its gradients are its own, and custom_vjp rules (layers.group_norm's) return
-        # cotangents of the same type as their primal inputs.
-        params = jax.lax.pcast(params, axes, to="varying")
-        value, grads = value_and_grad(params, inputs, rng)
+        value, grads = value_and_grad(params, inputs, rng)  # this shard's own: nothing summed yet
         flat, unravel = ravel_pytree(grads)
         return jax.lax.pmean(value, axes), unravel(jax.lax.pmean(flat, axes))
 
-    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()))
+    # Unchecked (check_vma=False), as the attention kernels' own shard_map: the Pallas kernels
+    # called inside declare outputs without a varying type. Differentiated inside the body,
+    # the replicated parameters get each shard's own gradient, and the pmean is the only sum.
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(P(), P(axes), P()), out_specs=(P(), P()),
+                         check_vma=False)

@@ -119,12 +119,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_replicated(shardings: Any, why: str) -> None:
-    """Raises ValueError naming the first leaf of ``shardings`` split over some device axis."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+def check_flat_gradients(mesh: Mesh, param_shardings: Any) -> None:
+    """Raises ValueError (one line, naming the axis or leaf) unless ``mesh.flat_gradients``
+    can run: data parallelism only, every parameter whole on every device."""
+    for axis in mesh.axis_names:
+        if axis not in data_axes(mesh) and mesh.shape[axis] > 1:
+            raise ValueError(f"mesh.flat_gradients runs data parallelism only, but mesh axis {axis!r} "
+                             f"has {mesh.shape[axis]} devices (set mesh.flat_gradients=False)")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shardings)[0]:
         if not leaf.is_fully_replicated:
-            raise ValueError(f"{why}, but {leaf_path(path)} is split as {leaf.spec} "
-                             f"(mesh.param_sharding / mesh.param_rules)")
+            raise ValueError(f"mesh.flat_gradients needs replicated parameters, but {leaf_path(path)} is "
+                             f"split as {leaf.spec} (mesh.param_sharding / mesh.param_rules)")
 
 
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:

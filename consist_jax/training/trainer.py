@@ -158,7 +158,7 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
     state_sharding = sharding.shardings_from_config(abstract_state, mesh, config.mesh)
     flat_gradients_over = None
     if config.mesh.get("flat_gradients", False):
-        sharding.check_replicated(state_sharding.params, "mesh.flat_gradients needs replicated parameters")
+        sharding.check_flat_gradients(mesh, state_sharding.params)
         flat_gradients_over = (mesh, sharding.data_axes(mesh))
     step_fn = make_train_step(model, training_schedule(config), loss_cfg, optimizer, optim, flat_gradients_over)
     frozen_sharding = sharding.shardings_from_config(frozen, mesh, config.mesh)
