@@ -59,7 +59,11 @@ def test_every_reader_refuses_a_partly_corrupt_video(rng, tmp_path, reader):
     path = tmp_path / "video.mp4"
     _write_mp4(str(path), rng)
     corrupt_mp4(path)
-    with pytest.raises(ValueError, match=r"video '.*video\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "):
+    # Where ffmpeg meets the damage depends on how far it has read when the header is parsed
+    # (a race between its decoder and imageio-ffmpeg's probe, seen once in CI): either way one
+    # line naming the file and ffmpeg's reason.
+    with pytest.raises(ValueError, match=r"video '.*video\.mp4' is corrupt: decoding failed at frame \d+ \(ffmpeg: "
+                                         r"|cannot read video '.*video\.mp4': .+"):
         READERS[reader](str(path))
     (tmp_path / "cut.mp4").write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # its index is gone
     with pytest.raises(ValueError, match=r"cannot read .*video '.*cut\.mp4': \S"):
