@@ -16,9 +16,10 @@ videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
 
     python sample.py --checkpoint=... --reference=.../reference.png \
         --reference_pose=.../reference_pose.png --poses=.../poses --out=.../resampled \
-        --steps=25 --guidance=G --window=F --overlap=0 --seed=0
+        --window=F --overlap=0 --seed=0
 
-reproduces ``generated/`` bit for bit. ``examples.png`` shows the GIF'd videos as one grid
+reproduces ``generated/`` bit for bit (both take the denoising steps and the guidance from
+the run config's ``sample`` section unless ``--steps`` / ``--guidance`` say otherwise). ``examples.png`` shows the GIF'd videos as one grid
 (rows of people: reference | pose | generated | real, ``--grid_frames`` frames each). With
 ``--curve_videos=N``, the earlier checkpoints kept in the workdir are scored on the first N
 videos (same protocol, SCD only: the same compiled sampler, new weights), and the evaluated
@@ -46,8 +47,8 @@ flags.DEFINE_integer("videos", 24, "Test videos to evaluate (0: all).")
 flags.DEFINE_integer("frames", 8, "Target frames per video.")
 flags.DEFINE_integer("first_target", 8, "First target frame.")
 flags.DEFINE_integer("stride", 4, "Frame stride between targets.")
-flags.DEFINE_integer("steps", 25, "Denoising steps.")
-flags.DEFINE_float("guidance", 0.0, "Guidance scale (0: the run config's sample.guidance).")
+flags.DEFINE_integer("steps", None, "Denoising steps (default: the run config's sample.steps).")
+flags.DEFINE_float("guidance", None, "Guidance scale (default: the run config's sample.guidance).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_integer("gifs", 6, "Videos written as GIFs.")
 flags.DEFINE_string("eval_weights", "", "Folder with LPIPS/FID/FVD weight files (safetensors).")
@@ -120,7 +121,7 @@ def main(argv):
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step)
     config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
-    guidance = FLAGS.guidance or config["sample"]["guidance"]
+    steps, guidance = sample_settings(config)
     methods = {"scd": guidance}
     if FLAGS.baselines:
         methods.update(copy_reference=None, no_reference=0.0)
@@ -138,7 +139,7 @@ def main(argv):
             if method == "copy_reference":
                 outputs[method] = np.repeat(reference[None], len(poses), axis=0)
             else:
-                outputs[method] = generate(pipe, examples[n], scale, context_of)
+                outputs[method] = generate(pipe, examples[n], steps, scale, context_of)
             summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
             if n < FLAGS.curve_videos:
                 curve_summaries[method].add_videos(outputs[method][None] / 255.0, real[None] / 255.0, masks[None])
@@ -151,14 +152,14 @@ def main(argv):
     results = {m: s.result() for m, s in summaries.items()}
     report = {"checkpoint": os.path.abspath(FLAGS.checkpoint), "step": step, "split": FLAGS.split,
               "protocol": {"videos": FLAGS.videos, "frames": FLAGS.frames, "first_target": FLAGS.first_target,
-                           "stride": FLAGS.stride, "steps": FLAGS.steps, "guidance": guidance,
+                           "stride": FLAGS.stride, "steps": steps, "guidance": guidance,
                            "seed": FLAGS.seed},
               "methods": results}
     written = [os.path.join(FLAGS.out, "metrics.json")]
     if FLAGS.curve_videos:
         report["protocol"]["curve_videos"] = min(FLAGS.curve_videos, len(examples))
-        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], guidance, context_of,
-                                       curve_summaries["scd"])
+        report["curve"] = metric_curve(pipe, FLAGS.checkpoint, examples[:FLAGS.curve_videos], steps, guidance,
+                                       context_of, curve_summaries["scd"])
         report["curve_baselines"] = {m: point(s) for m, s in curve_summaries.items() if m != "scd"}
     files.write_json(written[0], report)
     if grid_rows:
@@ -200,14 +201,22 @@ def caption_contexts(pipe):
     return lambda video_id: {"context": captions.context(video_id)}
 
 
-def generate(pipe, example, guidance, context_of):
+def sample_settings(config) -> tuple[int, float]:
+    """(DDIM steps, guidance scale): the flags, or the run config's ``sample`` values the model
+    was configured to be sampled with."""
+    steps = config["sample"]["steps"] if FLAGS.steps is None else FLAGS.steps
+    guidance = config["sample"]["guidance"] if FLAGS.guidance is None else FLAGS.guidance
+    return steps, guidance
+
+
+def generate(pipe, example, steps, guidance, context_of):
     """The protocol's sampling of one test example: its targets as one window -> uint8 (F, H, W, 3)."""
     video_id, reference, ref_pose, poses, _, _ = example
-    return pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=guidance, seed=FLAGS.seed,
+    return pipe(reference, poses, reference_pose=ref_pose, steps=steps, guidance=guidance, seed=FLAGS.seed,
                 window=pipe.model.latent_frames(len(poses)), overlap=0, **context_of(video_id))
 
 
-def metric_curve(pipe, workdir, examples, guidance, context_of, evaluated) -> list[dict]:
+def metric_curve(pipe, workdir, examples, steps, guidance, context_of, evaluated) -> list[dict]:
     """[{"step": s, metric: value}] for every checkpoint kept in ``workdir`` up to the evaluated
     one, on ``examples``: earlier steps are sampled here with the same compiled sampler (their
     weights swapped in), the evaluated step's point is ``evaluated`` (from the main pass). A
@@ -230,7 +239,7 @@ def metric_curve(pipe, workdir, examples, guidance, context_of, evaluated) -> li
             summary = EvaluationSummary(None, metrics=POINT_METRICS)
             for example in examples:
                 real, masks = example[4:]
-                summary.add_videos(generate(pipe, example, guidance, context_of)[None] / 255.0, real[None] / 255.0, masks[None])
+                summary.add_videos(generate(pipe, example, steps, guidance, context_of)[None] / 255.0, real[None] / 255.0, masks[None])
             curve.append({"step": step, **point(summary)})
     finally:
         pipe.params, pipe.step = evaluated_params, evaluated_step

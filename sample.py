@@ -37,8 +37,8 @@ flags.DEFINE_string("poses", None, "Target poses: a folder of pose images, a pos
 flags.DEFINE_string("pose_detector", None, "YOLOX ONNX file (yolox_l.onnx): extract --poses from a real video.")
 flags.DEFINE_string("pose_model", None, "Whole-body pose ONNX file (dw-ll_ucoco_384.onnx), with --pose_detector.")
 flags.DEFINE_string("out", "out.mp4", "Output video (.mp4 or .gif) or a folder for PNG frames.")
-flags.DEFINE_integer("steps", 25, "Denoising steps.")
-flags.DEFINE_float("guidance", 3.0, "Classifier-free guidance scale.")
+flags.DEFINE_integer("steps", None, "Denoising steps (default: the checkpoint's run config's sample.steps).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: its sample.guidance).")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m", "euler", "flow_unipc", "flow_euler"],
                   "Sampler (default: the checkpoint's diffusion.kind's: ddim, or flow_unipc for flow matching).")
@@ -130,7 +130,9 @@ def main(argv):
         pipe.resolution, FLAGS.reference, FLAGS.poses, FLAGS.reference_pose, FLAGS.align_poses,
         FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
     io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
-    frames = pipe(reference, poses, reference_pose=ref_pose, steps=FLAGS.steps, guidance=FLAGS.guidance,
+    steps = pipe.config["sample"]["steps"] if FLAGS.steps is None else FLAGS.steps
+    guidance = pipe.config["sample"]["guidance"] if FLAGS.guidance is None else FLAGS.guidance
+    frames = pipe(reference, poses, reference_pose=ref_pose, steps=steps, guidance=guidance,
                   seed=FLAGS.seed, sampler=sampler, window=FLAGS.window, overlap=FLAGS.overlap,
                   progress=True, context=context, negative_context=negative_context)
     out = io.side_by_side(reference, poses, frames) if FLAGS.side_by_side else frames

@@ -96,18 +96,22 @@ def positive_ints(name: str, values) -> tuple:
 _seed_in_range = seed  # check_sample_settings' ``seed`` argument shadows the check
 
 
-def check_sample_settings(prefix: str, *, steps: int, guidance: float, window: Optional[int] = None,
+def check_sample_settings(prefix: str, *, steps: Optional[int], guidance: Optional[float],
+                          window: Optional[int] = None,
                           overlap: Optional[int] = None, seed: Optional[int] = None,
                           guidance_rescale: float = 0.0) -> None:
     """Sampling numbers: steps >= 1, a finite guidance, 0 <= overlap < window, a seed in
     range. ``prefix`` names them: "sample" gives "sample.steps", "--" gives "--steps", ""
-    gives "steps"."""
+    gives "steps". None: not given (a CLI flag left to the run config's ``sample`` value,
+    checked when that config was)."""
 
     def name(key):
         return f"{prefix}{key}" if prefix.startswith("-") or not prefix else f"{prefix}.{key}"
 
-    positive_int(name("steps"), steps)
-    finite_number(name("guidance"), guidance)
+    if steps is not None:
+        positive_int(name("steps"), steps)
+    if guidance is not None:
+        finite_number(name("guidance"), guidance)
     probability(name("guidance_rescale"), guidance_rescale)
     if window is not None:
         positive_int(name("window"), window)

@@ -16,14 +16,12 @@ command -v "$PY" >/dev/null || PY=python3
 .venv/bin/python -m pip install -q -e .
 .venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
 FRAMES=8
-STEPS=$(.venv/bin/python -c "from configs.demo import get_config; print(get_config().sample.steps)")  # DDIM steps
 .venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0 \
-  --steps=$STEPS --curve_videos=4
+  --curve_videos=4
 example=$(ls -d outputs/demo/examples/*/ | head -n 1)
-guidance=$(.venv/bin/python -c "import json; print(json.load(open('outputs/demo/metrics.json'))['protocol']['guidance'])")
 .venv/bin/python sample.py --checkpoint=runs/demo --reference="$example/reference.png" \
   --reference_pose="$example/reference_pose.png" --poses="$example/poses" --out="$example/resampled" \
-  --steps=$STEPS --guidance="$guidance" --window=$FRAMES --overlap=0 --seed=0
+  --window=$FRAMES --overlap=0 --seed=0  # the run config's sampling steps and guidance, as evaluate.py
 if diff -r "$example/generated" "$example/resampled" >/dev/null; then
   echo "sample.py reproduced $example bit for bit"
   echo "held-out people (reference | pose | generated | real): outputs/demo/examples.png"

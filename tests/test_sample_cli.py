@@ -10,6 +10,7 @@ from PIL import Image
 
 from consist_jax.sampling import io
 from consist_jax.sampling.pipeline import SCDPipeline
+from tests.configs.tiny import get_config as tiny_config
 from tests.runs import REPO, run_env, script_cmd
 
 
@@ -89,21 +90,23 @@ def test_keypoints_with_the_wrong_number_of_joints(tmp_path):
 
 
 def test_sample_py_reproduces_an_evaluated_video(uninterrupted_run, data_dir, tmp_path):
+    """Both CLIs sample with the run config's steps and guidance unless told otherwise."""
     out = tmp_path / "eval"
     env = run_env(data_dir)
-    protocol = ["--videos=1", "--frames=2", "--first_target=2", "--stride=2", "--steps=2", "--gifs=1", "--seed=3"]
+    protocol = ["--videos=1", "--frames=2", "--first_target=2", "--stride=2", "--gifs=1", "--seed=3"]
     result = subprocess.run(script_cmd("evaluate.py", f"--checkpoint={uninterrupted_run}", f"--out={out}",
                                        *protocol), cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())
+    sample_config = tiny_config().sample
+    assert (report["protocol"]["steps"], report["protocol"]["guidance"]) == (sample_config.steps, sample_config.guidance)
     assert set(report["methods"]) == {"scd", "copy_reference", "no_reference"}
     assert "SCD vs copy_reference" in result.stdout
     (example,) = (out / "examples").iterdir()
     result = subprocess.run(
         script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={example}/reference.png",
                    f"--reference_pose={example}/reference_pose.png", f"--poses={example}/poses",
-                   f"--out={example}/resampled", "--steps=2", f"--guidance={report['protocol']['guidance']}",
-                   "--window=2", "--overlap=0", "--seed=3"),
+                   f"--out={example}/resampled", "--window=2", "--overlap=0", "--seed=3"),
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     generated = sorted(os.listdir(example / "generated"))
@@ -124,7 +127,7 @@ def test_sample_py_on_a_full_disk(uninterrupted_run, data_dir, tmp_path):
         _save(poses / f"{i:03d}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
     out = tmp_path / "out" / "video.mp4"
     cmd = script_cmd("sample.py", f"--checkpoint={uninterrupted_run}", f"--reference={reference}",
-                     f"--reference_pose={reference}", f"--poses={poses}", f"--out={out}", "--steps=2",
+                     f"--reference_pose={reference}", f"--poses={poses}", f"--out={out}",
                      "--window=2", "--overlap=0", "--side_by_side")
     result = subprocess.run([cmd[0], "-c", LIMITED_FILE_SIZE, "512", *cmd], cwd=REPO, env=run_env(data_dir),
                             capture_output=True, text=True, timeout=900)

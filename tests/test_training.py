@@ -92,6 +92,33 @@ def test_tryon_loss_sees_only_the_region(tiny_model, rng):
     assert not np.allclose(plain_loss, base)
 
 
+def test_figure_loss_weight_counts_the_person_that_many_times(tiny_model, rng):
+    """Per example, loss(w) = (w S_in + S_out) / (w N_in + N_out) over the squared errors inside
+    and outside the person's cells: S_in and S_out solved from w = 1 and w = 3 predict w = 10."""
+    config, model, params, _ = tiny_model
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    inputs = _latent_inputs(rng)
+    mask = (rng.uniform(size=(4, 1, 8, 8, 1)) < 0.3).astype(np.float32)
+    inputs["target_mask"] = jnp.asarray(mask)
+
+    def per_example(w):
+        loss = LossConfig(prediction_type="sample", figure_loss_weight=w, drop_reference_prob=0.0,
+                          drop_context_prob=0.0)
+        return np.asarray(scd_loss(params, model, schedule, loss, inputs, jax.random.key(1))[1], np.float64)
+
+    channels = inputs["target_latents"].shape[-1]
+    n_in = mask.sum(axis=(1, 2, 3, 4)) * channels
+    n_out = mask[0].size * channels - n_in
+    sums = per_example(1.0) * (n_in + n_out)  # S_in + S_out
+    s_in = (per_example(3.0) * (3 * n_in + n_out) - sums) / 2
+    predicted = (10 * s_in + (sums - s_in)) / (10 * n_in + n_out)
+    np.testing.assert_allclose(per_example(10.0), predicted, rtol=1e-4)
+    assert np.all(s_in > 0) and np.all(sums - s_in > 0)
+    del inputs["target_mask"]
+    with pytest.raises(ValueError, match="figure_loss_weight=3.0 needs the batch's target_mask"):
+        per_example(3.0)
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "flow"])
 def test_gradient_accumulation_matches_one_batch(tiny_model, rng, kind):
     """Two accumulated micro-batches give the one-batch loss and update (per-example draws),
@@ -188,7 +215,8 @@ step = make_train_step(model, NoiseSchedule.from_config(config.diffusion), LossC
     dict(config.train, prediction_type=config.diffusion.prediction_type)), opt, optim)
 rng = np.random.default_rng(int(sys.argv[2]))
 batch = {"reference": rng.uniform(-1, 1, (8, 16, 16, 3)), "reference_pose": rng.uniform(0, 1, (8, 16, 16, 3)),
-         "target": rng.uniform(-1, 1, (8, 1, 16, 16, 3)), "target_pose": rng.uniform(0, 1, (8, 1, 16, 16, 3))}
+         "target": rng.uniform(-1, 1, (8, 1, 16, 16, 3)), "target_pose": rng.uniform(0, 1, (8, 1, 16, 16, 3)),
+         "target_mask": rng.uniform(0, 1, (8, 1, 16, 16, 1)) < 0.3}  # the demo's loss weights the person
 batch = {k: v.astype(np.float32) for k, v in batch.items()}
 accumulating = OptimizerConfig.from_config(dict(config.optim, grad_accum_steps=2))
 

@@ -287,10 +287,11 @@ def caption_length(pipe: Any) -> int:
 
 
 def abstract_batch(config: Any, batch_size: int, model: Any = None) -> dict:
-    """The train batch the data pipeline deals (``trainer.TRAIN_KEYS`` + example_id); with
-    ``model`` (an SCDModel) whose context is a caption (``TextContext``), its embeddings
-    ``context`` (B, L, D) too."""
+    """The train batch the step reads (``trainer.train_keys`` + example_id); with ``model`` (an
+    SCDModel) whose context is a caption (``TextContext``), its embeddings ``context`` (B, L,
+    D) too."""
     from consist_jax.models.scd import TextContext
+    from consist_jax.training.step import LossConfig
 
     pipe = config.data.pipeline
     h, w = pipe.resolution
@@ -305,6 +306,8 @@ def abstract_batch(config: Any, batch_size: int, model: Any = None) -> dict:
     }
     if pipe.get("with_region_mask", False):
         batch["region_mask"] = jax.ShapeDtypeStruct((batch_size, f, h, w, 1), jnp.float32)
+    if LossConfig.from_config(config.train).reads_figure_mask:
+        batch["target_mask"] = jax.ShapeDtypeStruct((batch_size, f, h, w, 1), jnp.float32)
     if model is not None and isinstance(model.context, TextContext):
         batch["context"] = jax.ShapeDtypeStruct((batch_size, caption_length(pipe), model.context.dim), jnp.float32)
     return batch

@@ -42,10 +42,19 @@ class LossConfig:
     min_snr_gamma: float = 0.0  # 0 = plain MSE
     noise_offset: float = 0.0
     tryon: bool = False  # noise and loss only inside batch["region_mask"]
+    # The person's latent cells (batch["target_mask"]) count this many times in the loss: a
+    # small model spends its capacity on the figure rather than the easier background.
+    figure_loss_weight: float = 1.0
 
     @classmethod
     def from_config(cls, train) -> "LossConfig":
         return cls(**{f.name: train[f.name] for f in dataclasses.fields(cls) if f.name in train})
+
+    @property
+    def reads_figure_mask(self) -> bool:
+        """Whether the loss needs the batch's ``target_mask`` (the data pipeline always makes
+        it; the trainer ships it to the devices only then)."""
+        return self.figure_loss_weight != 1.0
 
 
 def region_mask_at(mask: jax.Array, latent_hw: tuple[int, int]) -> jax.Array:
@@ -99,8 +108,9 @@ def scd_loss(
     inputs: ``reference_latents`` (B, h, w, C), ``target_latents`` (B, F, h, w, C) (F latent
       frames), ``context`` (B, L, D), ``reference_pose`` (B, H, W, 3 t), ``target_pose``
       (B, F, H, W, 3 t) (on the latent time grid, t = 1 but for Wan's VAE), in try-on
-      mode ``region_mask`` (B, F, h, w, 1) in latent cells, and optionally ``example_id``
-      (B,) int32 keying each example's random draws (default: its row).
+      mode ``region_mask`` (B, F, h, w, 1) in latent cells, with ``figure_loss_weight`` != 1
+      ``target_mask`` (B, F, h, w, 1) (the person's latent cells), and optionally
+      ``example_id`` (B,) int32 keying each example's random draws (default: its row).
     Returns (scalar loss, per-example loss (B,)).
     """
     targets = inputs["target_latents"]
@@ -128,14 +138,29 @@ def scd_loss(
     )
     squared = jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32))
     axes = tuple(range(1, squared.ndim))
-    if region is not None:
-        weight = jnp.broadcast_to(region, squared.shape)
+    weight = loss_weights(inputs, region, loss)
+    if weight is not None:
+        weight = jnp.broadcast_to(weight, squared.shape)
         per_example = (weight * squared).sum(axes) / jnp.maximum(weight.sum(axes), 1.0)
     else:
         per_example = squared.mean(axes)
     if loss.min_snr_gamma:
         per_example = per_example * schedule.min_snr_loss_weights(t, loss.min_snr_gamma, loss.prediction_type)
     return per_example.mean(), per_example
+
+
+def loss_weights(inputs: dict, region: Optional[jax.Array], loss: LossConfig) -> Optional[jax.Array]:
+    """Each latent cell's weight in the loss, (B, F, h, w, 1), or None for a plain mean: the
+    try-on region only (``region``), the person's cells ``figure_loss_weight`` times the
+    rest's (``inputs["target_mask"]``), or both."""
+    weight = region
+    if loss.reads_figure_mask:
+        if "target_mask" not in inputs:
+            raise ValueError(f"train.figure_loss_weight={loss.figure_loss_weight} needs the batch's target_mask "
+                             "(the person's mask; a pre-encoded batch must carry it on the latent grid)")
+        figure = 1.0 + (loss.figure_loss_weight - 1.0) * inputs["target_mask"]
+        weight = figure if weight is None else weight * figure
+    return weight
 
 
 def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) -> dict:
@@ -161,9 +186,10 @@ def prepare_inputs(model: SCDModel, frozen: Any, batch: dict, rng: jax.Array) ->
         inputs[name] = model.on_latent_time(inputs[name])
     if "example_id" in batch:
         inputs["example_id"] = batch["example_id"]
-    if "region_mask" in batch:  # a latent frame is in the region where any of its frames is
-        mask = model.on_latent_time(batch["region_mask"]).max(axis=-1, keepdims=True)
-        inputs["region_mask"] = region_mask_at(mask, inputs["target_latents"].shape[2:4])
+    for name in ("region_mask", "target_mask"):  # a latent frame is in the region where any of its frames is
+        if name in batch:
+            mask = model.on_latent_time(batch[name]).max(axis=-1, keepdims=True)
+            inputs[name] = region_mask_at(mask, inputs["target_latents"].shape[2:4])
     return inputs
 
 

@@ -117,14 +117,14 @@ class _Profile:
             self.active = False
 
 
-def _global_batch(batch: dict, batch_sharding) -> dict:
-    """This process's part of the batch -> global jax.Arrays laid out over the mesh.
+def _global_batch(batch: dict, batch_sharding, keys: tuple[str, ...]) -> dict:
+    """This process's part of the batch (its ``keys``) -> global jax.Arrays laid out over the mesh.
 
     ``example_id`` is each example's position in the global batch as the data
     pipeline deals it (process p holds positions p, p + P, p + 2P, ...), so the
     training noise of an example does not depend on the number of processes.
     """
-    arrays = {k: v for k, v in batch.items() if k in TRAIN_KEYS}
+    arrays = {k: v for k, v in batch.items() if k in keys}
     local = len(batch["reference"])
     arrays["example_id"] = (jax.process_index() + jax.process_count() * np.arange(local)).astype(np.int32)
     return {
@@ -136,6 +136,12 @@ def _global_batch(batch: dict, batch_sharding) -> dict:
 TRAIN_KEYS = ("reference", "reference_pose", "target", "target_pose", "region_mask", "context")
 
 
+def train_keys(loss: LossConfig) -> tuple[str, ...]:
+    """The batch keys the train step reads: TRAIN_KEYS, and the person's mask when the loss
+    weights it (else it is not shipped to the devices)."""
+    return TRAIN_KEYS + (("target_mask",) if loss.reads_figure_mask else ())
+
+
 class TrainProgram(NamedTuple):
     """The jitted train step as training runs it, and the shardings of its arguments."""
 
@@ -145,6 +151,7 @@ class TrainProgram(NamedTuple):
     state_sharding: Any
     frozen_sharding: Any
     batch_sharding: Any
+    batch_keys: tuple[str, ...]  # of the data pipeline's batch, those the step reads
 
 
 def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh: sharding.Mesh) -> TrainProgram:
@@ -170,7 +177,8 @@ def build_train_program(config: Any, model: Any, params: Any, frozen: Any, mesh:
         out_shardings=(state_sharding, repl),
         donate_argnums=(0,),
     )
-    return TrainProgram(jitted, optimizer, abstract_state, state_sharding, frozen_sharding, batch_sharding)
+    return TrainProgram(jitted, optimizer, abstract_state, state_sharding, frozen_sharding, batch_sharding,
+                        train_keys(loss_cfg))
 
 
 def train(config: Any, workdir: str) -> dict:
@@ -210,7 +218,7 @@ def train(config: Any, workdir: str) -> dict:
                         out_shardings=state_sharding)(params)
     del params
 
-    batch = _global_batch(next(data), batch_sharding)
+    batch = _global_batch(next(data), batch_sharding, program.batch_keys)
     with jax.set_mesh(mesh):  # the attention kernels read the targeted devices from it
         compiled = program.step.lower(state, batch, jax.random.fold_in(train_rng, start), frozen).compile()
     flops = _flops(compiled)
@@ -222,7 +230,7 @@ def train(config: Any, workdir: str) -> dict:
     try:
         for step in range(start, config.train.num_steps):
             if step > start:
-                batch = _global_batch(next(data), batch_sharding)
+                batch = _global_batch(next(data), batch_sharding, program.batch_keys)
             profile.before(step)
             state, metrics = compiled(state, batch, jax.random.fold_in(train_rng, step), frozen)
             checkpointer.check_for_errors()  # a failed background save stops the run now

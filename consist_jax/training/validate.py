@@ -41,6 +41,7 @@ TRAIN_RULES = {
     "drop_context_prob": checks.probability,
     "min_snr_gamma": checks.non_negative_number,
     "noise_offset": checks.non_negative_number,
+    "figure_loss_weight": checks.positive_number,
 }
 OPTIM_RULES = {
     "lr": checks.positive_number,
