@@ -161,3 +161,4 @@ def test_train_runs_on_an_own_dataset(rng, tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isdir(tmp_path / "run" / "checkpoints") or os.listdir(tmp_path / "run")
+    assert "weights nothing here" in result.stdout  # the demo's figure weight: own videos carry no masks

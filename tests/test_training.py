@@ -119,6 +119,22 @@ def test_figure_loss_weight_counts_the_person_that_many_times(tiny_model, rng):
         per_example(3.0)
 
 
+def test_figure_weight_says_when_records_have_no_person_masks(rng, capsys):
+    """Own videos carry no masks (target_mask all ones): the weight changes nothing, said once."""
+    from consist_jax.training.trainer import check_figure_masks, train_keys
+
+    config = tiny_config()
+    config.train.figure_loss_weight = 3.0
+    keys = train_keys(LossConfig.from_config(config.train))
+    masked = {"target_mask": (rng.uniform(size=(2, 1, 4, 4, 1)) < 0.5).astype(np.float32)}
+    masked["target_mask"][0, 0, 0, 0] = 0.0
+    unmasked = {"target_mask": np.ones((2, 1, 4, 4, 1), np.float32)}
+    assert check_figure_masks(masked, keys, config) and check_figure_masks(unmasked, train_keys(LossConfig()), config)
+    assert capsys.readouterr().out == ""
+    assert not check_figure_masks(unmasked, keys, config)
+    assert "figure_loss_weight=3.0 weights nothing here" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["ddpm", "flow"])
 def test_gradient_accumulation_matches_one_batch(tiny_model, rng, kind):
     """Two accumulated micro-batches give the one-batch loss and update (per-example draws),

@@ -142,6 +142,19 @@ def train_keys(loss: LossConfig) -> tuple[str, ...]:
     return TRAIN_KEYS + (("target_mask",) if loss.reads_figure_mask else ())
 
 
+def check_figure_masks(batch: dict, keys: tuple[str, ...], config: Any) -> bool:
+    """Whether a figure-weighted loss has person masks to weight: on records without them the
+    data pipeline's ``target_mask`` is all ones and the weight changes nothing (your own
+    videos, data/build_own.py), which the run says on its first batch rather than silently."""
+    if "target_mask" not in keys or not np.all(batch["target_mask"] == 1):
+        return True
+    if jax.process_index() == 0:
+        print(f"note: train.figure_loss_weight={config.train.figure_loss_weight} weights nothing here: the first "
+              f"batch of {config.data.pipeline.data_dir!r} has no person masks (its records carry none), so the "
+              "loss is a plain mean", flush=True)
+    return False
+
+
 class TrainProgram(NamedTuple):
     """The jitted train step as training runs it, and the shardings of its arguments."""
 
@@ -218,7 +231,9 @@ def train(config: Any, workdir: str) -> dict:
                         out_shardings=state_sharding)(params)
     del params
 
-    batch = _global_batch(next(data), batch_sharding, program.batch_keys)
+    first = next(data)
+    check_figure_masks(first, program.batch_keys, config)
+    batch = _global_batch(first, batch_sharding, program.batch_keys)
     with jax.set_mesh(mesh):  # the attention kernels read the targeted devices from it
         compiled = program.step.lower(state, batch, jax.random.fold_in(train_rng, start), frozen).compile()
     flops = _flops(compiled)
