@@ -19,8 +19,9 @@ videos, ``examples/{video_id}/`` keeps the inputs as sample.py reads them
         --window=F --overlap=0 --seed=0
 
 reproduces ``generated/`` bit for bit (both take the denoising steps and the guidance from
-the run config's ``sample`` section unless ``--steps`` / ``--guidance`` say otherwise). ``examples.png`` shows the GIF'd videos as one grid
-(rows of people: reference | pose | generated | real, ``--grid_frames`` frames each). With
+the run config's ``sample`` section unless ``--steps`` / ``--guidance`` say otherwise).
+``examples.png`` shows the GIF'd videos as one grid (rows of people: reference | pose |
+generated | real, ``--grid_frames`` frames each). With
 ``--curve_videos=N``, the earlier checkpoints kept in the workdir are scored on the first N
 videos (same protocol, SCD only: the same compiled sampler, new weights), and the evaluated
 step's score on those videos is taken from the main pass: ``metrics.json``'s ``"curve"``
@@ -121,7 +122,7 @@ def main(argv):
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step)
     config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
-    steps, guidance = sample_settings(config)
+    steps, guidance = pipe.sample_settings(FLAGS.steps, FLAGS.guidance)
     methods = {"scd": guidance}
     if FLAGS.baselines:
         methods.update(copy_reference=None, no_reference=0.0)
@@ -199,14 +200,6 @@ def caption_contexts(pipe):
                          "no data.pipeline.text_embeddings_dir to read the test videos' captions from")
     captions = VideoCaptions(data["text_embeddings_dir"], data.get("captions", ""), data.get("default_caption", ""))
     return lambda video_id: {"context": captions.context(video_id)}
-
-
-def sample_settings(config) -> tuple[int, float]:
-    """(DDIM steps, guidance scale): the flags, or the run config's ``sample`` values the model
-    was configured to be sampled with."""
-    steps = config["sample"]["steps"] if FLAGS.steps is None else FLAGS.steps
-    guidance = config["sample"]["guidance"] if FLAGS.guidance is None else FLAGS.guidance
-    return steps, guidance
 
 
 def generate(pipe, example, steps, guidance, context_of):

@@ -130,8 +130,7 @@ def main(argv):
         pipe.resolution, FLAGS.reference, FLAGS.poses, FLAGS.reference_pose, FLAGS.align_poses,
         FLAGS.pose_detector, FLAGS.pose_model, FLAGS.out)
     io.check_output(FLAGS.out, FLAGS.fps, "--fps", frame_size=pipe.resolution)  # before the compile
-    steps = pipe.config["sample"]["steps"] if FLAGS.steps is None else FLAGS.steps
-    guidance = pipe.config["sample"]["guidance"] if FLAGS.guidance is None else FLAGS.guidance
+    steps, guidance = pipe.sample_settings(FLAGS.steps, FLAGS.guidance)
     frames = pipe(reference, poses, reference_pose=ref_pose, steps=steps, guidance=guidance,
                   seed=FLAGS.seed, sampler=sampler, window=FLAGS.window, overlap=FLAGS.overlap,
                   progress=True, context=context, negative_context=negative_context)

@@ -81,6 +81,12 @@ class SCDPipeline:
         return cls(model, params, frozen, schedule, config.diffusion.prediction_type, resolution,
                    config.train.reference_timestep, config_dict, step)
 
+    def sample_settings(self, steps: Optional[int] = None, guidance: Optional[float] = None) -> tuple[int, float]:
+        """(denoising steps, guidance scale): those given, else the loaded run config's
+        ``sample.steps`` / ``sample.guidance`` (what the model was configured to be sampled with)."""
+        sample = self.config["sample"]
+        return (sample["steps"] if steps is None else steps, sample["guidance"] if guidance is None else guidance)
+
     def check_inputs(self, reference_image: np.ndarray, target_poses: np.ndarray,
                      reference_pose: Optional[np.ndarray]) -> None:
         """Clear errors before any compile."""
