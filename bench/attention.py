@@ -185,10 +185,9 @@ def print_table(rows: list[dict], gpu: bool, memory_only: bool) -> None:
         )
         if not memory_only:
             ratio = r["seconds"] / r["joint_time"] if r["joint_time"] else float("nan")
-            line += (
-                f" {r['seconds'] * 1e3:.0f} | {ratio:.2f} | {r['ideal']:.2f} "
-                f"| {ratio / r['ideal']:.2f} |"
-            )
+            ms = r["seconds"] * 1e3
+            ms_text = f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"  # an accelerator's are below 1
+            line += f" {ms_text} | {ratio:.2f} | {r['ideal']:.2f} | {ratio / r['ideal']:.2f} |"
             if gpu:
                 line += f" {r['flops'] / r['seconds'] / 1e12:.1f} |"
         print(line)

@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--config small] [--latent 32] [--batch 4] [--runs 5]
         [--attention_impls xla,xla_chunked] [--cpu_devices 1,2]
-    python bench/train_step.py --gpu          # on a GPU: SD-1.5 at 512x512, bf16, SCD step, MFU
+    python bench/train_step.py --gpu [--batch 8]   # on a GPU: SD-1.5 at 512x512, bf16
 
 CPU mode: both sides do forward + backward + AdamW on the same UNet config, batch and
 latent size (plain denoising MSE, no reference), alternating runs; ours once per
@@ -12,13 +12,24 @@ prints the median step times, samples/s and each ratio ours/theirs. It also
 times our SCD step (the reference beside each target: twice the images) with the last
 form and prints its MFU against the peak given by --peak_tflops (XLA's cost analysis
 for the FLOPs).
+
+GPU mode (``--gpu``): the same comparison at SD-1.5's size, 512x512 (64x64 latents), bf16
+compute with float32 parameters on both sides (PyTorch under ``torch.autocast``, its
+attention SDPA), our forms ``xla`` and ``auto`` (cuDNN flash attention where cuDNN takes
+the head dim) by default; then our SCD step per form. Each row gives TFLOP/s and MFU
+against the device's bf16 peak (``consist_jax.training.metrics.PEAK_TFLOPS``), all from
+XLA:CPU's FLOP count of our steps, compiled in a CPU-only subprocess (the GPU's own count
+leaves out cuBLAS and cuDNN calls; PyTorch's step does the same arithmetic).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,33 +60,51 @@ def timed(fn, runs):
     return statistics.median(times)
 
 
-def torch_step(name, batch, latent, context_len):
+def torch_step(name, batch, latent, context_len, device="cpu", bf16=False):
+    """diffusers' UNet, forward + backward + AdamW; on ``device``, under bf16 autocast if asked."""
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    model = UNet2DConditionModel(sample_size=latent, **CONFIGS[name]).train()
+    model = UNet2DConditionModel(sample_size=latent, **CONFIGS[name]).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    x = torch.randn(batch, 4, latent, latent)
-    t = torch.randint(0, 1000, (batch,))
-    ctx = torch.randn(batch, context_len, CONFIGS[name]["cross_attention_dim"])
+    x = torch.randn(batch, 4, latent, latent, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    ctx = torch.randn(batch, context_len, CONFIGS[name]["cross_attention_dim"], device=device)
     target = torch.randn_like(x)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(model(x, t, encoder_hidden_states=ctx).sample, target)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, encoder_hidden_states=ctx).sample
+        loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
         opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return model, step
 
 
-def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla", cpu_devices=1):
-    """Our step on diffusers' weights; with cpu_devices > 1 the batch is split over that
-    many CPU devices (params replicated, gradients averaged as one vector; as the demo's
-    ``mesh.cpu_devices`` and ``mesh.flat_gradients``)."""
-    config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None, attention_impl=attention_impl)
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+def step_flops(lowered, compiled):
+    """XLA's FLOP count of a compiled step; None on a GPU, whose compiled count leaves out the
+    library calls (cuBLAS matmuls, cuDNN convolutions and attention: it counted a tenth of
+    SD-1.5's step). ``cpu_flop_counts`` counts the GPU mode's steps on XLA:CPU instead."""
+    del lowered
+    if jax.default_backend() == "gpu":
+        return None
+    return compiled.cost_analysis()["flops"]
+
+
+def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla", cpu_devices=1,
+                   dtype=jnp.float32):
+    """Our step on diffusers' weights (float32 parameters, ``dtype`` compute); with
+    cpu_devices > 1 the batch is split over that many CPU devices (params replicated,
+    gradients averaged as one vector; as the demo's ``mesh.cpu_devices`` and
+    ``mesh.flat_gradients``)."""
+    config = UNetConfig.from_diffusers(dict(model.config), pose_block_out_channels=None,
+                                       attention_impl=attention_impl, dtype=dtype)
+    state = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     mesh = Mesh(np.asarray(jax.devices()[:cpu_devices]), ("data",))
     replicated = NamedSharding(mesh, P())
 
@@ -94,7 +123,10 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
 
     def value_and_grad(params, inputs, _rng):
         x, t, ctx, target = inputs
-        return jax.value_and_grad(lambda p: jnp.mean((unet.apply({"params": p}, x, t, ctx) - target) ** 2))(params)
+        def loss(p):
+            return jnp.mean((unet.apply({"params": p}, x, t, ctx).astype(jnp.float32) - target) ** 2)
+
+        return jax.value_and_grad(loss)(params)
 
     if cpu_devices > 1:  # as the demo's mesh.flat_gradients: one all-reduce a step, not one per parameter
         value_and_grad = flat_mean_value_and_grad(value_and_grad, mesh, ("data",))
@@ -108,14 +140,16 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
 
     carry = [params, jax.device_put(opt.init(params), replicated)]
     data = (x, t, ctx, target)
-    compiled = step.lower(*carry, *data).compile()  # run, and read for its FLOPs and HLO
+    lowered = step.lower(*carry, *data)
+    compiled = lowered.compile()  # run, and read for its FLOPs and HLO
 
     def run():
         carry[0], carry[1], loss = compiled(*carry, *data)
         loss.block_until_ready()
 
     run.hlo_text = compiled.as_text  # for bench/step_profile.py
-    return run, compiled.cost_analysis()["flops"] * cpu_devices, config  # one device's FLOPs, times all
+    count = step_flops(lowered, compiled)
+    return run, count and count * cpu_devices, config  # one device's FLOPs, times all
 
 
 def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
@@ -142,13 +176,84 @@ def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
         "target_pose": jnp.asarray(rng.uniform(size=(batch, 1, pix, pix, 3)), jnp.float32),
     }
     carry = [create_train_state(params, opt, ema=False)]
-    compiled = step.lower(carry[0], inputs, jax.random.key(0), {}).compile()
+    lowered = step.lower(carry[0], inputs, jax.random.key(0), {})
+    compiled = lowered.compile()
 
     def run():
         carry[0], metrics = compiled(carry[0], inputs, jax.random.key(1), {})
         metrics["loss"].block_until_ready()
 
-    return run, compiled.cost_analysis()["flops"]
+    return run, step_flops(lowered, compiled)
+
+
+def alternating_medians(steps: dict, runs: int) -> dict:
+    """Median seconds of each step, the steps run in turn ``runs`` times after a warm-up."""
+    times = {label: [] for label in steps}
+    for fn in steps.values():
+        fn()
+    for _ in range(runs):
+        for label, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gpu_comparison(batch, context_len, runs, impls, peak_tflops=0.0, name="sd15", latent=64):
+    """SD-1.5 at 512x512, bf16: our plain step per attention form against diffusers', then
+    our SCD step per form; TFLOP/s and MFU from XLA:CPU's FLOP count of the same steps."""
+    from consist_jax.training.metrics import peak_flops_per_device
+
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"  # cpu: the code path's own test
+    model, theirs = torch_step(name, batch, latent, context_len, device=device, bf16=True)
+    steps = {"diffusers (PyTorch), bf16 autocast, SDPA": theirs}
+    for impl in impls:
+        label = f"ours, attention_impl={impl}"
+        steps[label], _, config = our_plain_step(
+            model, name, batch, latent, context_len, attention_impl=impl, dtype=jnp.bfloat16)
+    med = alternating_medians(steps, runs)
+    plain_flops, scd_flops = cpu_flop_counts(name, batch, latent, context_len)
+    peak = peak_flops_per_device(peak_tflops)
+    theirs_s = med[next(iter(steps))]
+
+    def row(label, seconds, count, ratio):
+        mfu = f"{count / seconds / peak:.1%}" if peak else "n/a (set --peak_tflops)"
+        print(f"| {label} | {batch} | {count / 1e12:.2f} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "
+              f"{count / seconds / 1e12:.0f} | {mfu} | {ratio} |", flush=True)
+
+    print(f"UNet {name!r}, {latent * 8}x{latent * 8} ({latent}x{latent} latents), bf16 compute, float32 parameters; "
+          f"peak {peak / 1e12 if peak else 'unknown'} TFLOP/s; median of {runs}")
+    print("| step | batch | TFLOP | ms/step | samples/s | TFLOP/s | MFU | time / diffusers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, seconds in med.items():
+        row(label + ", plain", seconds, plain_flops, f"{seconds / theirs_s:.2f}")
+    del model, theirs, steps
+    for impl in impls:
+        run, _ = our_scd_step(dataclasses.replace(config, attention_impl=impl), batch, latent, context_len,
+                              dtype=jnp.bfloat16)
+        row(f"ours, SCD step (reference + target, pose encoder), attention_impl={impl}", timed(run, runs),
+            scd_flops, "-")
+
+
+def cpu_flop_counts(name, batch, latent, context_len):
+    """FLOPs of the GPU mode's plain and SCD steps (bf16, ``attention_impl="xla"``), from
+    XLA:CPU's cost analysis of the same programs, compiled in a CPU-only subprocess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    args = [sys.executable, os.path.abspath(__file__), "--count_flops", "--config", name,
+            "--batch", str(batch), "--latent", str(latent), "--context", str(context_len)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"counting the steps' FLOPs on XLA:CPU failed: {out.stderr.strip().splitlines()[-1:]}")
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    return counts["plain"], counts["scd"]
+
+
+def print_flop_counts(name, batch, latent, context_len):
+    """``--count_flops``: the GPU mode's two steps compiled here (XLA:CPU), their FLOPs as JSON."""
+    model, _ = torch_step(name, batch, latent, context_len)
+    _, plain, config = our_plain_step(model, name, batch, latent, context_len, dtype=jnp.bfloat16)
+    _, scd = our_scd_step(config, batch, latent, context_len, dtype=jnp.bfloat16)
+    print(json.dumps({"plain": plain, "scd": scd}))
 
 
 def main():
@@ -158,47 +263,39 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--attention_impls", default="xla,xla_chunked",
-                        help="our attention forms to time, comma-separated (self_attention.ATTENTION_IMPLS)")
+    parser.add_argument("--attention_impls", default=None,
+                        help="our attention forms to time, comma-separated (self_attention.ATTENTION_IMPLS); "
+                             "default xla,xla_chunked (CPU), xla,auto (--gpu)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (CPU: your own figure)")
     parser.add_argument("--gpu", action="store_true", help="SD-1.5, 512x512 (64x64 latents), bf16, SCD step only")
     parser.add_argument("--cpu_devices", default="1",
                         help="comma-separated: also time our step with the batch split over N CPU devices "
                              "(the demo's mesh.cpu_devices; XLA:CPU runs a program's ops one at a time)")
+    parser.add_argument("--count_flops", action="store_true", help=argparse.SUPPRESS)  # cpu_flop_counts' subprocess
     args = parser.parse_args()
+    if args.count_flops:
+        print_flop_counts(args.config, args.batch, args.latent, args.context)
+        return
     splits = [int(n) for n in args.cpu_devices.split(",")]
     if not args.gpu and max(splits) > 1:
         split_cpu_host(max(splits))
     device = jax.devices()[0]
     print(f"# {device.platform} {device.device_kind}, jax {jax.__version__}")
     if args.gpu:
-        from consist_jax.training.metrics import peak_flops_per_device
-
-        config = UNetConfig.from_diffusers(dict(CONFIGS["sd15"], in_channels=4, out_channels=4))
-        run, flops = our_scd_step(config, args.batch, 64, 1, dtype=jnp.bfloat16)
-        seconds = timed(run, args.runs)
-        peak = (args.peak_tflops * 1e12) or peak_flops_per_device()
-        mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (set --peak_tflops)"
-        print(f"SD-1.5 SCD step, batch {args.batch}, 512x512, bf16: {seconds:.3f} s, "
-              f"{args.batch / seconds:.2f} samples/s, {flops / 1e12:.2f} TFLOP, MFU {mfu}")
+        if jax.default_backend() != "gpu":
+            raise SystemExit(f"--gpu asked for, but jax's backend is {jax.default_backend()!r}")
+        gpu_comparison(args.batch, args.context, args.runs, (args.attention_impls or "xla,auto").split(","),
+                       args.peak_tflops)
         return
     model, theirs = torch_step(args.config, args.batch, args.latent, args.context)
     steps = {"theirs": theirs}
     flops = {}
-    for impl in args.attention_impls.split(","):
+    for impl in (args.attention_impls or "xla,xla_chunked").split(","):
         for n in splits:
             label = impl if n == 1 else f"{impl}, {n} CPU devices"
             steps[label], flops[label], config = our_plain_step(
                 model, args.config, args.batch, args.latent, args.context, attention_impl=impl, cpu_devices=n)
-    times = {label: [] for label in steps}
-    for fn in steps.values():
-        fn()
-    for _ in range(args.runs):
-        for label, fn in steps.items():
-            start = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = alternating_medians(steps, args.runs)
     scd_run, scd_flops = our_scd_step(config, args.batch, args.latent, args.context)
     if config.attention_impl != "xla":  # its FLOPs as above: the dense form's count (compiled, not run)
         scd_flops = our_scd_step(dataclasses.replace(config, attention_impl="xla"),

@@ -215,13 +215,17 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     With ``init_params=False`` and no pretrained UNet the UNet's params are None (for
     callers that restore them from a checkpoint: no init program is compiled).
     """
+    pretrained = bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
+    if pretrained and config.unet.get("self_attention_key_init", "random") != "random":
+        raise ValueError("model.unet.self_attention_key_init initialises a fresh UNet; this run loads a "
+                         "pretrained one (model.pretrained_unet / pretrained_single_file): leave it 'random'")
     check_paths(config)
     if backbone(config) == "wan":
         return _build_wan_model(config, rng, init_params)
     unet_cfg = dict(config.unet)
-    if not (config.pretrained_unet or config.get("pretrained_single_file", "")) and not init_params:
+    if not pretrained and not init_params:
         unet, params = UNet(unet_config_from(unet_cfg)), None
-    elif config.pretrained_unet or config.get("pretrained_single_file", ""):
+    elif pretrained:
         overrides = {k: v for k, v in unet_cfg.items() if k in SCD_OPTIONS}
         overrides = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
         dtype = _dtype(overrides.pop("dtype", UNetConfig.dtype))

@@ -330,3 +330,33 @@ def test_bad_inputs_raise_clear_errors(scd_unet, rng):
     with pytest.raises(ValueError, match="pose images must be"):
         module.apply(v, rng.standard_normal((2, 8, 8, 4)), 1, context,
                      target_pose=rng.uniform(size=(2, 8, 8, 3)))
+
+
+def test_keys_can_start_as_the_queries(rng):
+    """self_attention_key_init="query": each self-attention's to_k starts as a copy of its to_q
+    (so a target token's first scores are highest on the reference tokens that look like it);
+    every other parameter is the random init's; a pretrained UNet or another name is refused."""
+    import dataclasses
+
+    import ml_collections
+    from flax.traverse_util import flatten_dict
+
+    from consist_jax.convert.unet import init_unet_params
+    from consist_jax.factory import build_model
+
+    key = jax.random.key(int(rng.integers(2**31)))
+    tied = flatten_dict(init_unet_params(dataclasses.replace(SCD_CONFIG, self_attention_key_init="query"), key))
+    plain = flatten_dict(init_unet_params(SCD_CONFIG, key))
+    keys = [p for p in tied if "attn1" in p and p[-2] == "to_k"]
+    assert len(keys) == sum(1 for p in tied if "attn1" in p and p[-2] == "to_q") > 0
+    for path in keys:
+        query = path[:-2] + ("to_q", path[-1])
+        np.testing.assert_array_equal(tied[path], tied[query])
+        assert not np.array_equal(plain[path], plain[query])  # the random init's keys are their own
+    for path in set(tied) - set(keys):  # cross-attention keys included
+        np.testing.assert_array_equal(tied[path], plain[path])
+    with pytest.raises(ValueError, match="self_attention_key_init='keys': expected one of"):
+        UNetConfig(self_attention_key_init="keys")
+    model = ml_collections.ConfigDict(dict(pretrained_unet="/some/unet", unet=dict(self_attention_key_init="query")))
+    with pytest.raises(ValueError, match="model.unet.self_attention_key_init initialises a fresh UNet"):
+        build_model(model, key)

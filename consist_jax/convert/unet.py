@@ -16,9 +16,38 @@ NEW_WEIGHTS = (r"^pose_encoder\.",)
 
 
 def init_unet_params(config: UNetConfig, rng: jax.Array) -> dict:
-    """Random initial parameters of a UNet (pose encoder included): a plain pytree."""
+    """Random initial parameters of a UNet (pose encoder included): a plain pytree; with
+    ``config.self_attention_key_init="query"`` each self-attention's keys start as its
+    queries (``keys_start_as_queries``)."""
     sample, t, context, kwargs = _example_inputs(config)
-    return jax.jit(lambda r: UNet(config).init(r, sample, t, context, **kwargs)["params"])(rng)
+    params = jax.jit(lambda r: UNet(config).init(r, sample, t, context, **kwargs)["params"])(rng)
+    if config.self_attention_key_init == "query":
+        params = keys_start_as_queries(params)
+    return params
+
+
+def keys_start_as_queries(params: dict) -> dict:
+    """``params`` with every self-attention's (``attn1``) to_k kernel a copy of its to_q kernel.
+
+    The score of a query token x against a key token y is then x^T W W^T y: from the first
+    step it is largest where the two tokens' features are alike, so a target token attends
+    to the reference tokens that look like it, the copy SCD's target has to learn (the
+    background, the clothes). Measured on the demo: BENCHMARKS.md, "Keys that start as the
+    queries". Cross-attention (attn2) and motion modules keep their own initialisation.
+    """
+
+    def tie(tree: dict, in_self_attention: bool) -> dict:
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out[name] = tie(value, in_self_attention or name == "attn1")
+            else:
+                out[name] = value
+        if in_self_attention and "to_q" in tree and "to_k" in tree:
+            out["to_k"] = jax.tree_util.tree_map(jnp.copy, tree["to_q"])
+        return out
+
+    return tie(params, False)
 
 
 def init_pose_encoder_params(config: UNetConfig, rng: jax.Array | None = None) -> dict:

@@ -66,6 +66,9 @@ _MUST_BE_DEFAULT = {
 }
 
 
+SELF_ATTENTION_KEY_INITS = ("random", "query")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
     """Hyper-parameters of an SD-1.x UNet (diffusers names) plus SCD's options."""
@@ -92,6 +95,9 @@ class UNetConfig:
     reference_pose_injection: bool = True  # feed the reference pose too (SCD ablates it)
     pose_block_out_channels: Optional[tuple[int, ...]] = (16, 32, 64, 128)  # None: no pose encoder
     remat: bool = False  # rematerialise each resnet / transformer in the backward pass
+    # A fresh UNet's self-attention keys: "random", or "query" (each to_k starts equal to its
+    # to_q; convert/unet.py, init_unet_params). Pretrained weights are never re-initialised.
+    self_attention_key_init: str = "random"
     motion: Optional[MotionConfig] = None  # video model: AnimateDiff motion modules (None: image model)
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -121,6 +127,9 @@ class UNetConfig:
         for c, h in zip(self.block_out_channels, self.attention_heads):
             if c % h:
                 raise ValueError(f"{c} channels are not divisible by {h} attention heads")
+        if self.self_attention_key_init not in SELF_ATTENTION_KEY_INITS:
+            raise ValueError(f"self_attention_key_init={self.self_attention_key_init!r}: expected one of "
+                             f"{SELF_ATTENTION_KEY_INITS}")
         _ = self.attention  # building it checks attention_rule and attention_impl
         if self.motion is not None:
             self.motion.check_blocks(self.block_out_channels)
