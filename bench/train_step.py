@@ -16,10 +16,11 @@ for the FLOPs).
 GPU mode (``--gpu``): the same comparison at SD-1.5's size, 512x512 (64x64 latents), bf16
 compute with float32 parameters on both sides (PyTorch under ``torch.autocast``, its
 attention SDPA), our forms ``xla`` and ``auto`` (cuDNN flash attention where cuDNN takes
-the head dim) by default; then our SCD step per form. Each row gives TFLOP/s and MFU
-against the device's bf16 peak (``consist_jax.training.metrics.PEAK_TFLOPS``), all from
-XLA:CPU's FLOP count of our steps, compiled in a CPU-only subprocess (the GPU's own count
-leaves out cuBLAS and cuDNN calls; PyTorch's step does the same arithmetic).
+the head dim) by default; then our SCD step per form, each time printed as it is measured.
+Then each step's TFLOP/s and MFU against the device's bf16 peak
+(``consist_jax.training.metrics.PEAK_TFLOPS``), from XLA:CPU's FLOP count of our steps,
+compiled in a CPU-only subprocess (the GPU's own count leaves out cuBLAS and cuDNN calls;
+PyTorch's step does the same arithmetic).
 """
 from __future__ import annotations
 
@@ -86,11 +87,10 @@ def torch_step(name, batch, latent, context_len, device="cpu", bf16=False):
     return model, step
 
 
-def step_flops(lowered, compiled):
+def step_flops(compiled):
     """XLA's FLOP count of a compiled step; None on a GPU, whose compiled count leaves out the
-    library calls (cuBLAS matmuls, cuDNN convolutions and attention: it counted a tenth of
-    SD-1.5's step). ``cpu_flop_counts`` counts the GPU mode's steps on XLA:CPU instead."""
-    del lowered
+    library calls (cuBLAS matmuls, cuDNN convolutions and attention: it gave 2.7 of SD-1.5's
+    18.8 TFLOP). ``cpu_flop_counts`` counts the GPU mode's steps on XLA:CPU instead."""
     if jax.default_backend() == "gpu":
         return None
     return compiled.cost_analysis()["flops"]
@@ -140,15 +140,14 @@ def our_plain_step(model, name, batch, latent, context_len, attention_impl="xla"
 
     carry = [params, jax.device_put(opt.init(params), replicated)]
     data = (x, t, ctx, target)
-    lowered = step.lower(*carry, *data)
-    compiled = lowered.compile()  # run, and read for its FLOPs and HLO
+    compiled = step.lower(*carry, *data).compile()  # run, and read for its FLOPs and HLO
 
     def run():
         carry[0], carry[1], loss = compiled(*carry, *data)
         loss.block_until_ready()
 
     run.hlo_text = compiled.as_text  # for bench/step_profile.py
-    count = step_flops(lowered, compiled)
+    count = step_flops(compiled)
     return run, count and count * cpu_devices, config  # one device's FLOPs, times all
 
 
@@ -176,14 +175,13 @@ def our_scd_step(config, batch, latent, context_len, dtype=jnp.float32):
         "target_pose": jnp.asarray(rng.uniform(size=(batch, 1, pix, pix, 3)), jnp.float32),
     }
     carry = [create_train_state(params, opt, ema=False)]
-    lowered = step.lower(carry[0], inputs, jax.random.key(0), {})
-    compiled = lowered.compile()
+    compiled = step.lower(carry[0], inputs, jax.random.key(0), {}).compile()
 
     def run():
         carry[0], metrics = compiled(carry[0], inputs, jax.random.key(1), {})
         metrics["loss"].block_until_ready()
 
-    return run, step_flops(lowered, compiled)
+    return run, step_flops(compiled)
 
 
 def alternating_medians(steps: dict, runs: int) -> dict:
@@ -212,27 +210,31 @@ def gpu_comparison(batch, context_len, runs, impls, peak_tflops=0.0, name="sd15"
         steps[label], _, config = our_plain_step(
             model, name, batch, latent, context_len, attention_impl=impl, dtype=jnp.bfloat16)
     med = alternating_medians(steps, runs)
-    plain_flops, scd_flops = cpu_flop_counts(name, batch, latent, context_len)
-    peak = peak_flops_per_device(peak_tflops)
     theirs_s = med[next(iter(steps))]
-
-    def row(label, seconds, count, ratio):
-        mfu = f"{count / seconds / peak:.1%}" if peak else "n/a (set --peak_tflops)"
-        print(f"| {label} | {batch} | {count / 1e12:.2f} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | "
-              f"{count / seconds / 1e12:.0f} | {mfu} | {ratio} |", flush=True)
-
-    print(f"UNet {name!r}, {latent * 8}x{latent * 8} ({latent}x{latent} latents), bf16 compute, float32 parameters; "
-          f"peak {peak / 1e12 if peak else 'unknown'} TFLOP/s; median of {runs}")
-    print("| step | batch | TFLOP | ms/step | samples/s | TFLOP/s | MFU | time / diffusers |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"UNet {name!r}, {latent * 8}x{latent * 8} ({latent}x{latent} latents), batch {batch}, bf16 compute, "
+          f"float32 parameters; median of {runs}")
+    print("| step | ms/step | samples/s | time / diffusers |")
+    print("|---|---|---|---|")
+    timings = []  # (label, seconds, which step): the times first, so a time limit keeps them
     for label, seconds in med.items():
-        row(label + ", plain", seconds, plain_flops, f"{seconds / theirs_s:.2f}")
+        timings.append((label + ", plain", seconds, "plain"))
+        print(f"| {label}, plain | {seconds * 1e3:.1f} | {batch / seconds:.1f} | {seconds / theirs_s:.2f} |", flush=True)
     del model, theirs, steps
     for impl in impls:
         run, _ = our_scd_step(dataclasses.replace(config, attention_impl=impl), batch, latent, context_len,
                               dtype=jnp.bfloat16)
-        row(f"ours, SCD step (reference + target, pose encoder), attention_impl={impl}", timed(run, runs),
-            scd_flops, "-")
+        label, seconds = f"ours, SCD step (reference + target, pose encoder), attention_impl={impl}", timed(run, runs)
+        timings.append((label, seconds, "scd"))
+        print(f"| {label} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | - |", flush=True)
+    counts = dict(zip(("plain", "scd"), cpu_flop_counts(name, batch, latent, context_len)))
+    peak = peak_flops_per_device(peak_tflops)
+    print(f"FLOPs (XLA:CPU's count): plain step {counts['plain'] / 1e12:.3g} TFLOP, SCD step "
+          f"{counts['scd'] / 1e12:.3g} TFLOP; peak {peak / 1e12 if peak else 'unknown (set --peak_tflops)'} TFLOP/s")
+    print("| step | TFLOP/s | MFU |")
+    print("|---|---|---|")
+    for label, seconds, which in timings:
+        achieved = counts[which] / seconds
+        print(f"| {label} | {achieved / 1e12:.3g} | {f'{achieved / peak:.1%}' if peak else 'n/a'} |")
 
 
 def cpu_flop_counts(name, batch, latent, context_len):
