@@ -202,8 +202,7 @@ def gpu_comparison(batch, context_len, runs, impls, peak_tflops=0.0, name="sd15"
     our SCD step per form; TFLOP/s and MFU from XLA:CPU's FLOP count of the same steps."""
     from consist_jax.training.metrics import peak_flops_per_device
 
-    device = "cuda" if jax.default_backend() == "gpu" else "cpu"  # cpu: the code path's own test
-    model, theirs = torch_step(name, batch, latent, context_len, device=device, bf16=True)
+    model, theirs = torch_step(name, batch, latent, context_len, device="cuda", bf16=True)
     steps = {"diffusers (PyTorch), bf16 autocast, SDPA": theirs}
     for impl in impls:
         label = f"ours, attention_impl={impl}"
@@ -245,7 +244,8 @@ def cpu_flop_counts(name, batch, latent, context_len):
             "--batch", str(batch), "--latent", str(latent), "--context", str(context_len)]
     out = subprocess.run(args, env=env, capture_output=True, text=True)
     if out.returncode:
-        raise SystemExit(f"counting the steps' FLOPs on XLA:CPU failed: {out.stderr.strip().splitlines()[-1:]}")
+        reason = (out.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise SystemExit(f"counting the steps' FLOPs on XLA:CPU failed: {reason}")
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     return counts["plain"], counts["scd"]
 
@@ -269,7 +269,8 @@ def main():
                         help="our attention forms to time, comma-separated (self_attention.ATTENTION_IMPLS); "
                              "default xla,xla_chunked (CPU), xla,auto (--gpu)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (CPU: your own figure)")
-    parser.add_argument("--gpu", action="store_true", help="SD-1.5, 512x512 (64x64 latents), bf16, SCD step only")
+    parser.add_argument("--gpu", action="store_true",
+                        help="SD-1.5, 512x512 (64x64 latents), bf16: ours against diffusers on the GPU, then the SCD step")
     parser.add_argument("--cpu_devices", default="1",
                         help="comma-separated: also time our step with the batch split over N CPU devices "
                              "(the demo's mesh.cpu_devices; XLA:CPU runs a program's ops one at a time)")

@@ -63,6 +63,7 @@ from consist_jax.models.wan_vae import ENCODE_CHUNK_FRAMES, AutoencoderKLWan, Wa
 # UNetConfig fields a run config may set on top of a pretrained UNet's config.json.
 SCD_OPTIONS = (
     "attention_rule", "attention_impl", "reference_pose_injection", "pose_block_out_channels", "remat", "dtype",
+    "self_attention_key_init",  # a pretrained UNet takes only the default (build_model says so)
 )
 
 
@@ -216,9 +217,11 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     callers that restore them from a checkpoint: no init program is compiled).
     """
     pretrained = bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
-    if pretrained and config.unet.get("self_attention_key_init", "random") != "random":
-        raise ValueError("model.unet.self_attention_key_init initialises a fresh UNet; this run loads a "
-                         "pretrained one (model.pretrained_unet / pretrained_single_file): leave it 'random'")
+    key_init = config.unet.get("self_attention_key_init", UNetConfig.self_attention_key_init)
+    if pretrained and key_init != UNetConfig.self_attention_key_init:
+        raise ValueError(f"model.unet.self_attention_key_init={key_init!r} initialises a fresh UNet; this run loads "
+                         f"a pretrained one (model.pretrained_unet / pretrained_single_file): set it to "
+                         f"{UNetConfig.self_attention_key_init!r}")
     check_paths(config)
     if backbone(config) == "wan":
         return _build_wan_model(config, rng, init_params)

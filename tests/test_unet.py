@@ -358,5 +358,5 @@ def test_keys_can_start_as_the_queries(rng):
     with pytest.raises(ValueError, match="self_attention_key_init='keys': expected one of"):
         UNetConfig(self_attention_key_init="keys")
     model = ml_collections.ConfigDict(dict(pretrained_unet="/some/unet", unet=dict(self_attention_key_init="query")))
-    with pytest.raises(ValueError, match="model.unet.self_attention_key_init initialises a fresh UNet"):
+    with pytest.raises(ValueError, match="model.unet.self_attention_key_init='query' initialises a fresh UNet"):
         build_model(model, key)

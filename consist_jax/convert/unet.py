@@ -39,7 +39,7 @@ def keys_start_as_queries(params: dict) -> dict:
     def tie(tree: dict, in_self_attention: bool) -> dict:
         out = {}
         for name, value in tree.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not name.startswith("motion_modules."):  # temporal attn1 too
                 out[name] = tie(value, in_self_attention or name == "attn1")
             else:
                 out[name] = value
