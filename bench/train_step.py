@@ -225,7 +225,7 @@ def gpu_comparison(batch, context_len, runs, impls, peak_tflops=0.0, name="sd15"
         label, seconds = f"ours, SCD step (reference + target, pose encoder), attention_impl={impl}", timed(run, runs)
         timings.append((label, seconds, "scd"))
         print(f"| {label} | {seconds * 1e3:.1f} | {batch / seconds:.1f} | - |", flush=True)
-    counts = dict(zip(("plain", "scd"), cpu_flop_counts(name, batch, latent, context_len)))
+    counts = cpu_flop_counts(name, batch, latent, context_len)
     peak = peak_flops_per_device(peak_tflops)
     print(f"FLOPs (XLA:CPU's count): plain step {counts['plain'] / 1e12:.3g} TFLOP, SCD step "
           f"{counts['scd'] / 1e12:.3g} TFLOP; peak {peak / 1e12 if peak else 'unknown (set --peak_tflops)'} TFLOP/s")
@@ -236,7 +236,7 @@ def gpu_comparison(batch, context_len, runs, impls, peak_tflops=0.0, name="sd15"
         print(f"| {label} | {achieved / 1e12:.3g} | {f'{achieved / peak:.1%}' if peak else 'n/a'} |")
 
 
-def cpu_flop_counts(name, batch, latent, context_len):
+def cpu_flop_counts(name, batch, latent, context_len) -> dict:
     """FLOPs of the GPU mode's plain and SCD steps (bf16, ``attention_impl="xla"``), from
     XLA:CPU's cost analysis of the same programs, compiled in a CPU-only subprocess."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -246,8 +246,7 @@ def cpu_flop_counts(name, batch, latent, context_len):
     if out.returncode:
         reason = (out.stderr.strip().splitlines() or ["no error output"])[-1]
         raise SystemExit(f"counting the steps' FLOPs on XLA:CPU failed: {reason}")
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
-    return counts["plain"], counts["scd"]
+    return json.loads(out.stdout.strip().splitlines()[-1])  # {"plain": ..., "scd": ...}
 
 
 def print_flop_counts(name, batch, latent, context_len):

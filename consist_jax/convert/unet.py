@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from consist_jax.convert.loading import config_from_file, load_params_from_folder, to_jax_params
 from consist_jax.models.pose_encoder import PoseEncoder
@@ -35,19 +36,12 @@ def keys_start_as_queries(params: dict) -> dict:
     background, the clothes). Measured on the demo: BENCHMARKS.md, "Keys that start as the
     queries". Cross-attention (attn2) and motion modules keep their own initialisation.
     """
-
-    def tie(tree: dict, in_self_attention: bool) -> dict:
-        out = {}
-        for name, value in tree.items():
-            if isinstance(value, dict) and not name.startswith("motion_modules."):  # temporal attn1 too
-                out[name] = tie(value, in_self_attention or name == "attn1")
-            else:
-                out[name] = value
-        if in_self_attention and "to_q" in tree and "to_k" in tree:
-            out["to_k"] = jax.tree_util.tree_map(jnp.copy, tree["to_q"])
-        return out
-
-    return tie(params, False)
+    flat = traverse_util.flatten_dict(params)
+    for path in flat:
+        motion = any(part.startswith("motion_modules.") for part in path)  # their temporal attn1 too
+        if path[-2] == "to_k" and "attn1" in path and not motion:
+            flat[path] = jnp.copy(flat[path[:-2] + ("to_q", path[-1])])
+    return traverse_util.unflatten_dict(flat)
 
 
 def init_pose_encoder_params(config: UNetConfig, rng: jax.Array | None = None) -> dict:
