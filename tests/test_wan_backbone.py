@@ -93,6 +93,8 @@ def test_pretrained_transformer_plugs_in_with_a_fresh_pose_embedding(tmp_path):
     (dict(motion=dict(enabled=True)), r"model.backbone='wan' takes no UNet weights or motion modules"),
     (dict(), r"model.codec \(pixel\) gives 12 latent channels; the DiT reads model.wan.in_channels=16"),
     (dict(pretrained_transformer="/nonexistent/wan"), r"model.pretrained_transformer='/nonexistent/wan' does not"),
+    (dict(unet=dict(self_attention_key_init="query")),
+     r"model.unet.self_attention_key_init='query' initialises the UNet's self-attention; model.backbone='wan'"),
 ])
 def test_bad_wan_config_is_one_line(changes, message):
     config = _wan_model_config()
