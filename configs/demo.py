@@ -27,11 +27,10 @@ the measurements (BENCHMARKS.md, "The demo") showed matter at this budget:
     16.78 -> 17.05, frame SSIM 0.700 -> 0.760);
   * lr 1e-3, constant (decaying it late did not help, nor a cosine decay to 2e-4), sampled
     with guidance 3 and 10 DDIM steps (25 score the same);
-  * Adam's b2 0.99 rather than 0.999: the second moment then averages the squared
-    gradients of the last ~100 steps, not ~1000. The gradients shrink fast as the loss
-    falls, and a long average still holds the early large ones, so the steps come out
-    smaller than lr; with 0.99 the background copy comes ~1000 steps sooner (one device:
-    figure SSIM 0.555 -> 0.616 at 2400 steps, 0.689 -> 0.696 at 4800; 0.95 scores the same);
+  * Adam's b2 0.99 rather than 0.999: a second moment over ~100 steps, not ~1000, follows
+    gradients that shrink fast as the loss falls, and with the tied keys the copy comes ~800
+    steps sooner (one device: figure SSIM 0.555 -> 0.616 at 2400 steps, 0.689 -> 0.696 at
+    4800; BENCHMARKS.md "Adam's b2");
   * a short EMA of the weights (decay 0.99, the last ~100 steps): +0.01 figure SSIM over the
     raw weights; a long one (0.998, ~500 steps) lags a model that improves this fast and
     scores lower than the raw weights.

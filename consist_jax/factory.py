@@ -224,7 +224,8 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
                          f"{UNetConfig.self_attention_key_init!r}")
     check_paths(config)
     if backbone(config) == "wan":
-        if key_init != UNetConfig.self_attention_key_init:
+        # Only a fresh build: DiT checkpoints saved before this check carry the demo's "query".
+        if init_params and key_init != UNetConfig.self_attention_key_init:
             raise ValueError(f"model.unet.self_attention_key_init={key_init!r} initialises the UNet's self-attention; "
                              f"model.backbone='wan' builds the DiT, which keeps its own initialisation: set it to "
                              f"{UNetConfig.self_attention_key_init!r}")

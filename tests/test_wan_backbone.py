@@ -93,8 +93,6 @@ def test_pretrained_transformer_plugs_in_with_a_fresh_pose_embedding(tmp_path):
     (dict(motion=dict(enabled=True)), r"model.backbone='wan' takes no UNet weights or motion modules"),
     (dict(), r"model.codec \(pixel\) gives 12 latent channels; the DiT reads model.wan.in_channels=16"),
     (dict(pretrained_transformer="/nonexistent/wan"), r"model.pretrained_transformer='/nonexistent/wan' does not"),
-    (dict(unet=dict(self_attention_key_init="query")),
-     r"model.unet.self_attention_key_init='query' initialises the UNet's self-attention; model.backbone='wan'"),
 ])
 def test_bad_wan_config_is_one_line(changes, message):
     config = _wan_model_config()
@@ -106,6 +104,21 @@ def test_bad_wan_config_is_one_line(changes, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
         build_model(config, jax.random.key(0), init_params=False)
     assert "\n" not in str(error.value)
+
+
+def test_the_dit_refuses_the_unets_key_init():
+    """model.unet.self_attention_key_init is a UNet option: a fresh DiT refuses it in one line;
+    restoring a checkpoint whose saved config carries it (the demo's "query") still builds."""
+    config = _wan_model_config()
+    config.wan.update(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12,
+                      out_channels=12, text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1)
+    config.unet.self_attention_key_init = "query"
+    with pytest.raises(ValueError, match="model.unet.self_attention_key_init='query' initialises the UNet's "
+                                         "self-attention; model.backbone='wan'") as error:
+        build_model(config, jax.random.key(0))
+    assert "\n" not in str(error.value)
+    model, params, _ = build_model(config, jax.random.key(0), init_params=False)
+    assert isinstance(model.unet, WanDenoiser) and params is None
 
 
 def test_pose_channels_must_match_the_factor():
