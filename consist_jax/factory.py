@@ -217,18 +217,9 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     callers that restore them from a checkpoint: no init program is compiled).
     """
     pretrained = bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
-    key_init = config.unet.get("self_attention_key_init", UNetConfig.self_attention_key_init)
-    if pretrained and key_init != UNetConfig.self_attention_key_init:
-        raise ValueError(f"model.unet.self_attention_key_init={key_init!r} initialises a fresh UNet; this run loads "
-                         f"a pretrained one (model.pretrained_unet / pretrained_single_file): set it to "
-                         f"{UNetConfig.self_attention_key_init!r}")
+    _check_key_init(config, pretrained, init_params)
     check_paths(config)
     if backbone(config) == "wan":
-        # Only a fresh build: DiT checkpoints saved before this check carry the demo's "query".
-        if init_params and key_init != UNetConfig.self_attention_key_init:
-            raise ValueError(f"model.unet.self_attention_key_init={key_init!r} initialises the UNet's self-attention; "
-                             f"model.backbone='wan' builds the DiT, which keeps its own initialisation: set it to "
-                             f"{UNetConfig.self_attention_key_init!r}")
         return _build_wan_model(config, rng, init_params)
     unet_cfg = dict(config.unet)
     if not pretrained and not init_params:
@@ -247,6 +238,22 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     codec, frozen = _codec(config.codec, frozen, config)
     context, frozen = _context(config.context, unet.config.cross_attention_dim, frozen)
     return SCDModel(unet, codec, context), params, frozen
+
+
+def _check_key_init(config: Any, pretrained: bool, init_params: bool) -> None:
+    """model.unet.self_attention_key_init initialises a fresh UNet: refused with pretrained UNet
+    weights, and with a fresh DiT (a DiT checkpoint saved with the demo's "query" still restores)."""
+    default = UNetConfig.self_attention_key_init
+    key_init = config.unet.get("self_attention_key_init", default)
+    if key_init == default:
+        return
+    name = f"model.unet.self_attention_key_init={key_init!r}"
+    if pretrained:
+        raise ValueError(f"{name} initialises a fresh UNet; this run loads a pretrained one "
+                         f"(model.pretrained_unet / pretrained_single_file): set it to {default!r}")
+    if backbone(config) == "wan" and init_params:
+        raise ValueError(f"{name} initialises the UNet's self-attention; model.backbone='wan' builds the DiT, "
+                         f"which keeps its own initialisation: set it to {default!r}")
 
 
 def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SCDModel, Any, dict]:

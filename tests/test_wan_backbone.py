@@ -110,8 +110,7 @@ def test_the_dit_refuses_the_unets_key_init():
     """model.unet.self_attention_key_init is a UNet option: a fresh DiT refuses it in one line;
     restoring a checkpoint whose saved config carries it (the demo's "query") still builds."""
     config = _wan_model_config()
-    config.wan.update(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12,
-                      out_channels=12, text_dim=8, freq_dim=16, ffn_dim=16, num_layers=1)
+    config.wan.update(TORCH_TRANSFORMER)
     config.unet.self_attention_key_init = "query"
     with pytest.raises(ValueError, match="model.unet.self_attention_key_init='query' initialises the UNet's "
                                          "self-attention; model.backbone='wan'") as error:
