@@ -80,6 +80,16 @@ def _assert_same_timesteps(ours, ref):
         np.testing.assert_array_equal(np.asarray(ours.timesteps, np.float32), ref.timesteps.numpy())
 
 
+def _cancellation(x_in, x_out):
+    """How many times smaller a step's result is than its input (max-abs, torch tensors)."""
+    return float(x_in.abs().max()) / max(float(x_out.abs().max()), 1e-30)
+
+
+def _bound(shrink):
+    """The relative-error bound after steps whose largest cancellation is `shrink` (_run_both)."""
+    return TOLERANCE + CANCELLATION_ULPS * EPS32 * shrink
+
+
 def _run_both(ours, ref, rng, shape=IMAGE, eta=0.0):
     """Step both samplers with the same random model outputs.
 
@@ -101,18 +111,18 @@ def _run_both(ours, ref, rng, shape=IMAGE, eta=0.0):
     shrink = 1.0  # the largest cancellation so far
     for i, t in enumerate(ref.timesteps):
         scaled_ref = ref.scale_model_input(x_ref, t).numpy()
-        bound = TOLERANCE + CANCELLATION_ULPS * EPS32 * shrink  # x carries earlier steps' error
-        fractions.append(relative_error(_scale_input(ours, x, i), scaled_ref) / bound)
+        # x carries earlier steps' error
+        fractions.append(relative_error(_scale_input(ours, x, i), scaled_ref) / _bound(shrink))
         output = rng.standard_normal(shape).astype(np.float32)
         key = jax.random.fold_in(base_key, i) if eta else None
         x, state = _step(ours, state, i, jnp.asarray(output), x, key)
         extra = {}
         if eta:  # feed diffusers the very noise our step drew
             extra = dict(eta=eta, variance_noise=torch.from_numpy(np.array(jax.random.normal(key, shape))))
-        input_scale = float(np.abs(x_ref.numpy()).max())
+        x_in = x_ref
         x_ref = ref.step(torch.from_numpy(output), t, x_ref, **extra).prev_sample
-        shrink = max(shrink, input_scale / max(float(np.abs(x_ref.numpy()).max()), 1e-30))
-        fractions.append(relative_error(x, x_ref.numpy()) / (TOLERANCE + CANCELLATION_ULPS * EPS32 * shrink))
+        shrink = max(shrink, _cancellation(x_in, x_ref))
+        fractions.append(relative_error(x, x_ref.numpy()) / _bound(shrink))
     assert int(state.steps_taken) == len(ref.timesteps)
     return max(fractions)
 
@@ -281,17 +291,22 @@ def _loop(sampler, noise, bank):
     return smp.sample_loop(sampler, _toy_model(bank, sampler.timesteps), noise)
 
 
+@pytest.mark.regression_seeds(162784449)  # Euler's first step from sigma_max: 1.34e-5 vs 1e-5 once
 @pytest.mark.parametrize("variant", ["ddim", "dpmpp_2m", "euler"])
 def test_sample_loop_in_one_program_matches_diffusers_loop(rng, variant):
+    """The bound is _run_both's: Euler's first step from zero-SNR sigma_max shrinks x ~80x."""
     ours, ref = _make_pair(variant, "zero_snr_v", 25)
     noise = rng.standard_normal(IMAGE).astype(np.float32)
     bank = rng.standard_normal((25,) + IMAGE).astype(np.float32)
     result = _loop(ours, jnp.asarray(noise), jnp.asarray(bank))
     x = torch.from_numpy(noise) * ref.init_noise_sigma
+    shrink = 1.0
     for i, t in enumerate(ref.timesteps):
         output = 0.5 * torch.tanh(ref.scale_model_input(x, t)) + torch.from_numpy(bank[i])
+        x_in = x
         x = ref.step(output, t, x).prev_sample
-    assert relative_error(result, x.numpy()) < TOLERANCE
+        shrink = max(shrink, _cancellation(x_in, x))
+    assert relative_error(result, x.numpy()) < _bound(shrink)
 
 
 def test_stochastic_ddim_loop_uses_the_key():
