@@ -17,7 +17,8 @@ from configs.demo import get_config as demo_config
 def get_config():
     c = demo_config()
     c.model.backbone = "wan"
-    c.model.unet.self_attention_key_init = "random"  # a UNet option (the demo's "query"); the DiT refuses others
+    # UNet options at their defaults (the demo's are "query" and False); the DiT refuses others
+    c.model.unet.update(self_attention_key_init="random", cross_attention=True)
     c.model.wan.update(
         patch_size=(1, 2, 2),
         num_attention_heads=4,

@@ -63,7 +63,7 @@ from consist_jax.models.wan_vae import ENCODE_CHUNK_FRAMES, AutoencoderKLWan, Wa
 # UNetConfig fields a run config may set on top of a pretrained UNet's config.json.
 SCD_OPTIONS = (
     "attention_rule", "attention_impl", "reference_pose_injection", "pose_block_out_channels", "remat", "dtype",
-    "self_attention_key_init",  # a pretrained UNet takes only the default (build_model says so)
+    "self_attention_key_init", "cross_attention",  # FRESH_UNET_OPTIONS: a fresh UNet's only
 )
 
 
@@ -217,7 +217,7 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     callers that restore them from a checkpoint: no init program is compiled).
     """
     pretrained = bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
-    _check_key_init(config, pretrained, init_params)
+    check_fresh_unet_options(config, pretrained, init_params)
     check_paths(config)
     if backbone(config) == "wan":
         return _build_wan_model(config, rng, init_params)
@@ -240,20 +240,32 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     return SCDModel(unet, codec, context), params, frozen
 
 
-def _check_key_init(config: Any, pretrained: bool, init_params: bool) -> None:
-    """model.unet.self_attention_key_init initialises a fresh UNet: refused with pretrained UNet
-    weights, and with a fresh DiT (a DiT checkpoint saved with the demo's "query" still restores)."""
-    default = UNetConfig.self_attention_key_init
-    key_init = config.unet.get("self_attention_key_init", default)
-    if key_init == default:
-        return
-    name = f"model.unet.self_attention_key_init={key_init!r}"
-    if pretrained:
-        raise ValueError(f"{name} initialises a fresh UNet; this run loads a pretrained one "
-                         f"(model.pretrained_unet / pretrained_single_file): set it to {default!r}")
-    if backbone(config) == "wan" and init_params:
-        raise ValueError(f"{name} initialises the UNet's self-attention; model.backbone='wan' builds the DiT, "
-                         f"which keeps its own initialisation: set it to {default!r}")
+# SCD_OPTIONS that shape a fresh UNet: a pretrained UNet, or the DiT, takes only the default.
+FRESH_UNET_OPTIONS = {
+    "self_attention_key_init": ("initialises a fresh UNet", "initialises the UNet's self-attention"),
+    "cross_attention": ("builds a UNet without cross-attention", "leaves out the UNet's cross-attention"),
+}
+
+
+def check_fresh_unet_options(config: Any, pretrained: bool, init_params: bool) -> None:
+    """FRESH_UNET_OPTIONS away from their defaults are refused with pretrained UNet weights and
+    with a fresh DiT (a DiT checkpoint saved with the demo's key init "query" still restores);
+    a UNet without cross-attention needs model.context.kind "none". One-line errors."""
+    for option, (for_pretrained, for_dit) in FRESH_UNET_OPTIONS.items():
+        default = getattr(UNetConfig, option)
+        value = config.unet.get(option, default)
+        if value == default:
+            continue
+        name = f"model.unet.{option}={value!r}"
+        if pretrained:
+            raise ValueError(f"{name} {for_pretrained}; this run loads a pretrained one "
+                             f"(model.pretrained_unet / pretrained_single_file): set it to {default!r}")
+        if backbone(config) == "wan" and init_params:
+            raise ValueError(f"{name} {for_dit}; model.backbone='wan' builds the DiT, "
+                             f"which keeps its own: set it to {default!r}")
+    if not config.unet.get("cross_attention", True) and config.context.kind != "none":
+        raise ValueError(f"model.unet.cross_attention=False leaves the UNet without cross-attention, but "
+                         f"model.context.kind={config.context.kind!r} feeds it a context: set the kind to 'none'")
 
 
 def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SCDModel, Any, dict]:

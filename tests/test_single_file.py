@@ -148,7 +148,8 @@ def test_model_factory_reads_the_file(checkpoint, loaded):
     config.update(pretrained_single_file=path, pretrained_single_file_config=folder)
     config.codec.update(kind="vae", vae_path="")
     config.context.update(kind="none")
-    config.unet.update(pose_block_out_channels=None, self_attention_key_init="random")  # the demo's starts fresh
+    # the demo's fresh-UNet options at their defaults
+    config.unet.update(pose_block_out_channels=None, self_attention_key_init="random", cross_attention=True)
     model, params, frozen = build_model(config, jax.random.key(0))
     expected_unet, expected_vae = loaded[0][1], loaded[1][1]
     assert jax.tree.structure(params) == jax.tree.structure({k: v for k, v in expected_unet.items()

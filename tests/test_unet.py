@@ -360,3 +360,52 @@ def test_keys_can_start_as_the_queries(rng):
     model = ml_collections.ConfigDict(dict(pretrained_unet="/some/unet", unet=dict(self_attention_key_init="query")))
     with pytest.raises(ValueError, match="model.unet.self_attention_key_init='query' initialises a fresh UNet"):
         build_model(model, key)
+
+
+def test_no_cross_attention_is_the_zero_contexts_bias(scd_unet, rng):
+    """cross_attention=False drops each block's attn2 and norm2. Over the constant zero context
+    of model.context.kind "none" an attn2 adds only its output bias (one key: softmax 1; to_v has
+    no bias), so with those biases zeroed the UNet with cross-attention gives the same outputs
+    as the one without, which has no attn2 or norm2 parameters. Other contexts are refused."""
+    import dataclasses
+
+    import ml_collections
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from consist_jax.convert.unet import init_unet_params
+    from consist_jax.factory import build_model
+
+    _, params, joint = scd_unet
+    flat = flatten_dict(params)
+    in_block = lambda p: any(part.startswith("transformer_blocks") for part in p)  # noqa: E731 (not a resnet's norm2)
+    crossing = [p for p in flat if in_block(p) and ("attn2" in p or "norm2" in p)]
+    assert crossing
+    config = dataclasses.replace(SCD_CONFIG, cross_attention=False)
+    fresh = flatten_dict(init_unet_params(config, jax.random.key(0)))
+    assert set(fresh) == set(flat) - set(crossing)
+    module = UNet(config)
+
+    @jax.jit
+    def without(params, images, times, context, poses, reference_mask):
+        return module.apply({"params": params}, images, times, context, poses, ReferenceLayout("joint", 2),
+                            reference_mask, method=UNet.forward_images)
+
+    images, times, context, poses = _joint_inputs(rng)
+    zero = np.zeros_like(context)
+    mask = np.array([True, False])
+    no_bias = {p: np.zeros_like(v) if p[-3:] == ("attn2", "to_out.0", "bias") else v for p, v in flat.items()}
+    expected = joint(unflatten_dict(no_bias), images, times, zero, poses, mask)
+    got = without(unflatten_dict({p: v for p, v in flat.items() if p not in crossing}), images, times, context,
+                  poses, mask)
+    # x + 0.0 is exact, so the only differences are XLA's fusion choices: float32 rounding.
+    assert relative_error(got, expected) < 1e-5
+    key = jax.random.key(0)
+    for model, message in (
+        (dict(pretrained_unet="/some/unet", unet=dict(cross_attention=False)),
+         "model.unet.cross_attention=False builds a UNet without cross-attention; this run loads a pretrained"),
+        (dict(pretrained_unet="", unet=dict(cross_attention=False), context=dict(kind="text")),
+         "model.unet.cross_attention=False leaves the UNet without cross-attention, but model.context.kind='text'"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            build_model(ml_collections.ConfigDict(model), key)
+        assert "\n" not in str(error.value)

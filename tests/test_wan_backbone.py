@@ -106,9 +106,10 @@ def test_bad_wan_config_is_one_line(changes, message):
     assert "\n" not in str(error.value)
 
 
-def test_the_dit_refuses_the_unets_key_init():
-    """model.unet.self_attention_key_init is a UNet option: a fresh DiT refuses it in one line;
-    restoring a checkpoint whose saved config carries it (the demo's "query") still builds."""
+def test_the_dit_refuses_the_unets_options():
+    """model.unet.self_attention_key_init and cross_attention are UNet options: a fresh DiT
+    refuses them in one line; restoring a checkpoint whose saved config carries the demo's key
+    init "query" still builds."""
     config = _wan_model_config()
     config.wan.update(TORCH_TRANSFORMER)
     config.unet.self_attention_key_init = "query"
@@ -118,6 +119,10 @@ def test_the_dit_refuses_the_unets_key_init():
     assert "\n" not in str(error.value)
     model, params, _ = build_model(config, jax.random.key(0), init_params=False)
     assert isinstance(model.unet, WanDenoiser) and params is None
+    config.unet.update(self_attention_key_init="random", cross_attention=False)
+    with pytest.raises(ValueError, match="model.unet.cross_attention=False leaves out the UNet's cross-attention; "
+                                         "model.backbone='wan'"):
+        build_model(config, jax.random.key(0))
 
 
 def test_pose_channels_must_match_the_factor():

@@ -3,7 +3,8 @@
 Only ``attn1`` (self-attention) lets the images of a batch interact, through the
 SCD rule (attention_rule.py, applied by self_attention.py); cross-attention,
 LayerNorm and the feed-forward act on each image alone. The attention settings
-arrive as one ``AttentionConfig``.
+arrive as one ``AttentionConfig``. ``cross_attention=False`` builds the blocks without
+cross-attention (diffusers' Transformer2DModel with ``cross_attention_dim=None``).
 """
 from __future__ import annotations
 
@@ -70,11 +71,13 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Self-attention (SCD rule), cross-attention, GEGLU MLP; pre-LayerNorm residuals."""
+    """Self-attention (SCD rule), cross-attention (unless ``cross_attention=False``: the
+    context is then unused), GEGLU MLP; pre-LayerNorm residuals."""
 
     heads: int
     head_dim: int
     attention: AttentionConfig = AttentionConfig()
+    cross_attention: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -83,10 +86,11 @@ class BasicTransformerBlock(nn.Module):
             self.heads, self.head_dim, attention=self.attention, dtype=self.dtype, name="attn1"
         )
         x = x + attn1(layer_norm("norm1", self.dtype)(x), layout, reference_mask)
-        attn2 = CrossAttention(
-            self.heads, self.head_dim, upcast=self.attention.upcast, dtype=self.dtype, name="attn2"
-        )
-        x = x + attn2(layer_norm("norm2", self.dtype)(x), context)
+        if self.cross_attention:
+            attn2 = CrossAttention(
+                self.heads, self.head_dim, upcast=self.attention.upcast, dtype=self.dtype, name="attn2"
+            )
+            x = x + attn2(layer_norm("norm2", self.dtype)(x), context)
         return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3", self.dtype)(x))
 
 
@@ -98,6 +102,7 @@ class Transformer2D(nn.Module):
     groups: int = 32
     use_linear_projection: bool = False
     attention: AttentionConfig = AttentionConfig()
+    cross_attention: bool = True
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -114,6 +119,7 @@ class Transformer2D(nn.Module):
                 self.heads,
                 channels // self.heads,
                 attention=self.attention,
+                cross_attention=self.cross_attention,
                 dtype=self.dtype,
                 name=f"transformer_blocks.{i}",
             )
