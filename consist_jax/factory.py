@@ -63,7 +63,7 @@ from consist_jax.models.wan_vae import ENCODE_CHUNK_FRAMES, AutoencoderKLWan, Wa
 # UNetConfig fields a run config may set on top of a pretrained UNet's config.json.
 SCD_OPTIONS = (
     "attention_rule", "attention_impl", "reference_pose_injection", "pose_block_out_channels", "remat", "dtype",
-    "self_attention_key_init", "cross_attention",  # FRESH_UNET_OPTIONS: a fresh UNet's only
+    "self_attention_key_init", "cross_attention",  # FRESH_UNET_OPTIONS: only their defaults here
 )
 
 
