@@ -3,7 +3,8 @@
     python train.py --config=configs/demo.py --workdir=runs/demo
 
 Sized from measurements on 2 cores: 32x32 frames, pixel-unshuffled by 2 to 16x16x12
-"latents", batch 4, ~0.085 s a step (Intel 2-core VM), 5200 steps in ~7.5 minutes. Choices that
+"latents", batch 4, ~0.085 s a step (Intel 2-core VM, estimated: 0.09 s measured before the
+cross-attention went, x0.93), 5200 steps in ~7.5 minutes; 0.10-0.11 s on an AMD VM. Choices that
 the measurements (BENCHMARKS.md, "The demo") showed matter at this budget:
   * x0 ("sample") prediction, which learns far faster than epsilon or v at this budget;
   * reference/target attention at 16x16 and 8x8 (not only at the coarse levels): the

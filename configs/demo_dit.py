@@ -12,13 +12,13 @@ frame's 64 under the causal rule. Pose: the pose images unshuffled by the codec'
 (12 channels at 16x16) through the pose patch embedding. No text: a constant zero context.
 """
 from configs.demo import get_config as demo_config
+from consist_jax.factory import fresh_unet_option_defaults
 
 
 def get_config():
     c = demo_config()
     c.model.backbone = "wan"
-    # UNet options at their defaults (the demo's are "query" and False); the DiT refuses others
-    c.model.unet.update(self_attention_key_init="random", cross_attention=True)
+    c.model.unet.update(fresh_unet_option_defaults())  # the demo's are a fresh UNet's; the DiT refuses them
     c.model.wan.update(
         patch_size=(1, 2, 2),
         num_attention_heads=4,

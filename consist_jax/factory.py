@@ -216,8 +216,8 @@ def build_model(config: Any, rng: jax.Array, *, init_params: bool = True) -> tup
     With ``init_params=False`` and no pretrained UNet the UNet's params are None (for
     callers that restore them from a checkpoint: no init program is compiled).
     """
-    pretrained = bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
-    check_fresh_unet_options(config, pretrained, init_params)
+    pretrained = is_pretrained_unet(config)
+    check_fresh_unet_options(config, init_params)
     check_paths(config)
     if backbone(config) == "wan":
         return _build_wan_model(config, rng, init_params)
@@ -247,10 +247,22 @@ FRESH_UNET_OPTIONS = {
 }
 
 
-def check_fresh_unet_options(config: Any, pretrained: bool, init_params: bool) -> None:
+def fresh_unet_option_defaults() -> dict:
+    """FRESH_UNET_OPTIONS at UNetConfig's defaults: what a config built on the demo's sets for a
+    pretrained UNet or the DiT."""
+    return {option: getattr(UNetConfig, option) for option in FRESH_UNET_OPTIONS}
+
+
+def is_pretrained_unet(config: Any) -> bool:
+    """Whether the model section loads UNet weights (a diffusers folder or a single file)."""
+    return bool(config.pretrained_unet or config.get("pretrained_single_file", ""))
+
+
+def check_fresh_unet_options(config: Any, init_params: bool) -> None:
     """FRESH_UNET_OPTIONS away from their defaults are refused with pretrained UNet weights and
     with a fresh DiT (a DiT checkpoint saved with the demo's key init "query" still restores);
     a UNet without cross-attention needs model.context.kind "none". One-line errors."""
+    pretrained = is_pretrained_unet(config)
     for option, (for_pretrained, for_dit) in FRESH_UNET_OPTIONS.items():
         default = getattr(UNetConfig, option)
         value = config.unet.get(option, default)
@@ -263,9 +275,10 @@ def check_fresh_unet_options(config: Any, pretrained: bool, init_params: bool) -
         if backbone(config) == "wan" and init_params:
             raise ValueError(f"{name} {for_dit}; model.backbone='wan' builds the DiT, "
                              f"which keeps its own: set it to {default!r}")
-    if not config.unet.get("cross_attention", True) and config.context.kind != "none":
+    context_kind = (config.get("context") or {}).get("kind", "none")
+    if not config.unet.get("cross_attention", UNetConfig.cross_attention) and context_kind != "none":
         raise ValueError(f"model.unet.cross_attention=False leaves the UNet without cross-attention, but "
-                         f"model.context.kind={config.context.kind!r} feeds it a context: set the kind to 'none'")
+                         f"model.context.kind={context_kind!r} feeds it a context: set the kind to 'none'")
 
 
 def _build_wan_model(config: Any, rng: jax.Array, init_params: bool) -> tuple[SCDModel, Any, dict]:

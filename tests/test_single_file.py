@@ -18,7 +18,7 @@ from consist_jax.convert import single_file as sf
 from consist_jax.convert.loading import CheckpointError
 from consist_jax.convert.unet import load_unet
 from consist_jax.convert.vae import load_vae
-from consist_jax.factory import build_model
+from consist_jax.factory import build_model, fresh_unet_option_defaults
 from consist_jax.models import vae as vae_lib
 from consist_jax.models.unet import UNetConfig
 from consist_jax.models.vae import VAEConfig
@@ -148,8 +148,7 @@ def test_model_factory_reads_the_file(checkpoint, loaded):
     config.update(pretrained_single_file=path, pretrained_single_file_config=folder)
     config.codec.update(kind="vae", vae_path="")
     config.context.update(kind="none")
-    # the demo's fresh-UNet options at their defaults
-    config.unet.update(pose_block_out_channels=None, self_attention_key_init="random", cross_attention=True)
+    config.unet.update(pose_block_out_channels=None, **fresh_unet_option_defaults())  # the demo's start fresh
     model, params, frozen = build_model(config, jax.random.key(0))
     expected_unet, expected_vae = loaded[0][1], loaded[1][1]
     assert jax.tree.structure(params) == jax.tree.structure({k: v for k, v in expected_unet.items()

@@ -386,6 +386,21 @@ def test_two_processes_match_one(data_dir, tmp_path):
     np.testing.assert_allclose(losses(outs[0][0]), losses(single.stdout), rtol=1e-5)
 
 
+def test_init_from_refuses_leaves_the_image_run_lacks(uninterrupted_run):
+    """A model with leaves outside the motion modules that the checkpoint lacks (here the
+    cross-attention the tiny image run was trained without) is refused in one line naming
+    them: those leaves would otherwise stay random, and frozen in the video stage."""
+    from consist_jax.factory import build_model
+    from consist_jax.training.checkpoint import init_from_checkpoint
+
+    config = tiny_config().model
+    config.unet.cross_attention = True
+    _, params, _ = build_model(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"missing outside the motion modules, e\.g\. \[.*attn2") as error:
+        init_from_checkpoint(params, uninterrupted_run)
+    assert "\n" not in str(error.value)
+
+
 def test_video_stage_trains_only_motion_modules_from_the_image_run(uninterrupted_run, data_dir, tmp_path):
     """configs/demo_video.py's path: spatial weights from the image run's checkpoint, frozen;
     the fresh motion modules (zero output) are all that moves. On 2 CPU devices: the

@@ -364,9 +364,10 @@ def test_keys_can_start_as_the_queries(rng):
 
 def test_no_cross_attention_is_the_zero_contexts_bias(scd_unet, rng):
     """cross_attention=False drops each block's attn2 and norm2. Over the constant zero context
-    of model.context.kind "none" an attn2 adds only its output bias (one key: softmax 1; to_v has
-    no bias), so with those biases zeroed the UNet with cross-attention gives the same outputs
-    as the one without, which has no attn2 or norm2 parameters. Other contexts are refused."""
+    of model.context.kind "none" an attn2's values are zero (to_v has no bias), so whatever the
+    scores it adds only its output bias: with those biases zeroed the UNet with cross-attention
+    gives the same outputs as the one without, which has no attn2 or norm2 parameters (and
+    ignores its context). Other contexts are refused."""
     import dataclasses
 
     import ml_collections
@@ -377,7 +378,10 @@ def test_no_cross_attention_is_the_zero_contexts_bias(scd_unet, rng):
 
     _, params, joint = scd_unet
     flat = flatten_dict(params)
-    in_block = lambda p: any(part.startswith("transformer_blocks") for part in p)  # noqa: E731 (not a resnet's norm2)
+
+    def in_block(path):  # a transformer block's norm2, not a resnet's
+        return any(part.startswith("transformer_blocks") for part in path)
+
     crossing = [p for p in flat if in_block(p) and ("attn2" in p or "norm2" in p)]
     assert crossing
     config = dataclasses.replace(SCD_CONFIG, cross_attention=False)

@@ -99,8 +99,8 @@ class UNetConfig:
     # to_q; convert/unet.py, init_unet_params). Pretrained weights are never re-initialised.
     self_attention_key_init: str = "random"
     # False: transformer blocks without cross-attention, for a fresh UNet with no image or
-    # caption context (model.context.kind "none"): over that constant zero context each
-    # cross-attention computes only its output bias, at the cost of a LayerNorm, two
+    # caption context (model.context.kind "none"): over that constant zero context the values
+    # are zero, so each cross-attention computes only its output bias, at the cost of a LayerNorm, two
     # projections and a one-key attention forward and backward (7-9% of the CPU demo's step).
     cross_attention: bool = True
     motion: Optional[MotionConfig] = None  # video model: AnimateDiff motion modules (None: image model)

@@ -356,19 +356,24 @@ def init_from_checkpoint(params: Any, workdir: str) -> Any:
     """``params`` with every leaf that ``workdir``'s latest checkpoint holds replaced by it.
 
     The video stage starts so from the image stage: the checkpoint's UNet and pose
-    encoder (EMA when kept) come in; leaves it lacks (the motion modules) stay as built.
-    A checkpoint leaf we do not have, or of another shape, is an error naming it.
+    encoder (EMA when kept) come in; only the motion modules, which it lacks, stay as built.
+    A checkpoint leaf we do not have, one of another shape, or another leaf it lacks (e.g.
+    cross-attention the image stage was trained without) is an error naming it.
     """
+    from consist_jax.convert.motion import is_motion_path
+
     loaded, _, step = restore_params(workdir)
     ours, theirs = traverse_util.flatten_dict(params), traverse_util.flatten_dict(loaded)
     name = "/".join
     unexpected = [name(p) for p in theirs if p not in ours]
     misshapen = [f"{name(p)} {tuple(v.shape)} vs ours {tuple(ours[p].shape)}"
                  for p, v in theirs.items() if p in ours and tuple(v.shape) != tuple(ours[p].shape)]
-    if unexpected or misshapen:
+    missing = [name(p) for p in ours if p not in theirs and not is_motion_path(p)]
+    if unexpected or misshapen or missing:
         raise ValueError(
             f"model.init_from={workdir!r} (step {step}) does not fit this model: "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(misshapen)} misshapen, e.g. {misshapen[:3]}"
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(misshapen)} misshapen, e.g. {misshapen[:3]}; "
+            f"{len(missing)} missing outside the motion modules, e.g. {missing[:3]}"
         )
     kept = len(ours) - len(theirs)
     print(f"initialised {len(theirs)} params from {workdir} step {step}; {kept} keep their fresh values",

@@ -182,8 +182,7 @@ def abstract_model(model_config: Any) -> tuple[Any, Any, dict]:
     """
     from consist_jax import factory
 
-    pretrained = bool(model_config.pretrained_unet or model_config.get("pretrained_single_file", ""))
-    factory.check_fresh_unet_options(model_config, pretrained, init_params=True)
+    factory.check_fresh_unet_options(model_config, init_params=True)
     if factory.backbone(model_config) == "wan":
         return _abstract_wan_model(model_config)
     from consist_jax.convert.unet import unet_param_shapes
