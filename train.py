@@ -102,6 +102,7 @@ def main(argv):
 
     sharding.split_cpu_host(config.get("mesh", {}).get("cpu_devices", 0))
     initialize_distributed()
+    cli.keep_freed_memory_on_cpu()
     from consist_jax.training.trainer import train
 
     train(config, FLAGS.workdir)

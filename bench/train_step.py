@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, ".")
 from bench.unet_vs_diffusers import CONFIGS  # noqa: E402
+from consist_jax import host_memory  # noqa: E402
 from consist_jax.convert.loading import state_dict_to_params  # noqa: E402
 from consist_jax.convert.unet import NEW_WEIGHTS, init_pose_encoder_params, unet_param_shapes  # noqa: E402
 from consist_jax.models.scd import NullContext, PixelCodec, SCDModel  # noqa: E402
@@ -273,6 +274,9 @@ def main():
     parser.add_argument("--cpu_devices", default="1",
                         help="comma-separated: also time our step with the batch split over N CPU devices "
                              "(the demo's mesh.cpu_devices; XLA:CPU runs a program's ops one at a time)")
+    parser.add_argument("--default_malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: keep freed memory, as train.py does on CPU; "
+                             "consist_jax/host_memory.py); it applies to both sides")
     parser.add_argument("--count_flops", action="store_true", help=argparse.SUPPRESS)  # cpu_flop_counts' subprocess
     args = parser.parse_args()
     if args.count_flops:
@@ -283,6 +287,8 @@ def main():
         split_cpu_host(max(splits))
     device = jax.devices()[0]
     print(f"# {device.platform} {device.device_kind}, jax {jax.__version__}")
+    if not args.gpu:
+        print("# " + ("host memory: malloc as it is" if args.default_malloc else host_memory.keep_freed_memory()))
     if args.gpu:
         if jax.default_backend() != "gpu":
             raise SystemExit(f"--gpu asked for, but jax's backend is {jax.default_backend()!r}")

@@ -1,4 +1,5 @@
-"""What train.py, sample.py and evaluate.py share: a user error is one line and exit code 2.
+"""What train.py, sample.py and evaluate.py share: a user error is one line and exit code 2;
+XLA:CPU's freed memory kept for reuse (``keep_freed_memory_on_cpu``).
 
     app.run(cli.reports_user_errors(main))
 
@@ -76,3 +77,14 @@ def reports_user_errors(main):
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapped
+
+
+def keep_freed_memory_on_cpu() -> None:
+    """``host_memory.keep_freed_memory_on`` JAX's backend: on CPU, XLA's per-call buffers are
+    reused rather than mapped anew (a quarter of the demo's step). Call it where JAX may
+    start its backend (train.py: after ``jax.distributed.initialize``)."""
+    import jax
+
+    from consist_jax import host_memory
+
+    host_memory.keep_freed_memory_on(jax.default_backend())

@@ -1,0 +1,72 @@
+"""XLA:CPU's per-call buffers kept in the process: glibc's malloc told to reuse freed memory.
+
+XLA:CPU allocates a program's temporaries at each call (one block per device: 42 MB in
+the demo's train step) and frees them when the call ends. glibc's malloc serves a block
+over 32 MB with a fresh ``mmap`` and gives it back with ``munmap``; a thread's arena also
+unmaps a heap once it is empty. So every step the kernel maps the pages again, zeroes them
+and takes a fault on each first touch: in the demo's step on 2 cores, ~20,000 faults a
+step and a quarter of its time in the kernel (perf). Told to keep what it frees, malloc
+hands the same pages back at the next call (the demo's step 92 -> 71 ms; BENCHMARKS.md
+"Freed memory kept").
+
+    keep_freed_memory_on("cpu")   # train.py, sample.py, evaluate.py call this once the backend is known
+
+The settings (``mallopt``, as ``GLIBC_TUNABLES`` would set them at start-up):
+  * M_MMAP_MAX 0: no block gets its own mapping; all come from the arenas' heaps;
+  * M_TRIM_THRESHOLD 2 GiB: the main heap's free top is not returned to the kernel;
+  * M_TOP_PAD 128 MiB (over the 64 MiB of a thread arena's heap): an emptied heap is kept.
+The cost: memory the process frees stays in it (its resident size stays at its peak), as
+with PyTorch's or TensorFlow's caching allocators. A thread arena still maps a block over
+64 MiB on its own (glibc has no setting for that). Accelerator backends are left alone;
+``CONSIST_KEEP_FREED_MEMORY=0`` leaves CPU runs alone too.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Optional
+
+from absl import logging
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # glibc's malloc.h
+SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 128 << 20))
+ENV_VAR = "CONSIST_KEEP_FREED_MEMORY"
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    """The process's C library when it is glibc (it has ``gnu_get_libc_version``), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> str:
+    """Sets glibc's malloc to keep the memory it frees (the module docstring says why).
+    Returns what was done, one line; raises nothing: a C library other than glibc is left
+    as it is, with a warning naming it."""
+    libc = _glibc()
+    if libc is None:
+        message = "host memory: the C library is not glibc; XLA:CPU's buffers are mapped anew at each call"
+        logging.warning(message)
+        return message
+    failed = [option for option, value in SETTINGS if libc.mallopt(option, value) != 1]
+    if failed:  # mallopt returns 1 on success
+        message = f"host memory: glibc {libc.gnu_get_libc_version().decode()} refused mallopt options {failed}"
+        logging.warning(message)
+        return message
+    return f"host memory: glibc {libc.gnu_get_libc_version().decode()} keeps freed memory"
+
+
+def keep_freed_memory_on(platform: str) -> Optional[str]:
+    """``keep_freed_memory()`` when JAX's ``platform`` is "cpu" and ``CONSIST_KEEP_FREED_MEMORY``
+    is not "0"; None (nothing changed) otherwise."""
+    if platform != "cpu" or os.environ.get(ENV_VAR, "1") == "0":
+        return None
+    message = keep_freed_memory()
+    logging.info(message)
+    return message
