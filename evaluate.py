@@ -119,8 +119,8 @@ def main(argv):
     from consist_jax.sampling.pipeline import SCDPipeline
 
     check_flags()
-    cli.keep_freed_memory_on_cpu()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step)
+    cli.keep_freed_memory_on_cpu()
     config, step = pipe.config, pipe.step
     data_dir = FLAGS.data_dir or config["data"]["pipeline"]["data_dir"]
     steps, guidance = pipe.sample_settings(FLAGS.steps, FLAGS.guidance)

@@ -122,8 +122,8 @@ def main(argv):
     from consist_jax.sampling.pipeline import SCDPipeline
 
     check_flags()
-    cli.keep_freed_memory_on_cpu()
     pipe = SCDPipeline.from_checkpoint(FLAGS.checkpoint, FLAGS.step, FLAGS.use_ema)
+    cli.keep_freed_memory_on_cpu()
     sampler = sampler_name(pipe.schedule, FLAGS.sampler)  # --sampler of the checkpoint's kind, before reading inputs
     context, negative_context = read_caption_contexts()
     pipe.check_context(context, negative_context)  # before the compile

@@ -1,7 +1,7 @@
 """Train-step speed: our jitted step vs a diffusers-PyTorch step of the same UNet.
 
     python bench/train_step.py [--config small] [--latent 32] [--batch 4] [--runs 5]
-        [--attention_impls xla,xla_chunked] [--cpu_devices 1,2]
+        [--attention_impls xla,xla_chunked] [--cpu_devices 1,2] [--default_malloc]
     python bench/train_step.py --gpu [--batch 8]   # on a GPU: SD-1.5 at 512x512, bf16
 
 CPU mode: both sides do forward + backward + AdamW on the same UNet config, batch and
@@ -11,7 +11,8 @@ buys) and per entry of --cpu_devices (the batch split over that many CPU devices
 prints the median step times, samples/s and each ratio ours/theirs. It also
 times our SCD step (the reference beside each target: twice the images) with the last
 form and prints its MFU against the peak given by --peak_tflops (XLA's cost analysis
-for the FLOPs).
+for the FLOPs). Both sides run with glibc's malloc keeping freed memory, as train.py on the
+CPU (consist_jax/host_memory.py); --default_malloc leaves it as it is.
 
 GPU mode (``--gpu``): the same comparison at SD-1.5's size, 512x512 (64x64 latents), bf16
 compute with float32 parameters on both sides (PyTorch under ``torch.autocast``, its

@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from consist_jax.sampling.pipeline import SCDPipeline
 
         pipe = SCDPipeline.from_checkpoint(args.checkpoint, args.step, not args.no_ema)
+        cli.keep_freed_memory_on_cpu()
         with tempfile.TemporaryDirectory(prefix="consist_app_") as outputs_root:
             page = build_page(Generator(pipe, outputs_root, examples, args.pose_detector, args.pose_model))
             print(f"serving on http://127.0.0.1:{args.port}", flush=True)

@@ -82,7 +82,9 @@ def reports_user_errors(main):
 def keep_freed_memory_on_cpu() -> None:
     """``host_memory.keep_freed_memory_on`` JAX's backend: on CPU, XLA's per-call buffers are
     reused rather than mapped anew (a quarter of the demo's step). Call it where JAX may
-    start its backend (train.py: after ``jax.distributed.initialize``)."""
+    start its backend (train.py: after ``jax.distributed.initialize``) and before the first
+    computation: glibc asks for ``mallopt`` before threads run, but the backend is known only
+    once JAX has started it, and its threads are idle then (the settings are single words)."""
     import jax
 
     from consist_jax import host_memory

@@ -13,7 +13,7 @@ hands the same pages back at the next call (the demo's step 92 -> 71 ms; BENCHMA
 
 The settings (``mallopt``, as ``GLIBC_TUNABLES`` would set them at start-up):
   * M_MMAP_MAX 0: no block gets its own mapping; all come from the arenas' heaps;
-  * M_TRIM_THRESHOLD 2 GiB: the main heap's free top is not returned to the kernel;
+  * M_TRIM_THRESHOLD 2 GiB: no heap's free top is returned to the kernel;
   * M_TOP_PAD 128 MiB (over the 64 MiB of a thread arena's heap): an emptied heap is kept.
 The cost: memory the process frees stays in it (its resident size stays at its peak), as
 with PyTorch's or TensorFlow's caching allocators. A thread arena still maps a block over
@@ -23,7 +23,6 @@ with PyTorch's or TensorFlow's caching allocators. A thread arena still maps a b
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from typing import Optional
 
@@ -35,11 +34,12 @@ ENV_VAR = "CONSIST_KEEP_FREED_MEMORY"
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
-    """The process's C library when it is glibc (it has ``gnu_get_libc_version``), else None."""
-    name = ctypes.util.find_library("c")
+    """The process's C library when it is glibc (it has ``gnu_get_libc_version`` and
+    ``mallopt``), else None. ``CDLL(None)``: the symbols already loaded into the process."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.mallopt.restype = ctypes.c_int
     except (OSError, AttributeError, TypeError):
         return None
     return libc
