@@ -150,3 +150,21 @@ def test_another_c_library_is_left_as_it_is_with_a_warning(monkeypatch):
     monkeypatch.setattr(host_memory.logging, "warning", warnings.append)
     message = host_memory.keep_freed_memory()
     assert "not glibc" in message and warnings == [message]
+
+
+def test_a_preloaded_malloc_is_named_and_left_to_its_settings(monkeypatch):
+    class Libc:  # glibc's entry points, plus the preloaded allocator's own
+        def mallopt(self, option, value):
+            raise AssertionError("glibc's settings applied under a preloaded malloc")
+
+        def gnu_get_libc_version(self):
+            return b"2.36"
+
+    for name, symbol in (("mimalloc", "mi_version"), ("jemalloc", "mallctl")):
+        libc = Libc()
+        setattr(libc, symbol, lambda: 0)
+        monkeypatch.setattr(host_memory, "_glibc", lambda: libc)
+        assert host_memory.keep_freed_memory() == f"host memory: {name} serves malloc (preloaded); glibc's settings not applied"
+    monkeypatch.setattr(host_memory, "_glibc", lambda: Libc())
+    with pytest.raises(AssertionError, match="settings applied"):  # the fake does stand for glibc
+        host_memory.keep_freed_memory()
