@@ -14,12 +14,26 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-.venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
+# mimalloc in glibc's place for the three runs below: XLA:CPU allocates each step's temporaries
+# anew, and mimalloc hands the same pages back (MIMALLOC_PURGE_DELAY=-1: it never returns them),
+# 0.91x the step of glibc's malloc with freed memory kept (BENCHMARKS.md "Freed memory kept").
+# Optional: where its wheel does not install, train.py keeps glibc's freed memory itself.
+RUN=()
+MALLOC="glibc's, freed memory kept (mimalloc did not install)"
+if .venv/bin/python -m pip install -q "cmeel-mimalloc>=3.4"; then
+  lib=$(.venv/bin/python -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["purelib"], "cmeel.prefix", "lib", "libmimalloc.so.3"))')
+  if [ -f "$lib" ]; then
+    RUN=(env LD_PRELOAD="$lib" MIMALLOC_PURGE_DELAY=-1)
+    MALLOC="mimalloc ($lib)"
+  fi
+fi
+echo "malloc: $MALLOC"
+"${RUN[@]}" .venv/bin/python train.py --config=configs/demo.py --workdir=runs/demo "$@"
 FRAMES=8
-.venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0 \
+"${RUN[@]}" .venv/bin/python evaluate.py --checkpoint=runs/demo --out=outputs/demo --videos=20 --frames=$FRAMES --seed=0 \
   --curve_videos=4
 example=$(ls -d outputs/demo/examples/*/ | head -n 1)
-.venv/bin/python sample.py --checkpoint=runs/demo --reference="$example/reference.png" \
+"${RUN[@]}" .venv/bin/python sample.py --checkpoint=runs/demo --reference="$example/reference.png" \
   --reference_pose="$example/reference_pose.png" --poses="$example/poses" --out="$example/resampled" \
   --window=$FRAMES --overlap=0 --seed=0  # the run config's sampling steps and guidance, as evaluate.py
 if diff -r "$example/generated" "$example/resampled" >/dev/null; then
