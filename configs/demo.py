@@ -3,8 +3,9 @@
     python train.py --config=configs/demo.py --workdir=runs/demo
 
 Sized from measurements on 2 cores: 32x32 frames, pixel-unshuffled by 2 to 16x16x12
-"latents", batch 4, 0.07-0.08 s a step on an AMD EPYC VM (train.py keeps the memory XLA:CPU
-frees: consist_jax/host_memory.py), 5600 steps in ~7.5 minutes. Choices that the
+"latents", batch 4, 0.07-0.08 s a step on an AMD EPYC VM (XLA:CPU's freed memory reused:
+scripts/demo.sh preloads mimalloc, else train.py sets glibc's malloc to keep it;
+consist_jax/host_memory.py), 5600 steps in 7-7.5 minutes. Choices that the
 measurements (BENCHMARKS.md, "The demo") showed matter at this budget:
   * x0 ("sample") prediction, which learns far faster than epsilon or v at this budget;
   * reference/target attention at 16x16 and 8x8 (not only at the coarse levels): the
