@@ -19,7 +19,7 @@ command -v "$PY" >/dev/null || PY=python3
 # 0.91x the step of glibc's malloc with freed memory kept (BENCHMARKS.md "Freed memory kept").
 # Optional: where its wheel does not install, train.py keeps glibc's freed memory itself.
 RUN=()
-MALLOC="glibc's, freed memory kept (mimalloc did not install)"
+MALLOC="glibc's, freed memory kept (mimalloc's library did not install here)"
 if .venv/bin/python -m pip install -q "cmeel-mimalloc>=3.4"; then
   lib=$(.venv/bin/python -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["purelib"], "cmeel.prefix", "lib", "libmimalloc.so.3"))')
   if [ -f "$lib" ]; then
