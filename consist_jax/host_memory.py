@@ -50,12 +50,12 @@ def _loaded_symbols() -> object:
 
 def _glibc() -> Optional[ctypes.CDLL]:
     """The process's C library when it is glibc (it has ``gnu_get_libc_version`` and
-    ``mallopt``), else None. ``CDLL(None)``: the symbols already loaded into the process."""
+    ``mallopt`` among the loaded symbols), else None."""
+    libc = _loaded_symbols()
     try:
-        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
         libc.mallopt.restype = ctypes.c_int
-    except (OSError, AttributeError, TypeError):
+    except AttributeError:
         return None
     return libc
 
@@ -71,23 +71,24 @@ def preloaded_malloc(libc: object) -> Optional[str]:
 
 def keep_freed_memory() -> str:
     """Sets glibc's malloc to keep the memory it frees (the module docstring says why).
-    Returns what was done, one line; raises nothing: a preloaded mimalloc or jemalloc is left
-    to its own settings, and a C library other than glibc is left as it is, with a warning
-    naming it."""
+    Returns what was done, one line, and logs it (a warning when nothing could be set);
+    raises nothing: a preloaded mimalloc or jemalloc is left to its own settings, and a C
+    library other than glibc is left as it is."""
     libc = _glibc()
     preloaded = preloaded_malloc(libc if libc is not None else _loaded_symbols())
     if preloaded:
-        return f"host memory: {preloaded} serves malloc (preloaded); glibc's settings not applied"
-    if libc is None:
+        message, log = f"host memory: {preloaded} serves malloc (preloaded); glibc's settings not applied", logging.info
+    elif libc is None:
         message = "host memory: the C library is not glibc; XLA:CPU's buffers are mapped anew at each call"
-        logging.warning(message)
-        return message
-    failed = [option for option, value in SETTINGS if libc.mallopt(option, value) != 1]
-    if failed:  # mallopt returns 1 on success
-        message = f"host memory: glibc {libc.gnu_get_libc_version().decode()} refused mallopt options {failed}"
-        logging.warning(message)
-        return message
-    return f"host memory: glibc {libc.gnu_get_libc_version().decode()} keeps freed memory"
+        log = logging.warning
+    else:
+        version = libc.gnu_get_libc_version().decode()
+        failed = [option for option, value in SETTINGS if libc.mallopt(option, value) != 1]  # 1: success
+        message = (f"host memory: glibc {version} refused mallopt options {failed}" if failed
+                   else f"host memory: glibc {version} keeps freed memory")
+        log = logging.warning if failed else logging.info
+    log(message)
+    return message
 
 
 def keep_freed_memory_on(platform: str) -> Optional[str]:
@@ -95,6 +96,4 @@ def keep_freed_memory_on(platform: str) -> Optional[str]:
     is not "0"; None (nothing changed) otherwise."""
     if platform != "cpu" or os.environ.get(ENV_VAR, "1") == "0":
         return None
-    message = keep_freed_memory()
-    logging.info(message)
-    return message
+    return keep_freed_memory()
